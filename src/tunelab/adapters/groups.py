@@ -1,0 +1,55 @@
+"""The contract every adapter fulfils: a model plus its parameters split into ordered groups.
+
+Everything downstream (strategies, optimizer, stage callback) speaks only of these groups,
+so a strategy never needs to know which architecture it is freezing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    name: str
+    param_names: tuple[str, ...]
+
+
+@dataclass
+class Adapter:
+    model: nn.Module
+    groups: list[LayerGroup]  # input -> output; the new task head is last and named "head"
+    data_config: dict = field(default_factory=dict)  # mean, std, input_size, interpolation
+    description: str = ""
+
+    @property
+    def group_names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+
+def name_groups(param_groups: list[list[str]]) -> list[str]:
+    """Readable names for groups of parameter names, e.g. ``conv_stem+bn1`` or ``blocks.3``.
+
+    A group is named by the shortest module prefixes that no other group shares, so names
+    stay stable across architectures and say which modules a group holds.
+    """
+    owners: dict[str, set[int]] = defaultdict(set)
+    for gi, names in enumerate(param_groups):
+        for name in names:
+            parts = name.split(".")[:-1] or [name]
+            for k in range(1, len(parts) + 1):
+                owners[".".join(parts[:k])].add(gi)
+    result = []
+    for gi, names in enumerate(param_groups):
+        roots: list[str] = []
+        for name in names:
+            parts = name.split(".")[:-1] or [name]
+            prefixes = (".".join(parts[:k]) for k in range(1, len(parts) + 1))
+            root = next((p for p in prefixes if owners[p] == {gi}), ".".join(parts))
+            if root not in roots:
+                roots.append(root)
+        result.append("+".join(roots))
+    return result

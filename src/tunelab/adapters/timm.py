@@ -1,0 +1,110 @@
+"""timm models as tunelab adapters: any timm architecture, a new head, named layer groups."""
+
+from __future__ import annotations
+
+import difflib
+
+import timm
+import timm.data
+from timm.models import get_pretrained_cfg, group_parameters
+from torch import nn
+
+from tunelab.adapters.groups import Adapter, LayerGroup, name_groups
+from tunelab.adapters.weights import SHIPPED_WEIGHTS, load_into, read_state_dict
+from tunelab.errors import TunelabError
+
+
+def timm_adapter(
+    arch: str,
+    num_classes: int,
+    pretrained: bool = True,
+    checkpoint: str | None = None,
+    fine_groups: bool = False,
+    drop_rate: float = 0.0,
+    drop_path_rate: float | None = None,
+    kwargs: dict | None = None,
+    image_size: int | None = None,
+    head_init_std: float = 0.01,
+) -> Adapter:
+    """Build ``arch`` with a ``num_classes`` head and load local pretrained weights.
+
+    Weights come from ``checkpoint`` when given, else from a package that ships them
+    (``SHIPPED_WEIGHTS``); ``pretrained=False`` without a checkpoint means random init.
+    ``image_size`` (the data's) is passed on to architectures with a fixed input size.
+    """
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else " See timm.list_models()."
+        raise TunelabError(f"model.arch={arch!r} is not a timm architecture.{hint}")
+    if num_classes < 1:
+        raise TunelabError(f"num_classes must be >= 1 for a classification head, got {num_classes}.")
+    extra = {"drop_path_rate": drop_path_rate} if drop_path_rate is not None else {}
+    pretrained_cfg = get_pretrained_cfg(arch)
+    if image_size and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        extra["img_size"] = image_size  # ViT-like models bake the input size into their weights
+    try:
+        model = timm.create_model(
+            arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **extra, **(kwargs or {})
+        )
+    except TypeError as err:
+        raise TunelabError(f"model.kwargs for {arch} rejected by timm: {err}") from None
+    head_names = _head_param_names(model)
+
+    if checkpoint:
+        weights, source = read_state_dict(checkpoint), str(checkpoint)
+    elif pretrained:
+        if arch not in SHIPPED_WEIGHTS:
+            raise TunelabError(
+                f"model.pretrained=true but no local weights exist for {arch!r} (tunelab never downloads "
+                f"from a hub; shipped: {', '.join(SHIPPED_WEIGHTS)}). Set model.checkpoint=/path/to/weights.pth, "
+                "or model.pretrained=false to start from random init."
+            )
+        weights, source = SHIPPED_WEIGHTS[arch](model, head_names), f"shipped {arch} weights"
+    else:
+        weights, source = None, "random init"
+    head_kept = load_into(model, weights, head_names, source) if weights is not None else False
+    if not head_kept:
+        init_head(model.get_classifier(), head_init_std)
+
+    groups = timm_groups(model, head_names, fine=fine_groups)
+    head = "pretrained head kept" if head_kept else f"new {num_classes}-class head"
+    return Adapter(
+        model=model,
+        groups=groups,
+        data_config=timm.data.resolve_data_config({}, model=model),
+        description=f"timm {arch} ({source}, {head}, {len(groups)} layer groups)",
+    )
+
+
+def init_head(head: nn.Module, std: float) -> None:
+    """A new head starts near zero, so the first logits are near uniform.
+
+    timm's own inits scale with 1/sqrt(fan_out): for a 10-class head on 1280 features that
+    gives logits of several units and an initial loss near 9 instead of ln(10) = 2.3, whose
+    large gradients then wreck the pretrained features as soon as they are unfrozen.
+    """
+    for m in head.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _head_param_names(model: nn.Module) -> set[str]:
+    head = model.get_classifier()
+    ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def timm_groups(model: nn.Module, head_names: set[str], fine: bool = False) -> list[LayerGroup]:
+    """timm's own ``group_matcher`` order (stem, blocks..., final), with the new head split out last."""
+    if hasattr(model, "group_matcher"):
+        by_id = group_parameters(model, model.group_matcher(coarse=not fine))
+        ordered = [[n for n in names if n not in head_names] for _, names in sorted(by_id.items())]
+    else:  # a model without a matcher still gets backbone/head, so every strategy works
+        ordered = [[n for n, _ in model.named_parameters() if n not in head_names]]
+    ordered = [names for names in ordered if names]
+    groups = [LayerGroup(name, tuple(names)) for name, names in zip(name_groups(ordered), ordered)]
+    order = [n for n, _ in model.named_parameters()]
+    groups.append(LayerGroup("head", tuple(n for n in order if n in head_names)))
+    return groups

@@ -1,0 +1,1 @@
+"""Data: sources that read labelled images from local disk, and the DataModule that splits them."""

@@ -1,0 +1,170 @@
+"""The image DataModule: deterministic stratified splits, timm transforms, sized loaders."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import lightning as L
+import numpy as np
+import torch
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Dataset
+
+from tunelab.data.sources import ImageTable
+from tunelab.errors import TunelabError
+
+
+class _Images(Dataset):
+    def __init__(self, table: ImageTable, indices: np.ndarray, transform: Callable):
+        self.table, self.indices, self.transform = table, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        j = int(self.indices[i])
+        return self.transform(self.table.load(j)), int(self.table.labels[j])
+
+
+def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
+    """Split indices class by class so every split keeps the class balance; same seed, same split."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        cuts = np.cumsum([round(f * len(idx)) for f in fractions])
+        for part, chunk in zip(parts, np.split(idx, cuts)):
+            part.extend(chunk.tolist())
+    return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+
+
+def resolve_workers(num_workers: int | str) -> int:
+    if num_workers == "auto":
+        # Leave a core to the training process; beyond 8 workers small images gain nothing.
+        return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return int(num_workers)
+
+
+class ImageDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        source: Callable[[], ImageTable],
+        name: str = "images",
+        num_classes: int | None = None,
+        image_size: int | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        max_train_samples: int | None = None,
+        seed: int = 0,
+        num_workers: int | str = "auto",
+        augment: dict | None = None,
+    ):
+        super().__init__()
+        if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+            raise TunelabError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in [0, 1) and sum below 1.")
+        if batch_size < 1:
+            raise TunelabError(f"data.batch_size must be >= 1, got {batch_size}.")
+        self.source, self.name = source, name
+        self.requested_classes = num_classes
+        self.image_size, self.batch_size = image_size, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.max_train_samples, self.seed = max_train_samples, seed
+        self.num_workers = resolve_workers(num_workers)
+        self.augment = dict(augment) if augment else None
+        self.table: ImageTable | None = None
+        self.splits: dict[str, tuple[ImageTable, np.ndarray]] = {}
+        self.model_data_config: dict = {}
+
+    # -- reading and checking the data happens once, before the model is built ---------------
+    def scan(self) -> "ImageDataModule":
+        """Read the source, check labels against ``num_classes`` and fix the splits."""
+        if self.table is not None:
+            return self
+        table = self.source()
+        if len(table) == 0:
+            raise TunelabError(f"data source {table.origin} holds no labelled images.")
+        self._check_labels(table)
+        if table.test is not None:
+            self._check_labels(table.test)
+            train, val = stratified_split(table.labels, (self.val_fraction,), self.seed)[::-1]
+            self.splits = {"train": (table, train), "val": (table, val), "test": (table.test, np.arange(len(table.test)))}
+        else:
+            test, val, train = stratified_split(table.labels, (self.test_fraction, self.val_fraction), self.seed)
+            self.splits = {"train": (table, train), "val": (table, val), "test": (table, test)}
+        if self.max_train_samples:
+            train_table, train = self.splits["train"]
+            keep = np.random.default_rng(self.seed).permutation(len(train))[: self.max_train_samples]
+            self.splits["train"] = (train_table, np.sort(train[keep]))
+        self.table = table
+        return self
+
+    def _check_labels(self, table: ImageTable) -> None:
+        found = int(table.labels.max()) + 1
+        if self.requested_classes is not None and found > self.requested_classes:
+            raise TunelabError(
+                f"data.num_classes={self.requested_classes} but {table.origin} has labels up to {found - 1} "
+                f"({found} classes: {', '.join(table.classes[:12])}{'...' if found > 12 else ''}). "
+                f"Set data.num_classes={found}, or null to infer it from the data."
+            )
+        if table.labels.min() < 0:
+            raise TunelabError(f"{table.origin} has negative labels; labels must be class indices 0..K-1.")
+
+    @property
+    def num_classes(self) -> int:
+        self.scan()
+        return self.requested_classes or len(self.table.classes)
+
+    @property
+    def classes(self) -> list[str]:
+        self.scan()
+        names = list(self.table.classes)
+        return names + [str(i) for i in range(len(names), self.num_classes)]
+
+    def split_sizes(self) -> dict[str, int]:
+        self.scan()
+        return {name: len(idx) for name, (_, idx) in self.splits.items()}
+
+    # -- transforms follow the model's pretrained normalisation ------------------------------
+    def set_model_data_config(self, data_config: dict) -> None:
+        self.model_data_config = dict(data_config)
+
+    def _transform(self, training: bool):
+        cfg = self.model_data_config
+        size = self.image_size or cfg.get("input_size", (3, 224, 224))[-1]
+        common = dict(
+            input_size=(3, size, size), mean=cfg.get("mean", (0.485, 0.456, 0.406)),
+            std=cfg.get("std", (0.229, 0.224, 0.225)), interpolation=cfg.get("interpolation", "bilinear"),
+        )
+        if training and self.augment is not None:
+            return create_transform(is_training=True, **common, **self.augment)
+        # crop_pct=1: small task images are already framed; cropping would cut digits off.
+        return create_transform(is_training=False, crop_pct=1.0, **common)
+
+    def dataset(self, split: str, training: bool = False) -> Dataset:
+        self.scan()
+        table, idx = self.splits[split]
+        return _Images(table, idx, self._transform(training))
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split, training=shuffle),
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

