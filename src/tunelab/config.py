@@ -13,7 +13,7 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, MissingMandatoryValue, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tunelab.errors import TunelabError
 
@@ -75,6 +75,10 @@ def check_targets(node: Any, path: str = "") -> None:
 def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
     """``instantiate`` with the allow-list, and tunelab's own errors surfaced unwrapped."""
     check_targets(node, what)
+    missing = sorted(OmegaConf.missing_keys(node)) if isinstance(node, (DictConfig, ListConfig)) else []
+    if missing:  # checked here: a `_partial_` target would defer the error to its first call
+        keys = missing  # already full dotted keys, e.g. data.source.root
+        raise TunelabError(f"{', '.join(keys)} must be set: add {keys[0]}=<value> to the command line.")
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -82,8 +86,6 @@ def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
         if isinstance(cause, TunelabError):
             raise cause from None
         raise TunelabError(f"cannot build {what}: {err}") from err
-    except MissingMandatoryValue as err:
-        raise TunelabError(f"{err.full_key} must be set: add {err.full_key}=<value> to the command line.") from None
 
 
 def check_config(cfg: DictConfig) -> None:

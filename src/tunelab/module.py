@@ -31,6 +31,15 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
 
+# How BatchNorm layers behave in training mode:
+#   frozen_eval: layers of frozen groups use their running statistics (and never update
+#                them); trainable groups' layers normalise with batch statistics.
+#   eval:        every layer always uses (and keeps) its running statistics: the Keras
+#                fine-tuning recipe, for small batches or data far from the pretraining set.
+#   train:       plain PyTorch behaviour; frozen layers' statistics drift too.
+BATCHNORM_MODES = ("frozen_eval", "eval", "train")
+
+
 def classification_metrics(num_classes: int) -> MetricCollection:
     return MetricCollection({
         "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -49,7 +58,7 @@ class FineTuneModule(L.LightningModule):
         stages: list[Stage],
         scheduler: Callable[[int, int], float] | None = None,
         label_smoothing: float = 0.0,
-        freeze_bn: bool = True,
+        batchnorm: str = "frozen_eval",
     ):
         super().__init__()
         self.model = adapter.model
@@ -58,7 +67,9 @@ class FineTuneModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_shape = scheduler or constant
         self.label_smoothing = label_smoothing
-        self.freeze_bn = freeze_bn
+        if batchnorm not in BATCHNORM_MODES:
+            raise TunelabError(f"module.batchnorm must be one of {', '.join(BATCHNORM_MODES)}, got {batchnorm!r}.")
+        self.batchnorm = batchnorm
         self.stage_index = -1
         self.lr_mult = {g.name: 0.0 for g in self.groups}
         self._scheduler: LambdaLR | None = None
@@ -92,10 +103,12 @@ class FineTuneModule(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode and self.freeze_bn:
-            # A frozen BatchNorm in train mode would still drift its running statistics.
+        if mode and self.batchnorm != "train":
             for m in self.model.modules():
-                if isinstance(m, _BatchNorm) and m.weight is not None and not m.weight.requires_grad:
+                if not isinstance(m, _BatchNorm):
+                    continue
+                frozen = m.weight is None or not m.weight.requires_grad
+                if self.batchnorm == "eval" or frozen:
                     m.eval()
         return self
 

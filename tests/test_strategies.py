@@ -1,0 +1,98 @@
+"""Strategies are pure functions from group names to stages; schedules are pure shapes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tunelab.errors import TunelabError
+from tunelab.schedules import constant, warmup_cosine
+from tunelab.strategies import (
+    Stage, check_stages, freeze_unfreeze, full, linear_probe, stage_at, stage_table, top_groups,
+)
+
+GROUPS = ["stem", "blocks.0", "blocks.1", "blocks.2", "head"]
+
+
+def test_full_trains_everything_from_step_zero():
+    (stage,) = full(GROUPS)
+    assert stage.start_epoch == 0 and stage.trainable == tuple(GROUPS)
+    assert all(stage.mult(g) == 1.0 for g in GROUPS)
+
+
+def test_linear_probe_trains_only_the_head():
+    (stage,) = linear_probe(GROUPS)
+    assert stage.trainable == ("head",)
+    assert stage.mult("stem") == 0.0 and stage.mult("head") == 1.0
+
+
+def test_freeze_unfreeze_opens_top_groups_at_lower_lr():
+    head, opened = freeze_unfreeze(GROUPS, head_epochs=2, unfreeze=2, lr_mult=0.1, head_lr_mult=0.5)
+    assert head.trainable == ("head",) and head.start_epoch == 0
+    assert opened.start_epoch == 2
+    assert opened.trainable == ("blocks.1", "blocks.2", "head")
+    assert opened.mult("blocks.2") == 0.1 and opened.mult("head") == 0.5 and opened.mult("stem") == 0.0
+
+
+def test_freeze_unfreeze_all():
+    _, opened = freeze_unfreeze(GROUPS, unfreeze="all")
+    assert set(opened.trainable) == set(GROUPS)
+
+
+@pytest.mark.parametrize("bad", [0, 5, -1, "some", True, 1.5])
+def test_top_groups_rejects_bad_counts(bad):
+    with pytest.raises(TunelabError, match="strategy.unfreeze"):
+        top_groups(GROUPS, bad)
+
+
+def test_head_epochs_must_be_positive():
+    with pytest.raises(TunelabError, match="head_epochs"):
+        freeze_unfreeze(GROUPS, head_epochs=0)
+
+
+def test_stage_at_follows_epochs():
+    stages = freeze_unfreeze(GROUPS, head_epochs=3)
+    assert [stage_at(stages, e) for e in range(6)] == [0, 0, 0, 1, 1, 1]
+
+
+def test_check_stages_accepts_valid_schedule():
+    check_stages(freeze_unfreeze(GROUPS, head_epochs=1), GROUPS, max_epochs=2)
+
+
+@pytest.mark.parametrize("stages,max_epochs,message", [
+    (freeze_unfreeze(GROUPS, head_epochs=3), 3, "never run"),
+    ([Stage("a", 0, ("head",)), Stage("b", 0, ("stem",))], 5, "overlap"),
+    ([Stage("a", 1, ("head",))], 5, "epoch 0"),
+    ([Stage("a", 0, ("nope",))], 5, "unknown layer groups"),
+    ([Stage("a", 0, ())], 5, "trains nothing"),
+    ([Stage("a", 0, ("head",), {"head": 0.0})], 5, "> 0"),
+    ([], 5, "no stages"),
+])
+def test_check_stages_rejects_impossible_schedules(stages, max_epochs, message):
+    with pytest.raises(TunelabError, match=message):
+        check_stages(stages, GROUPS, max_epochs)
+
+
+def test_stage_table_lists_every_group_and_trainable_counts():
+    stages = freeze_unfreeze(GROUPS, unfreeze=1)
+    table = stage_table(stages, GROUPS, {g: 10 for g in GROUPS})
+    lines = table.splitlines()
+    assert all(any(line.startswith(g) for line in lines) for g in GROUPS)
+    assert lines[-1].split()[1:] == ["50", "10", "20"]  # total, stage 0 (head), stage 1 (+blocks.2)
+
+
+def test_warmup_cosine_shape():
+    total = 100
+    values = [warmup_cosine(s, total, warmup=10, min_lr_ratio=0.1) for s in range(total)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(values[:10], values[1:10]))  # warmup rises
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))  # then decays
+    assert warmup_cosine(total, total, warmup=10, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert warmup_cosine(55, total, warmup=0.1) == pytest.approx(0.5)  # fraction warmup, midpoint
+
+
+def test_constant_shape_with_and_without_warmup():
+    assert [constant(s, 50) for s in (0, 49)] == [1.0, 1.0]
+    assert constant(0, 50, warmup=4) == 0.25 and constant(3, 50, warmup=4) == 1.0
+    assert math.isclose(constant(10, 50, warmup=4), 1.0)

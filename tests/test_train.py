@@ -1,0 +1,147 @@
+"""Real fine-tunes (real Trainer, real MLflow store) under debug=smoke, and their failure paths."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tunelab.errors import TunelabError
+from tunelab.module import FineTuneModule
+from tunelab.train import train
+from conftest import REPO, VENV_BIN
+
+pytestmark = pytest.mark.slow
+
+
+def _only_run(cfg):
+    client = MlflowClient(str(cfg.logger.tracking_uri))
+    experiment = client.get_experiment_by_name(str(cfg.logger.experiment_name))
+    (run,) = client.search_runs([experiment.experiment_id])
+    return client, run
+
+
+def test_smoke_run_is_fully_tracked(cfg_factory):
+    cfg = cfg_factory()
+    metrics = train(cfg)
+    client, run = _only_run(cfg)
+    assert run.info.status == "FINISHED"
+    for key in ("val/acc", "val/f1", "val/precision", "val/recall", "val/loss",
+                "test/acc", "test/f1", "test/precision", "test/recall", "train/loss", "lr/head", "stage"):
+        assert key in run.data.metrics, key
+        assert 0.0 <= run.data.metrics[key] or key.endswith("loss")
+    assert metrics["test/acc"] == pytest.approx(run.data.metrics["test/acc"])
+    # one value per epoch for epoch-level metrics; the stage index steps from 0 to 1
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "stage")] == [0.0, 1.0]
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2
+    params = run.data.params
+    assert params["model.arch"] == "tf_efficientnet_lite0" and params["strategy.head_epochs"] == "1"
+    assert run.data.tags["tunelab.config_hash"] and "mlflow.source.git.commit" in run.data.tags
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "stage_table.txt", "checkpoints"} <= artifacts
+    (ckpt,) = client.list_artifacts(run.info.run_id, "checkpoints")
+    assert ckpt.path.endswith(".ckpt") and ckpt.file_size > 1_000_000
+    config_text = client.download_artifacts(run.info.run_id, "config.yaml")
+    assert "tf_efficientnet_lite0" in open(config_text).read()
+
+
+def test_training_error_marks_run_failed(cfg_factory, monkeypatch):
+    def explode(self, batch, batch_idx):
+        raise RuntimeError("boom in training_step")
+
+    monkeypatch.setattr(FineTuneModule, "training_step", explode)
+    cfg = cfg_factory()
+    with pytest.raises(RuntimeError, match="boom"):
+        train(cfg)
+    _, run = _only_run(cfg)
+    assert run.info.status == "FAILED"
+    assert "boom in training_step" in run.data.tags["tunelab.error"]
+
+
+def test_nan_loss_stops_with_step_and_lrs(cfg_factory):
+    cfg = cfg_factory("optimizer.lr=1e30", "scheduler=constant", "strategy=full")
+    with pytest.raises(TunelabError, match=r"training loss is nan at step \d+ .*LRs: .*head="):
+        train(cfg)
+    _, run = _only_run(cfg)
+    assert run.info.status == "FAILED"
+
+
+def test_bad_config_fails_before_any_run(cfg_factory):
+    cfg = cfg_factory("optimizer.lr=0")
+    with pytest.raises(TunelabError, match="optimizer.lr must be > 0"):
+        train(cfg)
+    cfg = cfg_factory("strategy.head_epochs=5")
+    with pytest.raises(TunelabError, match="trainer.max_epochs=2"):
+        train(cfg)
+    assert not os.path.exists(cfg.paths.log_dir + "/mlflow.db"), "no half-made run is left behind"
+
+
+def _cli(tmp_path, *args, env=None):
+    environment = {**os.environ, "TUNELAB_HOME": str(tmp_path), **(env or {})}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([str(VENV_BIN / "tunelab-train"), *args], cwd=tmp_path, env=environment,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_run_prints_store_and_ui_command(tmp_path):
+    result = _cli(tmp_path, "debug=smoke", "strategy=linear_probe", "trainer.max_epochs=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    store = tmp_path / "outputs" / "mlflow.db"
+    assert store.is_file()
+    assert f"MLflow store: sqlite:///{store}" in result.stdout
+    assert f"tunelab-ui --store {store}" in result.stdout
+    assert list((tmp_path / "outputs" / "runs").glob("*/tunelab-train.log")) or list(
+        (tmp_path / "outputs" / "runs").glob("*/train.log"))
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["model.arch=resnet_18"], 2, "tunelab-train: error: model.arch='resnet_18' is not a timm architecture. Did you mean"),
+    (["data=image_folder", "data.source.root=/no/such/dir"], 2, "folder /no/such/dir does not exist"),
+    (["data=image_folder"], 2, "data.source.root must be set"),
+    (["model=resnet18", "model.pretrained=true"], 2, "no local weights exist for 'resnet18'"),
+    (["model=no_such_model"], 1, "Could not find 'model/no_such_model'"),
+    (["optimizer.lrr=0.1"], 1, "optimizer.lrr"),
+])
+def test_cli_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, code, message):
+    result = _cli(tmp_path, "debug=smoke", *args)
+    assert result.returncode == code, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_csv_without_label_column(tmp_path, image_folder):
+    csv = image_folder / "labels.csv"
+    csv.write_text("path,y\n" + "".join(f"{p},a\n" for p in sorted(image_folder.rglob("*.png"))))
+    result = _cli(tmp_path, "debug=smoke", "data=image_csv", f"data.source.path={csv}")
+    assert result.returncode == 2
+    assert "has no column 'label' (columns: path, y). Set data.source.label_column=<column name>." in result.stderr
+
+
+def test_cli_num_classes_smaller_than_labels(tmp_path, image_folder):
+    result = _cli(tmp_path, "debug=smoke", "data=image_folder", f"data.source.root={image_folder}", "data.num_classes=2")
+    assert result.returncode == 2
+    assert "data.num_classes=2 but" in result.stderr and "Set data.num_classes=3" in result.stderr
+
+
+def test_user_config_from_searchpath_without_editing_python(tmp_path, image_folder):
+    """A model choice in the user's own folder, given with hydra.searchpath, trains for real."""
+    own = tmp_path / "my_conf" / "model"
+    own.mkdir(parents=True)
+    (own / "my_resnet.yaml").write_text(
+        "_target_: tunelab.adapters.timm.timm_adapter\narch: resnet10t\npretrained: false\n"
+    )
+    result = _cli(tmp_path, f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "model=my_resnet",
+                  "data=image_folder", f"data.source.root={image_folder}", "debug=smoke", "trainer.max_epochs=1",
+                  "strategy=full")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "timm resnet10t (random init, new 3-class head" in result.stdout
+
+
+def test_cli_help_lists_groups():
+    result = subprocess.run([str(VENV_BIN / "tunelab-train"), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for line in ("model: efficientnet_lite0", "strategy: freeze_unfreeze, full, linear_probe", "experiment: "):
+        assert line in result.stdout
