@@ -1,0 +1,117 @@
+"""tunelab-ui starts a real `mlflow server` on 127.0.0.1; training logs to it over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tunelab import ui
+from tunelab.errors import TunelabError
+from tunelab.train import train
+from conftest import VENV_BIN
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local IPv4 addresses with a LISTEN socket on ``port``, read from /proc/net/tcp."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
+@pytest.fixture
+def ui_server(tmp_path):
+    store = tmp_path / "server" / "mlflow.db"  # not where tunelab-train's local default would go
+    store.parent.mkdir(parents=True)
+    MlflowClient(f"sqlite:///{store}").create_experiment("already-there")
+    port = _free_port()
+    proc = subprocess.Popen([str(VENV_BIN / "tunelab-ui"), "--store", str(store), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    banner = proc.stdout.readline() + proc.stdout.readline()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail(f"tunelab-ui did not come up: {banner}{proc.stdout.read() if proc.poll() is not None else ''}")
+            time.sleep(0.5)
+    yield url, port, banner
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store_on_loopback_only(ui_server):
+    url, port, banner = ui_server
+    assert f"open {url}" in banner
+    assert _listening_addresses(port) == {"127.0.0.1"}
+    names = {e.name for e in MlflowClient(url).search_experiments()}
+    assert "already-there" in names
+
+
+@pytest.mark.slow
+def test_training_logs_to_the_server(ui_server, cfg_factory, monkeypatch):
+    url, _, _ = ui_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    cfg = cfg_factory("strategy=linear_probe", "trainer.max_epochs=1", "callbacks=none")
+    train(cfg)
+    client = MlflowClient(url)
+    (run,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+    config = Path(client.download_artifacts(run.info.run_id, "config.yaml")).read_text()
+    assert "linear_probe" in config
+    assert not Path(cfg.paths.log_dir, "mlflow.db").exists(), "with a server, nothing goes to the local store"
+
+
+def test_dead_server_fails_fast_before_training(cfg_factory, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    cfg = cfg_factory()
+    start = time.monotonic()
+    with pytest.raises(TunelabError, match="unreachable.*MLFLOW_TRACKING_URI"):
+        train(cfg)
+    assert time.monotonic() - start < 60
+    assert not Path(cfg.paths.output_dir, "checkpoints").exists()
+
+
+def test_ui_refuses_a_missing_store(tmp_path):
+    result = subprocess.run([str(VENV_BIN / "tunelab-ui"), "--store", str(tmp_path / "none.db")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "no MLflow store at" in result.stderr and "tunelab-train" in result.stderr
+
+
+def test_ui_binds_loopback_by_default_and_warns_otherwise(tmp_path, monkeypatch, capsys):
+    store = tmp_path / "mlflow.db"
+    MlflowClient(f"sqlite:///{store}").search_experiments()  # creates the store
+    launched = []
+    monkeypatch.setattr(ui.os, "execv", lambda path, argv: launched.append(argv))
+    ui.main(["--store", str(store)])
+    assert launched[-1][launched[-1].index("--host") + 1] == "127.0.0.1"
+    assert "warning" not in capsys.readouterr().out
+    ui.main(["--store", str(store), "--host", "0.0.0.0", "--port", "5123"])
+    assert launched[-1][launched[-1].index("--host") + 1] == "0.0.0.0"
+    assert "other machines can read and write" in capsys.readouterr().out
