@@ -93,8 +93,8 @@ def test_cli_run_prints_store_and_ui_command(tmp_path):
     assert store.is_file()
     assert f"MLflow store: sqlite:///{store}" in result.stdout
     assert f"tunelab-ui --store {store}" in result.stdout
-    assert list((tmp_path / "outputs" / "runs").glob("*/tunelab-train.log")) or list(
-        (tmp_path / "outputs" / "runs").glob("*/train.log"))
+    (log,) = (tmp_path / "outputs" / "runs").glob("*/train.log")
+    assert "linear_probe" in log.read_text() and (log.parent / ".hydra" / "config.yaml").is_file()
 
 
 @pytest.mark.parametrize("args,code,message", [
