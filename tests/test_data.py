@@ -19,6 +19,7 @@ def test_stratified_split_is_deterministic_disjoint_and_balanced():
     assert not set(test) & set(val) and not set(test) & set(train) and not set(val) & set(train)
     assert len(test) + len(val) + len(train) == 200
     assert np.bincount(labels[test]).tolist() == [10] * 4 and np.bincount(labels[val]).tolist() == [5] * 4
+    assert len(set(labels[test[:8]])) > 1, "splits are mixed, not class by class"
     other = stratified_split(labels, (0.2, 0.1), seed=4)[0]
     assert not np.array_equal(test, other)
 

@@ -78,3 +78,23 @@ def test_unfreeze_applies_new_lrs_immediately(cfg_factory):
     lrs = parts.module.group_lrs()
     base = 1e-3
     assert lrs["head"] == pytest.approx(base) and lrs["blocks.3"] == pytest.approx(0.25 * base)
+
+
+@pytest.mark.slow
+def test_resume_lands_in_the_stage_of_its_epoch(cfg_factory, tmp_path):
+    """Stop after the head stage, resume from last.ckpt: the unfreeze stage runs with its LRs."""
+    from tunelab.train import train
+
+    # The first job is a head-only run of one epoch (a freeze_unfreeze schedule whose second
+    # stage lies beyond max_epochs is rejected); its checkpoint is the "interrupted" state.
+    first = cfg_factory("trainer.max_epochs=1", "strategy=linear_probe", "scheduler=constant")
+    train(first)
+    (last,) = (tmp_path / "run" / "checkpoints").glob("last.ckpt")
+    resumed = cfg_factory(f"ckpt_path={last}", "strategy.lr_mult=0.5", "scheduler=constant")
+    parts = build_parts(resumed)
+    trainer = build(resumed.trainer, "trainer", logger=False, enable_checkpointing=False, callbacks=[StageCallback()])
+    trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=str(last), weights_only=True)
+    assert parts.module.stage_index == 1
+    assert parts.module.group_lrs()["blocks.0"] == pytest.approx(0.5e-3)
+    assert trainer.global_step == 4  # 2 steps before the stop + 2 after the resume
+    assert torch.load(last, weights_only=True)["tunelab_stage_index"] == 0

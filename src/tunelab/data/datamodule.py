@@ -36,7 +36,9 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int
         cuts = np.cumsum([round(f * len(idx)) for f in fractions])
         for part, chunk in zip(parts, np.split(idx, cuts)):
             part.extend(chunk.tolist())
-    return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+    # Mixed, not sorted: sources often list images class by class (mnist_5k does), and a
+    # truncated evaluation (limit_val_batches) must still see every class.
+    return [rng.permutation(np.array(p, dtype=np.int64)) for p in parts]
 
 
 def resolve_workers(num_workers: int | str) -> int:
@@ -98,7 +100,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.max_train_samples:
             train_table, train = self.splits["train"]
             keep = np.random.default_rng(self.seed).permutation(len(train))[: self.max_train_samples]
-            self.splits["train"] = (train_table, np.sort(train[keep]))
+            self.splits["train"] = (train_table, train[keep])
         self.table = table
         return self
 
