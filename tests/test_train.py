@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
-import sys
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -145,3 +146,23 @@ def test_cli_help_lists_groups():
     assert result.returncode == 0
     for line in ("model: efficientnet_lite0", "strategy: freeze_unfreeze, full, linear_probe", "experiment: "):
         assert line in result.stdout
+
+
+def test_ctrl_c_marks_run_killed_not_finished(tmp_path):
+    environment = {**os.environ, "TUNELAB_HOME": str(tmp_path)}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "tunelab-train"), "debug=smoke", "trainer.limit_train_batches=10000", "strategy=full"],
+        cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    for line in proc.stdout:  # wait until training has started
+        if "estimate number of stepping batches" in line:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted; the MLflow run is marked KILLED" in stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    assert run.info.status == "KILLED"

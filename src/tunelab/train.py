@@ -7,7 +7,6 @@ import os
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -21,7 +20,6 @@ from tunelab.errors import TunelabError
 log = logging.getLogger("tunelab")
 
 
-
 def _quiet_lightning() -> None:
     """One copy of each Lightning message, without adverts, through Hydra's handlers."""
     if logging.getLogger().handlers:  # Hydra set up console + file logging
@@ -31,7 +29,7 @@ def _quiet_lightning() -> None:
     )
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")  # inside Lightning
-    # Frozen groups keep their BatchNorm layers in eval mode on purpose (module.freeze_bn).
+    # Frozen groups keep their BatchNorm layers in eval mode on purpose (module.batchnorm).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
@@ -64,21 +62,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run.log_text(table, "stage_table.txt")
         callbacks = _callbacks(cfg)
         trainer = build(cfg.trainer, "trainer", logger=run.lightning_logger(), callbacks=callbacks)
-        trainer.fit(parts.module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        try:
+            trainer.fit(parts.module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        except SystemExit:
+            if trainer.interrupted:  # Lightning turns Ctrl+C into sys.exit(1) after shutting down
+                raise KeyboardInterrupt("training interrupted") from None
+            raise
         if trainer.interrupted:
             raise KeyboardInterrupt("training interrupted")
-        best = next((c.best_model_path for c in callbacks if isinstance(c, ModelCheckpoint)), "")
+        checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+        best = checkpoint.best_model_path if checkpoint else ""
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # last epoch's
+        if checkpoint and checkpoint.best_model_score is not None:
+            metrics[checkpoint.monitor] = float(checkpoint.best_model_score)  # the tested weights'
         results = trainer.test(parts.module, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics.update(results[0] if results else {})
         run.log_metrics({"time/fit_seconds": time.monotonic() - start})
         if best:
             run.log_artifact(best, "checkpoints")
-    _report(cfg, run, metrics, time.monotonic() - start)
+    _report(run, metrics, time.monotonic() - start)
     return metrics
 
 
-def _report(cfg: DictConfig, run, metrics: dict[str, float], seconds: float) -> None:
+def _report(run, metrics: dict[str, float], seconds: float) -> None:
     shown = {k: metrics[k] for k in ("val/acc", "test/acc", "test/f1") if k in metrics}
     lines = [
         f"run {run.run_id} FINISHED in {seconds / 60:.1f} min: "
@@ -99,6 +105,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except TunelabError as err:
         print(f"tunelab-train: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("tunelab-train: interrupted; the MLflow run is marked KILLED. Resume with "
+              "ckpt_path=<this run's output dir>/checkpoints/last.ckpt", file=sys.stderr)
+        sys.exit(130)
     objective = cfg.get("objective")
     return metrics.get(objective) if objective else None
 
