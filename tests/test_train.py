@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from tunelab.errors import TunelabError
 from tunelab.module import FineTuneModule
 from tunelab.train import train
-from conftest import REPO, VENV_BIN
+from conftest import VENV_BIN, skip_without_fashion
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +47,18 @@ def test_smoke_run_is_fully_tracked(cfg_factory):
     assert ckpt.path.endswith(".ckpt") and ckpt.file_size > 1_000_000
     config_text = client.download_artifacts(run.info.run_id, "config.yaml")
     assert "tf_efficientnet_lite0" in open(config_text).read()
+
+
+def test_issue_override_example_runs(cfg_factory):
+    """The README's override example, shrunk to a few batches: every choice in it is real."""
+    skip_without_fashion()
+    cfg = cfg_factory("model=resnet18", "data=fashion_mnist", "strategy=full", "optimizer=sgd",
+                      "optimizer.lr=0.01", "trainer.max_epochs=3", "data.max_train_samples=64")
+    metrics = train(cfg)
+    _, run = _only_run(cfg)
+    assert run.info.status == "FINISHED" and "test/acc" in metrics
+    assert run.data.params["optimizer._target_"] == "torch.optim.SGD" and run.data.params["model.arch"] == "resnet18"
+    assert len(MlflowClient(str(cfg.logger.tracking_uri)).get_metric_history(run.info.run_id, "val/acc")) == 3
 
 
 def test_training_error_marks_run_failed(cfg_factory, monkeypatch):
