@@ -37,8 +37,9 @@ def _instantiate_group(cfg, group: str, tmp_path: Path):
         dm = build(node, "data").scan()
         assert dm.num_classes >= 2 and set(dm.split_sizes()) == {"train", "val", "test"}
     elif group == "strategy":
-        stages = build(node, "strategy")(["stem", "blocks.0", "blocks.1", "head"])
-        assert stages and stages[0].start_epoch == 0 and "head" in stages[-1].trainable
+        # the group names of the default model (EfficientNet-Lite0), which the shipped options fit
+        stages = build(node, "strategy")(["stem", *[f"blocks.{i}" for i in range(7)], "head"])
+        assert stages and stages[0].start == 0 and "head" in stages[-1].trainable
     elif group == "optimizer":
         opt = build(node, "optimizer")([{"params": [torch.nn.Parameter(torch.zeros(2))]}])
         assert isinstance(opt, torch.optim.Optimizer)
@@ -59,6 +60,12 @@ def _instantiate_group(cfg, group: str, tmp_path: Path):
         assert str(node.tracking_uri).startswith("sqlite:///") and node.experiment_name
     elif group == "paths":
         assert Path(node.log_dir).is_absolute()
+    elif group == "regularizer":
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        if "_target_" not in node:  # regularizer=none
+            return
+        penalty = build(node, "regularizer")(model, {"1.weight", "1.bias"})(model)
+        assert penalty.item() > 0  # the head's beta term; the backbone equals its reference
     elif group == "debug":
         assert cfg.trainer.limit_train_batches <= 5 and cfg.data.image_size <= 64
     else:

@@ -9,30 +9,31 @@ import pytest
 from tunelab.errors import TunelabError
 from tunelab.schedules import constant, warmup_cosine
 from tunelab.strategies import (
-    Stage, check_stages, freeze_unfreeze, full, linear_probe, stage_at, stage_table, top_groups,
+    Stage, check_stages, freeze_unfreeze, full, linear_probe, stage_at, top_groups,
 )
 
 GROUPS = ["stem", "blocks.0", "blocks.1", "blocks.2", "head"]
+PARAMS = {g: [f"{g}.conv.weight", f"{g}.bn.weight", f"{g}.bn.bias"] for g in GROUPS}
 
 
 def test_full_trains_everything_from_step_zero():
     (stage,) = full(GROUPS)
-    assert stage.start_epoch == 0 and stage.trainable == tuple(GROUPS)
+    assert stage.start == 0 and stage.trainable == tuple(GROUPS)
     assert all(stage.mult(g) == 1.0 for g in GROUPS)
 
 
 def test_linear_probe_trains_only_the_head():
     (stage,) = linear_probe(GROUPS)
     assert stage.trainable == ("head",)
-    assert stage.mult("stem") == 0.0 and stage.mult("head") == 1.0
+    assert not stage.trains("stem", "stem.weight") and stage.trains("head", "head.weight")
 
 
 def test_freeze_unfreeze_opens_top_groups_at_lower_lr():
     head, opened = freeze_unfreeze(GROUPS, head_epochs=2, unfreeze=2, lr_mult=0.1, head_lr_mult=0.5)
-    assert head.trainable == ("head",) and head.start_epoch == 0
-    assert opened.start_epoch == 2
+    assert head.trainable == ("head",) and head.start == 0
+    assert opened.start == 2
     assert opened.trainable == ("blocks.1", "blocks.2", "head")
-    assert opened.mult("blocks.2") == 0.1 and opened.mult("head") == 0.5 and opened.mult("stem") == 0.0
+    assert opened.mult("blocks.2") == 0.1 and opened.mult("head") == 0.5 and "stem" not in opened.trainable
 
 
 def test_freeze_unfreeze_all():
@@ -53,17 +54,19 @@ def test_head_epochs_must_be_positive():
 
 def test_stage_at_follows_epochs():
     stages = freeze_unfreeze(GROUPS, head_epochs=3)
-    assert [stage_at(stages, e) for e in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert [stage_at(stages, e, 0) for e in range(6)] == [0, 0, 0, 1, 1, 1]
 
 
 def test_check_stages_accepts_valid_schedule():
-    check_stages(freeze_unfreeze(GROUPS, head_epochs=1), GROUPS, max_epochs=2)
+    check_stages(freeze_unfreeze(GROUPS, head_epochs=1), GROUPS, 2, PARAMS)
 
 
 @pytest.mark.parametrize("stages,max_epochs,message", [
     (freeze_unfreeze(GROUPS, head_epochs=3), 3, "never run"),
+    ([Stage("a", 0, ("head",)), Stage("b", 3, ("stem",), unit="step")], 5, "mix at_epoch and at_step"),
+    ([Stage("a", 0, (), patterns=("nomatch",))], 5, "trains nothing"),
     ([Stage("a", 0, ("head",)), Stage("b", 0, ("stem",))], 5, "overlap"),
-    ([Stage("a", 1, ("head",))], 5, "epoch 0"),
+    ([Stage("a", 1, ("head",))], 5, "must start at 0"),
     ([Stage("a", 0, ("nope",))], 5, "unknown layer groups"),
     ([Stage("a", 0, ())], 5, "trains nothing"),
     ([Stage("a", 0, ("head",), {"head": 0.0})], 5, "> 0"),
@@ -71,15 +74,24 @@ def test_check_stages_accepts_valid_schedule():
 ])
 def test_check_stages_rejects_impossible_schedules(stages, max_epochs, message):
     with pytest.raises(TunelabError, match=message):
-        check_stages(stages, GROUPS, max_epochs)
+        check_stages(stages, GROUPS, max_epochs, PARAMS)
 
 
-def test_stage_table_lists_every_group_and_trainable_counts():
-    stages = freeze_unfreeze(GROUPS, unfreeze=1)
-    table = stage_table(stages, GROUPS, {g: 10 for g in GROUPS})
+def test_stage_table_lists_every_group_lrs_and_trainable_counts():
+    from tunelab.adapters import LayerGroup
+    from tunelab.stage_report import stage_table
+
+    groups = [LayerGroup(g, tuple(PARAMS[g])) for g in GROUPS]
+    sizes = {n: 10 for g in GROUPS for n in PARAMS[g]}
+    stages = freeze_unfreeze(GROUPS, unfreeze=1, lr_mult=0.1) + [Stage("bias", 2, (), patterns=(r"\.bias$",))]
+    table = stage_table(stages, groups, sizes, base_lr=1e-3, layer_scale={g: 1.0 for g in GROUPS})
     lines = table.splitlines()
-    assert all(any(line.startswith(g) for line in lines) for g in GROUPS)
-    assert lines[-1].split()[1:] == ["50", "10", "20"]  # total, stage 0 (head), stage 1 (+blocks.2)
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:-2]}
+    assert rows["stem"] == ["30", "frozen", "frozen", "1.00e-03*"]
+    assert rows["blocks.2"] == ["30", "frozen", "1.00e-04", "1.00e-03*"]
+    assert rows["head"] == ["30", "1.00e-03", "1.00e-03", "1.00e-03*"]
+    assert lines[-2].split() == ["trainable", "150", "30", "(20.0%)", "60", "(40.0%)", "50", "(33.3%)"]
+    assert lines[-1].startswith("* only parameters matching")
 
 
 def test_warmup_cosine_shape():

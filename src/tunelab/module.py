@@ -3,6 +3,11 @@
 Every layer group is in the optimizer from step 0 (split only into decay / no-decay);
 a stage change flips ``requires_grad`` and the group's LR multiplier, never the groups
 themselves, so schedulers, checkpoints and DDP see one fixed optimizer layout.
+
+The LR of a param group at optimizer step ``t`` is, in closed form:
+    base_lr × shape(t, total) × rewarmup(t) × stage_mult[group] × layer_scale[group]
+where ``shape`` is the scheduler, ``rewarmup`` restarts a linear warmup at each stage start
+(``stage_rewarmup`` steps), and ``layer_scale`` is layer decay × explicit multipliers.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
@@ -24,20 +30,19 @@ from tunelab.errors import TunelabError
 from tunelab.schedules import constant
 from tunelab.strategies import Stage
 
+# How BatchNorm layers behave in training mode:
+#   eval:        every layer always uses (and keeps) its running statistics: the Keras
+#                fine-tuning recipe, for small batches or data far from the pretraining set.
+#   frozen_eval: layers whose parameters are frozen use their running statistics (and never
+#                update them); trainable layers normalise with batch statistics.
+#   train:       plain PyTorch behaviour; frozen layers' statistics drift too.
+BATCHNORM_MODES = ("eval", "frozen_eval", "train")
+
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
     # Biases and norm scales/shifts (all 1-D) are not pulled toward zero: decaying them
     # only hurts, and for a frozen-then-unfrozen norm layer it would be pure drift.
     return param.ndim <= 1 or name.endswith(".bias")
-
-
-# How BatchNorm layers behave in training mode:
-#   frozen_eval: layers of frozen groups use their running statistics (and never update
-#                them); trainable groups' layers normalise with batch statistics.
-#   eval:        every layer always uses (and keeps) its running statistics: the Keras
-#                fine-tuning recipe, for small batches or data far from the pretraining set.
-#   train:       plain PyTorch behaviour; frozen layers' statistics drift too.
-BATCHNORM_MODES = ("frozen_eval", "eval", "train")
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -49,6 +54,19 @@ def classification_metrics(num_classes: int) -> MetricCollection:
     })
 
 
+def layer_scales(groups: list[str], layer_decay: float = 1.0, group_lr_mults: dict | None = None) -> dict[str, float]:
+    """Discriminative LRs: ``layer_decay ** depth`` (head depth 0, the group below it 1, ...)
+    times any explicit per-group multiplier. Independent of the strategy."""
+    mults = dict(group_lr_mults or {})
+    unknown = set(mults) - set(groups)
+    if unknown:
+        raise TunelabError(f"module.group_lr_mults names unknown layer groups {sorted(unknown)}; this model has {groups}.")
+    if not 0 < layer_decay <= 1:
+        raise TunelabError(f"module.layer_decay must be in (0, 1], got {layer_decay}.")
+    depth = {g: len(groups) - 1 - i for i, g in enumerate(groups)}
+    return {g: layer_decay ** depth[g] * float(mults.get(g, 1.0)) for g in groups}
+
+
 class FineTuneModule(L.LightningModule):
     def __init__(
         self,
@@ -57,22 +75,32 @@ class FineTuneModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         stages: list[Stage],
         scheduler: Callable[[int, int], float] | None = None,
+        regularizer: nn.Module | None = None,
         label_smoothing: float = 0.0,
-        batchnorm: str = "frozen_eval",
+        batchnorm: str = "eval",
+        layer_decay: float = 1.0,
+        group_lr_mults: dict | None = None,
+        stage_rewarmup: int = 0,
     ):
         super().__init__()
+        if batchnorm not in BATCHNORM_MODES:
+            raise TunelabError(f"module.batchnorm must be one of {', '.join(BATCHNORM_MODES)}, got {batchnorm!r}.")
         self.model = adapter.model
         self.groups = adapter.groups
         self.stages = stages
         self.optimizer_factory = optimizer
         self.lr_shape = scheduler or constant
+        self.regularizer = regularizer
         self.label_smoothing = label_smoothing
-        if batchnorm not in BATCHNORM_MODES:
-            raise TunelabError(f"module.batchnorm must be one of {', '.join(BATCHNORM_MODES)}, got {batchnorm!r}.")
         self.batchnorm = batchnorm
-        self.stage_index = -1
+        self.layer_scale = layer_scales([g.name for g in self.groups], layer_decay, group_lr_mults)
+        self.stage_rewarmup = int(stage_rewarmup)
+        self.stage_index, self.stage_start_step = -1, 0
         self.lr_mult = {g.name: 0.0 for g in self.groups}
+        self.lr_history: list[tuple[int, dict[str, float]]] = []  # (step, LR per layer group)
+        self.stage_log: list[tuple[int, str]] = []  # (start step, stage name) as applied
         self._scheduler: LambdaLR | None = None
+        self._total_steps = 1
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = classification_metrics(num_classes).clone(prefix="val/")
         self.test_metrics = classification_metrics(num_classes).clone(prefix="test/")
@@ -85,20 +113,20 @@ class FineTuneModule(L.LightningModule):
         named = dict(self.model.named_parameters())
         return {g.name: sum(named[n].numel() for n in g.param_names) for g in self.groups}
 
-    def set_stage(self, index: int) -> Stage:
-        """Make ``stages[index]`` current: trainable set, LR multipliers, frozen-BN mode, LRs now."""
+    def set_stage(self, index: int, start_step: int | None = None) -> Stage:
+        """Make ``stages[index]`` current: trainable set, LR multipliers, BatchNorm mode, LRs now."""
         stage = self.stages[index]
         named = dict(self.model.named_parameters())
         for g in self.groups:
-            for n in g.param_names:
-                named[n].requires_grad_(g.name in stage.trainable)
-            self.lr_mult[g.name] = stage.mult(g.name)
+            flags = [stage.trains(g.name, n) for n in g.param_names]
+            for n, flag in zip(g.param_names, flags):
+                named[n].requires_grad_(flag)
+            self.lr_mult[g.name] = stage.mult(g.name) * self.layer_scale[g.name] if any(flags) else 0.0
         self.stage_index = index
-        self.train(self.training)  # re-applies the BatchNorm mode for the new frozen set
-        if self._scheduler is not None:  # take effect on the very next step, not one step late
-            sched = self._scheduler
-            for pg, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-                pg["lr"] = base * fn(sched.last_epoch)
+        self.stage_start_step = self.global_step if start_step is None else start_step
+        self.stage_log.append((self.global_step, stage.name))
+        self.train(self.training)  # re-applies the BatchNorm mode for the new trainable set
+        self._refresh_lrs()  # take effect on the very next step, not one step late
         return stage
 
     def train(self, mode: bool = True):
@@ -112,12 +140,25 @@ class FineTuneModule(L.LightningModule):
                     m.eval()
         return self
 
+    # -- learning rates ----------------------------------------------------------------------
+    def lr_factor(self, group: str, step: int) -> float:
+        """Everything but the base LR, for ``group`` at optimizer step ``step`` (see module doc)."""
+        factor = self.lr_shape(step, self._total_steps) * self.lr_mult[group]
+        if self.stage_rewarmup and self.stage_index > 0:
+            factor *= min(1.0, (step - self.stage_start_step + 1) / self.stage_rewarmup)
+        return factor
+
+    def _refresh_lrs(self) -> None:
+        if self._scheduler is not None:
+            sched = self._scheduler
+            for pg, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                pg["lr"] = base * fn(sched.last_epoch)
+
     def group_lrs(self) -> dict[str, float]:
         if self._scheduler is None:
             return {}
         return {pg["layer_group"]: pg["lr"] for pg in self._scheduler.optimizer.param_groups}
 
-    # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):
         named = dict(self.model.named_parameters())
         param_groups = []
@@ -129,11 +170,9 @@ class FineTuneModule(L.LightningModule):
             if plain:
                 param_groups.append({"params": plain, "layer_group": g.name, "weight_decay": 0.0})
         optimizer = self.optimizer_factory(param_groups)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        shape, mult = self.lr_shape, self.lr_mult
-        lambdas = [
-            (lambda step, g=pg["layer_group"]: shape(step, total) * mult[g]) for pg in optimizer.param_groups
-        ]
+        # The real number of optimizer steps: accumulation and limit_train_batches included.
+        self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        lambdas = [(lambda step, g=pg["layer_group"]: self.lr_factor(g, step)) for pg in optimizer.param_groups]
         self._scheduler = LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler, "interval": "step"}}
 
@@ -141,10 +180,18 @@ class FineTuneModule(L.LightningModule):
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Runs after the StageCallback's hook: these are the LRs this step will use.
+        self.lr_history.append((self.global_step, self.group_lrs()))
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = self._loss(logits, y)
+        if self.regularizer is not None:
+            penalty = self.regularizer(self.model)
+            self.log("train/reg_loss", penalty, on_step=False, on_epoch=True)
+            loss = loss + penalty
         if not torch.isfinite(loss):
             lrs = ", ".join(f"{g}={lr:.3g}" for g, lr in self.group_lrs().items() if lr > 0)
             raise TunelabError(
@@ -169,9 +216,30 @@ class FineTuneModule(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
 
-    def on_train_epoch_start(self) -> None:
-        # Runs after the StageCallback's hook, so these are the LRs the epoch starts with.
-        for group, lr in self.group_lrs().items():
-            # MLflow metric names allow no "+", which joins module names in group names.
-            self.log(f"lr/{group.replace('+', '_')}", lr, on_step=False, on_epoch=True)
-        self.log("stage", float(self.stage_index), on_step=False, on_epoch=True)
+    def on_train_epoch_end(self) -> None:
+        self.log("stage", float(self.stage_index))  # the stage in force when the epoch ended
+
+    def on_validation_epoch_end(self) -> None:
+        update = getattr(self.lr_shape, "update", None)
+        if update is None or self.trainer.sanity_checking:
+            return
+        monitor = self.lr_shape.monitor
+        if monitor not in self.trainer.callback_metrics:
+            raise TunelabError(f"scheduler.monitor={monitor!r} is not a logged metric; "
+                               f"logged: {sorted(self.trainer.callback_metrics)}.")
+        update(float(self.trainer.callback_metrics[monitor]))
+        self._refresh_lrs()
+
+    # -- checkpoints: the stage and schedule position travel with the weights ---------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tunelab"] = {
+            "stage_index": self.stage_index,
+            "stage_start_step": self.stage_start_step,
+            "schedule": self.lr_shape.state_dict() if hasattr(self.lr_shape, "state_dict") else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("tunelab") or {}
+        self.restored_stage = (state.get("stage_index", -1), state.get("stage_start_step", 0))
+        if state.get("schedule") is not None and hasattr(self.lr_shape, "load_state_dict"):
+            self.lr_shape.load_state_dict(state["schedule"])

@@ -6,30 +6,46 @@ import logging
 
 import lightning as L
 
+from tunelab.errors import TunelabError
 from tunelab.strategies import stage_at
 
 log = logging.getLogger(__name__)
 
 
 class StageCallback(L.Callback):
-    """At each epoch start, put the module in the stage its epoch calls for.
+    """Before every training batch, put the module in the stage its epoch/step calls for.
 
-    The stage is a function of the epoch, so a resumed run lands in the same stage with the
-    same trainable set and multipliers; the index is also saved in the checkpoint as a record.
+    The stage is a function of (epoch, step), so a resumed run lands in the same stage; the
+    stage's own start step comes back from the checkpoint, so a re-warmup resumed mid-stage
+    continues where it was. Unlike Lightning's BaseFinetuning, nothing is re-frozen or
+    re-added on resume: the optimizer layout never changes.
     """
+
+    def __init__(self):
+        self.applied = -1  # the stage index applied in this process
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if stage == "fit":  # before configure_optimizers and the model summary see the model
-            pl_module.set_stage(0)
+            pl_module.set_stage(0, start_step=0)
+            self.applied = -1
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
-        index = stage_at(pl_module.stages, trainer.current_epoch)
-        if index == pl_module.stage_index:
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        last = pl_module.stages[-1]
+        if last.unit == "step" and last.start >= trainer.estimated_stepping_batches:
+            raise TunelabError(
+                f"stage {last.name!r} starts at step {last.start} but the run has only "
+                f"{trainer.estimated_stepping_batches} optimizer steps; start it earlier or train longer."
+            )
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        index = stage_at(pl_module.stages, trainer.current_epoch, trainer.global_step)
+        if index == self.applied:
             return
-        stage = pl_module.set_stage(index)
-        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        log.info("epoch %d: stage %r starts, training %s (%s parameters)",
-                 trainer.current_epoch, stage.name, ", ".join(stage.trainable), f"{trainable:,}")
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["tunelab_stage_index"] = pl_module.stage_index
+        restored = getattr(pl_module, "restored_stage", None)
+        start = restored[1] if restored and restored[0] == index else trainer.global_step
+        stage = pl_module.set_stage(index, start_step=start)
+        if self.applied >= 0 or index > 0:
+            trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            log.info("epoch %d step %d: stage %r, training %s (%s parameters)", trainer.current_epoch,
+                     trainer.global_step, stage.name, ", ".join(stage.trainable + stage.patterns), f"{trainable:,}")
+        self.applied = index

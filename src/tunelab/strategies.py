@@ -1,27 +1,43 @@
 """Freezing strategies as data: a pure function from layer-group names to a list of Stages.
 
-A Stage says from which epoch which groups train and at what LR multiplier. The
-StageCallback applies them; the optimizer holds every group from step 0, so a stage
-change only flips ``requires_grad`` and multipliers (see DESIGN.md).
+A Stage says from which epoch (or optimizer step) which groups train, which extra
+parameters train by name pattern, and at what LR multiplier. The StageCallback applies
+them; the optimizer holds every group from step 0, so a stage change only flips
+``requires_grad`` and multipliers (see DESIGN.md and docs/fine-tuning.md).
 A new strategy is a new function here plus a YAML file in ``conf/strategy/``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from tunelab.errors import TunelabError
+
+UNITS = ("epoch", "step")
+BIAS = r"(^|\.)bias$"
+LORA = r"\.lora_(A|B|embedding_A|embedding_B)\."
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    start_epoch: int
-    trainable: tuple[str, ...]  # layer-group names that receive gradients in this stage
-    lr_mult: dict[str, float] = field(default_factory=dict)  # per trainable group; missing = 1.0
+    start: int  # the epoch (or optimizer step, when unit == "step") at which the stage begins
+    trainable: tuple[str, ...]  # layer groups trained whole
+    lr_mult: dict[str, float] = field(default_factory=dict)  # per group; missing = 1.0
+    patterns: tuple[str, ...] = ()  # parameter-name regexes trained in addition (BitFit, LoRA...)
+    unit: str = "epoch"
 
     def mult(self, group: str) -> float:
-        return self.lr_mult.get(group, 1.0) if group in self.trainable else 0.0
+        return self.lr_mult.get(group, 1.0)
+
+    def trains(self, group: str, param_name: str) -> bool:
+        return group in self.trainable or any(re.search(p, param_name) for p in self.patterns)
+
+
+def _backbone(groups: Sequence[str]) -> list[str]:
+    return [g for g in groups if g != "head"]
 
 
 def full(groups: list[str], lr_mult: float = 1.0) -> list[Stage]:
@@ -34,17 +50,32 @@ def linear_probe(groups: list[str]) -> list[Stage]:
     return [Stage("head", 0, ("head",))]
 
 
-def top_groups(groups: list[str], unfreeze: int | str) -> tuple[str, ...]:
+def top_groups(groups: list[str], unfreeze: int | str, key: str = "strategy.unfreeze") -> tuple[str, ...]:
     """The head plus the top ``unfreeze`` backbone groups (``"all"`` for every group)."""
-    backbone = [g for g in groups if g != "head"]
+    backbone = _backbone(groups)
     if unfreeze == "all":
         return tuple(groups)
     if isinstance(unfreeze, bool) or not isinstance(unfreeze, int) or not 1 <= unfreeze <= len(backbone):
         raise TunelabError(
-            f"strategy.unfreeze must be 'all' or an integer in 1..{len(backbone)} "
+            f"{key} must be 'all' or an integer in 1..{len(backbone)} "
             f"(backbone groups of this model), got {unfreeze!r}."
         )
     return tuple(backbone[len(backbone) - unfreeze:]) + ("head",)
+
+
+def select_groups(groups: list[str], unfreeze, key: str) -> tuple[str, ...]:
+    """``unfreeze`` as top-N count, ``"all"``, a list of group names, or a regex over names."""
+    if isinstance(unfreeze, int) or unfreeze == "all":
+        return top_groups(groups, unfreeze, key)
+    if isinstance(unfreeze, str):
+        chosen = tuple(g for g in groups if re.fullmatch(unfreeze, g))
+        if not chosen:
+            raise TunelabError(f"{key}: regex {unfreeze!r} matches no layer group of {groups}.")
+        return chosen
+    unknown = [g for g in unfreeze if g not in groups]
+    if unknown:
+        raise TunelabError(f"{key} names unknown layer groups {unknown}; this model has {groups}.")
+    return tuple(g for g in groups if g in set(unfreeze))
 
 
 def freeze_unfreeze(
@@ -59,46 +90,118 @@ def freeze_unfreeze(
     return [Stage("head", 0, ("head",)), Stage("unfreeze", head_epochs, opened, mults)]
 
 
-def check_stages(stages: list[Stage], groups: list[str], max_epochs: int) -> None:
-    """Reject a schedule that cannot run as written, before any training."""
+def milestones(groups: list[str], stages: list[dict]) -> list[Stage]:
+    """Any number of stages, each opening more groups: ``[{at_epoch|at_step, unfreeze, lr_mult}]``.
+
+    ``unfreeze`` is a top-N count, ``"all"``, a list of group names or a regex over names; what
+    a milestone opens stays open, at the ``lr_mult`` it was opened with. The head always trains;
+    without a milestone at 0, the run starts with the head alone.
+    """
+    if not stages:
+        raise TunelabError("strategy.stages is empty: give at least one {at_epoch, unfreeze, lr_mult}.")
+    result: list[Stage] = []
+    opened: dict[str, float] = {"head": 1.0}
+    for i, spec in enumerate(stages):
+        spec = dict(spec)
+        unit = "step" if "at_step" in spec else "epoch"
+        start = spec.pop("at_step" if unit == "step" else "at_epoch", None)
+        unknown = set(spec) - {"unfreeze", "lr_mult", "head_lr_mult", "name"}
+        if start is None or unknown:
+            raise TunelabError(
+                f"strategy.stages[{i}] needs at_epoch or at_step, and only unfreeze, lr_mult, "
+                f"head_lr_mult, name (got {sorted(unknown) or 'no start'})."
+            )
+        if i == 0 and start > 0:
+            result.append(Stage("head", 0, ("head",), unit=unit))
+        for g in select_groups(groups, spec.get("unfreeze", "all"), f"strategy.stages[{i}].unfreeze"):
+            opened.setdefault(g, float(spec.get("lr_mult", 1.0)))
+        if "head_lr_mult" in spec:
+            opened["head"] = float(spec["head_lr_mult"])
+        name = spec.get("name", f"stage{len(result)}")
+        result.append(Stage(name, int(start), tuple(g for g in groups if g in opened), dict(opened), unit=unit))
+    return result
+
+
+def gradual(
+    groups: list[str], every: int = 1, unit: str = "epoch", groups_per_stage: int = 1, lr_mult: float = 1.0,
+) -> list[Stage]:
+    """ULMFiT's gradual unfreezing: head first, then ``groups_per_stage`` more groups from the
+    top every ``every`` epochs (or steps), until everything trains."""
+    if every < 1 or groups_per_stage < 1 or unit not in UNITS:
+        raise TunelabError(f"strategy.every and strategy.groups_per_stage must be >= 1 and unit one of {UNITS}.")
+    backbone = _backbone(groups)
+    stages = [Stage("head", 0, ("head",), unit=unit)]
+    for k in range(groups_per_stage, len(backbone) + groups_per_stage, groups_per_stage):
+        opened = tuple(backbone[max(0, len(backbone) - k):]) + ("head",)
+        stages.append(Stage(f"top{min(k, len(backbone))}", every * len(stages), opened,
+                            {g: lr_mult for g in opened if g != "head"}, unit=unit))
+    return stages
+
+
+def lp_ft(groups: list[str], probe_epochs: int = 2, lr_mult: float = 0.1, probe_lr_mult: float = 1.0) -> list[Stage]:
+    """LP-FT (Kumar et al. 2022): linear probe, then fine-tune everything, head included,
+    at a lower LR, so the probed head does not distort the pretrained features."""
+    if probe_epochs < 1:
+        raise TunelabError(f"strategy.probe_epochs must be >= 1, got {probe_epochs}.")
+    return [Stage("probe", 0, ("head",), {"head": probe_lr_mult}),
+            Stage("finetune", probe_epochs, tuple(groups), {g: lr_mult for g in groups})]
+
+
+def bitfit(groups: list[str]) -> list[Stage]:
+    """BitFit (Ben Zaken et al. 2022): only bias terms, plus the new head."""
+    return [Stage("bitfit", 0, ("head",), patterns=(BIAS,))]
+
+
+def regex(groups: list[str], patterns: list[str], include_head: bool = True) -> list[Stage]:
+    """Train the parameters whose names match any of ``patterns`` (re.search), plus the head."""
+    if not patterns:
+        raise TunelabError("strategy.patterns is empty: give regexes of parameter names to train.")
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as err:
+            raise TunelabError(f"strategy.patterns: {p!r} is not a valid regex ({err}).") from None
+    return [Stage("regex", 0, ("head",) if include_head else (), patterns=tuple(patterns))]
+
+
+def lora(groups: list[str]) -> list[Stage]:
+    """LoRA: the adapters injected by ``lora:`` (see conf/strategy/lora.yaml) and the head train."""
+    return [Stage("lora", 0, ("head",), patterns=(LORA,))]
+
+
+def check_stages(stages: list[Stage], groups: list[str], max_epochs: int, param_names: dict[str, list[str]]) -> None:
+    """Reject a schedule that cannot run as written, before any training.
+
+    ``param_names`` maps each group to its parameter names, so a pattern that selects
+    nothing (a typo) is an error instead of a silently frozen model.
+    """
     if not stages:
         raise TunelabError("the strategy produced no stages.")
-    if stages[0].start_epoch != 0:
-        raise TunelabError(f"the first stage must start at epoch 0, not {stages[0].start_epoch}.")
+    if stages[0].start != 0:
+        raise TunelabError(f"the first stage must start at 0, not {stages[0].start}.")
+    if len({s.unit for s in stages}) > 1:
+        raise TunelabError("stages mix at_epoch and at_step starts; use one unit per schedule.")
     for prev, nxt in zip(stages, stages[1:]):
-        if nxt.start_epoch <= prev.start_epoch:
-            raise TunelabError(f"stages overlap: {nxt.name!r} starts at epoch {nxt.start_epoch}, not after {prev.name!r} (epoch {prev.start_epoch}).")
+        if nxt.start <= prev.start:
+            raise TunelabError(f"stages overlap: {nxt.name!r} starts at {nxt.unit} {nxt.start}, not after {prev.name!r} ({prev.unit} {prev.start}).")
     for stage in stages:
         unknown = [g for g in stage.trainable if g not in groups]
         if unknown:
             raise TunelabError(f"stage {stage.name!r} names unknown layer groups {unknown}; this model has {groups}.")
-        if not stage.trainable:
-            raise TunelabError(f"stage {stage.name!r} trains nothing.")
+        count = sum(stage.trains(g, n) for g in groups for n in param_names[g])
+        if count == 0:
+            raise TunelabError(f"stage {stage.name!r} trains nothing: no group and no parameter name matches {list(stage.patterns)}.")
         bad = {g: m for g, m in stage.lr_mult.items() if not m > 0}
         if bad:
             raise TunelabError(f"stage {stage.name!r}: LR multipliers must be > 0, got {bad}.")
     last = stages[-1]
-    if last.start_epoch >= max_epochs:
+    if last.unit == "epoch" and last.start >= max_epochs:
         raise TunelabError(
-            f"stage {last.name!r} starts at epoch {last.start_epoch} but trainer.max_epochs={max_epochs}, "
-            f"so it would never run. Raise trainer.max_epochs above {last.start_epoch} or start it earlier."
+            f"stage {last.name!r} starts at epoch {last.start} but trainer.max_epochs={max_epochs}, "
+            f"so it would never run. Raise trainer.max_epochs above {last.start} or start it earlier."
         )
 
 
-def stage_at(stages: list[Stage], epoch: int) -> int:
-    """Index of the stage in force at ``epoch``."""
-    return max(i for i, s in enumerate(stages) if s.start_epoch <= epoch)
-
-
-def stage_table(stages: list[Stage], groups: list[str], params_per_group: dict[str, int]) -> str:
-    """Plain-text table (printed and logged to MLflow) of what trains when, at which LR multiplier."""
-    width = max(len(g) for g in groups)
-    header = f"{'group':<{width}}  {'params':>10}  " + "  ".join(f"{s.name}@ep{s.start_epoch:<3}" for s in stages)
-    lines = [header, "-" * len(header)]
-    for g in groups:
-        cells = "  ".join(f"{('x' + format(s.mult(g), '.3g')) if g in s.trainable else 'frozen':<{len(s.name) + 6}}" for s in stages)
-        lines.append(f"{g:<{width}}  {params_per_group[g]:>10,}  {cells}")
-    trainable = [sum(params_per_group[g] for g in s.trainable) for s in stages]
-    lines.append(f"{'trainable':<{width}}  {sum(params_per_group.values()):>10,}  "
-                 + "  ".join(f"{n:<{len(s.name) + 6},}" for n, s in zip(trainable, stages)))
-    return "\n".join(lines)
+def stage_at(stages: list[Stage], epoch: int, step: int) -> int:
+    """Index of the stage in force at ``epoch`` / optimizer ``step``."""
+    return max(i for i, s in enumerate(stages) if s.start <= (step if s.unit == "step" else epoch))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import tempfile
+import time
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +50,21 @@ class Run:
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_lr_history(self, history: list[tuple[int, dict[str, float]]], stages: list[tuple[int, str]]) -> None:
+        """Every param group's LR at every optimizer step as ``lr/<group>``, plus a PNG of it."""
+        from mlflow.entities import Metric
+
+        from tunelab.stage_report import plot_lr_history
+
+        if not history:
+            return
+        now = int(time.time() * 1000)
+        points = [Metric(f"lr/{g.replace('+', '_')}", lr, now, step) for step, lrs in history for g, lr in lrs.items()]
+        for i in range(0, len(points), 1000):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, metrics=points[i: i + 1000])
+        with tempfile.TemporaryDirectory() as tmp:
+            self.log_artifact(plot_lr_history(history, stages, Path(tmp) / "lr_schedule.png"))
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():

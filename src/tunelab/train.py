@@ -70,6 +70,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             raise
         if trainer.interrupted:
             raise KeyboardInterrupt("training interrupted")
+        run.log_lr_history(parts.module.lr_history, parts.module.stage_log)
         checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
         best = checkpoint.best_model_path if checkpoint else ""
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # last epoch's

@@ -10,6 +10,7 @@ from timm.models import get_pretrained_cfg, group_parameters
 from torch import nn
 
 from tunelab.adapters.groups import Adapter, LayerGroup, name_groups
+from tunelab.adapters.lora import inject_lora
 from tunelab.adapters.weights import SHIPPED_WEIGHTS, load_into, read_state_dict
 from tunelab.errors import TunelabError
 
@@ -25,12 +26,15 @@ def timm_adapter(
     kwargs: dict | None = None,
     image_size: int | None = None,
     head_init_std: float = 0.01,
+    lora: dict | None = None,
 ) -> Adapter:
     """Build ``arch`` with a ``num_classes`` head and load local pretrained weights.
 
     Weights come from ``checkpoint`` when given, else from a package that ships them
     (``SHIPPED_WEIGHTS``); ``pretrained=False`` without a checkpoint means random init.
     ``image_size`` (the data's) is passed on to architectures with a fixed input size.
+    ``lora`` (``target_modules``, ``r``, ``alpha``, ``dropout``) injects LoRA adapters after
+    the pretrained weights are loaded.
     """
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
@@ -66,8 +70,14 @@ def timm_adapter(
     if not head_kept:
         init_head(model.get_classifier(), head_init_std)
 
+    extra_note = ""
+    if lora:
+        added = inject_lora(model, **lora)
+        head_names = _head_param_names(model)  # names changed where adapters wrap layers
+        extra_note = f", LoRA +{added:,} params"
+
     groups = timm_groups(model, head_names, fine=fine_groups)
-    head = "pretrained head kept" if head_kept else f"new {num_classes}-class head"
+    head = ("pretrained head kept" if head_kept else f"new {num_classes}-class head") + extra_note
     return Adapter(
         model=model,
         groups=groups,
