@@ -108,3 +108,92 @@ def test_constant_shape_with_and_without_warmup():
     assert [constant(s, 50) for s in (0, 49)] == [1.0, 1.0]
     assert constant(0, 50, warmup=4) == 0.25 and constant(3, 50, warmup=4) == 1.0
     assert math.isclose(constant(10, 50, warmup=4), 1.0)
+
+
+def test_one_cycle_matches_torch():
+    import torch
+
+    from tunelab.schedules import one_cycle
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=50, pct_start=0.3)
+    for step in range(50):
+        assert one_cycle(step, 50, pct_start=0.3) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        if step < 49:
+            sched.step()
+
+
+def test_slanted_triangular_follows_ulmfit():
+    from tunelab.schedules import slanted_triangular
+
+    total, cut_frac, ratio = 200, 0.1, 32
+    cut = int(total * cut_frac)
+    for t in range(total):  # eq. 3 of Howard & Ruder (2018)
+        p = t / cut if t < cut else 1 - (t - cut) / (cut * (1 / cut_frac - 1))
+        assert slanted_triangular(t, total, cut_frac, ratio) == pytest.approx((1 + p * (ratio - 1)) / ratio)
+    assert slanted_triangular(cut, total) == pytest.approx(1.0)
+
+
+def test_linear_decays_to_floor():
+    from tunelab.schedules import linear
+
+    assert linear(0, 100, warmup=0) == 1.0 and linear(100, 100, warmup=0, min_lr_ratio=0.2) == pytest.approx(0.2)
+    assert linear(50, 100, warmup=0) == pytest.approx(0.5)
+
+
+def test_plateau_reduces_after_patience_and_round_trips():
+    from tunelab.schedules import Plateau
+
+    plateau = Plateau(mode="min", factor=0.5, patience=2)
+    for loss in (1.0, 0.9, 0.95, 0.91):  # best 0.9, then two bad validations
+        plateau.update(loss)
+    assert plateau.scale == 0.5 and plateau(10, 100) == 0.5
+    restored = Plateau(mode="min", factor=0.5, patience=2)
+    restored.load_state_dict(plateau.state_dict())
+    assert restored.scale == 0.5 and restored.best == 0.9
+
+
+def test_milestones_accept_counts_names_and_regexes():
+    from tunelab.strategies import milestones
+
+    stages = milestones(GROUPS, [
+        {"at_epoch": 1, "unfreeze": 1, "lr_mult": 0.5},
+        {"at_epoch": 2, "unfreeze": ["stem"], "lr_mult": 0.1},
+        {"at_epoch": 4, "unfreeze": r"blocks\.[01]", "lr_mult": 0.05},
+    ])
+    assert [s.start for s in stages] == [0, 1, 2, 4] and stages[0].trainable == ("head",)
+    assert stages[1].trainable == ("blocks.2", "head")
+    assert stages[2].trainable == ("stem", "blocks.2", "head") and stages[2].mult("blocks.2") == 0.5
+    assert set(stages[3].trainable) == set(GROUPS) and stages[3].mult("blocks.0") == 0.05
+    with pytest.raises(TunelabError, match=r"strategy.stages\[0\] needs at_epoch"):
+        milestones(GROUPS, [{"unfreeze": 1}])
+
+
+def test_gradual_opens_groups_from_the_top():
+    from tunelab.strategies import gradual
+
+    stages = gradual(GROUPS, every=2, groups_per_stage=2)
+    assert [s.start for s in stages] == [0, 2, 4]
+    assert [s.trainable for s in stages] == [("head",), ("blocks.1", "blocks.2", "head"), tuple(GROUPS)]
+    steps = gradual(GROUPS, every=10, unit="step")
+    assert [s.start for s in steps] == [0, 10, 20, 30, 40] and steps[-1].unit == "step"
+    assert stage_at(steps, 0, 25) == 2
+
+
+def test_lp_ft_bitfit_regex_lora_selection():
+    from tunelab.strategies import bitfit, lora, lp_ft, regex
+
+    probe, ft = lp_ft(GROUPS, probe_epochs=3, lr_mult=0.1)
+    assert probe.trainable == ("head",) and ft.start == 3 and ft.mult("head") == 0.1
+    (bias,) = bitfit(GROUPS)
+    assert bias.trains("stem", "stem.bn.bias") and not bias.trains("stem", "stem.bn.weight")
+    assert bias.trains("head", "head.weight")
+    (norms,) = regex(GROUPS, [r"\.bn\."], include_head=False)
+    assert norms.trains("blocks.0", "blocks.0.bn.weight") and not norms.trains("head", "head.weight")
+    with pytest.raises(TunelabError, match="not a valid regex"):
+        regex(GROUPS, ["("])
+    (adapters,) = lora(GROUPS)
+    assert adapters.trains("blocks.0", "blocks.0.attn.qkv.lora_A.default.weight")
+    assert not adapters.trains("blocks.0", "blocks.0.attn.qkv.base_layer.weight")

@@ -1,0 +1,179 @@
+"""The staged engine, proven on tiny models: exactly the declared parameters change in each
+stage, every LR equals its closed form, L2-SP and LoRA do what they claim."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from tunelab.adapters.lora import merge_lora
+from tunelab.build import build_parts
+from tunelab.config import build
+from tunelab.stage_callback import StageCallback
+from tunelab.strategies import stage_at
+
+TINY = ["model.arch=test_efficientnet", "model.pretrained=false", "data.image_size=32",
+        "trainer.limit_val_batches=1", "callbacks=none"]
+VIT = ["model.arch=test_vit", "model.pretrained=false", "data.image_size=32",
+       "trainer.limit_val_batches=1", "callbacks=none"]
+
+# strategy -> (overrides, epochs: one per stage)
+STRATEGIES = {
+    "full": ([], 1),
+    "linear_probe": ([], 1),
+    "freeze_unfreeze": (["strategy.unfreeze=2"], 2),
+    "milestones": (["strategy.stages=[{at_epoch:1,unfreeze:1,lr_mult:0.5},{at_epoch:2,unfreeze:'blocks\\.[23]',lr_mult:0.2},"
+                    "{at_epoch:3,unfreeze:all,lr_mult:0.1}]"], 4),
+    "gradual": (["strategy.groups_per_stage=2"], 4),
+    "lp_ft": (["strategy.probe_epochs=1"], 2),
+    "bitfit": ([], 1),
+    "regex": (["strategy.patterns=[conv_pwl,'^conv_head']"], 1),
+    "lora": (["lora.target_modules=[conv_pw,conv_pwl]"], 1),
+}
+
+
+class _Recorder(L.Callback):
+    """Model state at every epoch start and end; every param group's LR at every step."""
+
+    def __init__(self):
+        self.start, self.end, self.lrs, self.plateau_scale = {}, {}, [], []
+
+    def _state(self, module):
+        return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+    def on_train_epoch_start(self, trainer, module):
+        self.start[trainer.current_epoch] = self._state(module)
+
+    def on_train_epoch_end(self, trainer, module):
+        self.end[trainer.current_epoch] = self._state(module)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.lrs.append([(pg["layer_group"], pg["lr"]) for pg in trainer.optimizers[0].param_groups])
+        self.plateau_scale.append(getattr(module.lr_shape, "scale", 1.0))
+
+
+def _fit(cfg_factory, *overrides, model=TINY):
+    cfg = cfg_factory(*model, *overrides)
+    parts = build_parts(cfg)
+    recorder = _Recorder()
+    trainer = build(cfg.trainer, "trainer", logger=False, enable_checkpointing=False,
+                    callbacks=[StageCallback(), recorder])
+    trainer.fit(parts.module, datamodule=parts.datamodule)
+    return cfg, parts, recorder
+
+
+def _check_stagewise_changes(parts, recorder, epochs):
+    module = parts.module
+    group_of = {n: g.name for g in parts.adapter.groups for n in g.param_names}
+    bn_frozen = {name for name, m in module.model.named_modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    for epoch in range(epochs):
+        stage = parts.stages[stage_at(parts.stages, epoch, 0)]
+        before, after = recorder.start[epoch], recorder.end[epoch]
+        declared = {n for n in group_of if stage.trains(group_of[n], n)}
+        changed = {n for n in group_of if not torch.equal(before[n], after[n])}
+        assert changed == declared, (
+            f"epoch {epoch} stage {stage.name!r}: changed but frozen {sorted(changed - declared)[:5]}, "
+            f"declared but unchanged {sorted(declared - changed)[:5]}"
+        )
+        for bn in bn_frozen:  # frozen BatchNorm keeps its running statistics
+            if f"{bn}.weight" in group_of and f"{bn}.weight" not in declared:
+                assert torch.equal(before[f"{bn}.running_mean"], after[f"{bn}.running_mean"]), bn
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_each_stage_changes_exactly_its_declared_parameters(strategy, cfg_factory):
+    overrides, epochs = STRATEGIES[strategy]
+    _, parts, recorder = _fit(cfg_factory, f"strategy={strategy}", *overrides, f"trainer.max_epochs={epochs}",
+                              "module.batchnorm=frozen_eval")
+    assert len(parts.stages) == epochs
+    _check_stagewise_changes(parts, recorder, epochs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,overrides,epochs", [
+    ("freeze_unfreeze", ["strategy.unfreeze=3"], 2),
+    ("gradual", ["strategy.groups_per_stage=4"], 3),
+    ("bitfit", [], 1),
+    ("lora", ["lora.target_modules=[qkv,attn.proj]"], 1),
+])
+def test_strategies_work_unchanged_on_a_vit(strategy, overrides, epochs, cfg_factory):
+    _, parts, recorder = _fit(cfg_factory, f"strategy={strategy}", *overrides, f"trainer.max_epochs={epochs}",
+                              model=VIT)
+    _check_stagewise_changes(parts, recorder, epochs)
+
+
+SCHEDULERS = ["constant", "warmup_cosine", "linear", "one_cycle", "slanted_triangular", "plateau"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_lr_equals_its_closed_form(scheduler, cfg_factory):
+    """base × shape(t) × re-warmup(t) × stage multiplier × layer_decay**depth, every group, every step."""
+    decay, rewarmup, mult, steps_per_epoch = 0.5, 3, 0.25, 4
+    cfg, parts, recorder = _fit(
+        cfg_factory, f"scheduler={scheduler}", "strategy.unfreeze=all", f"strategy.lr_mult={mult}",
+        f"module.layer_decay={decay}", f"module.stage_rewarmup={rewarmup}", "trainer.max_epochs=2",
+        f"trainer.limit_train_batches={steps_per_epoch}", "trainer.limit_val_batches=2",
+    )
+    total = 2 * steps_per_epoch
+    shape = build(cfg.scheduler, "scheduler")
+    names = [g.name for g in parts.adapter.groups]
+    depth = {g: len(names) - 1 - i for i, g in enumerate(names)}
+    base = float(cfg.optimizer.lr)
+    assert len(recorder.lrs) == total
+    for t, lrs in enumerate(recorder.lrs):
+        second_stage = t >= steps_per_epoch
+        factor = shape(t, total) if scheduler != "plateau" else recorder.plateau_scale[t]
+        if second_stage:
+            factor *= min(1.0, (t - steps_per_epoch + 1) / rewarmup)
+        for group, lr in lrs:
+            stage_mult = (1.0 if group == "head" else mult) if second_stage else (1.0 if group == "head" else 0.0)
+            expected = base * factor * stage_mult * decay ** depth[group]
+            assert lr == pytest.approx(expected, rel=1e-9, abs=1e-15), (t, group)
+
+
+@pytest.mark.slow
+def test_l2sp_alpha_zero_matches_no_regularizer_and_large_alpha_holds_weights(cfg_factory):
+    common = ["strategy=full", "optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=false", "optimizer.lr=0.05",
+              "optimizer.weight_decay=0", "scheduler=constant", "trainer.max_epochs=1", "trainer.limit_train_batches=8",
+              "model.drop_rate=0", "data.augment=null", "data.num_workers=0"]
+
+    def final_weights(*extra):
+        torch.manual_seed(0)
+        _, parts, recorder = _fit(cfg_factory, *common, *extra)
+        return recorder.start[0], recorder.end[0], set(parts.adapter.groups[-1].param_names)
+
+    start, plain, head = final_weights()
+    _, zero, _ = final_weights("regularizer=l2sp", "regularizer.alpha=0", "regularizer.beta=0")
+    assert all(torch.allclose(plain[k], zero[k], atol=1e-6) for k in plain)
+    # alpha = 1/lr: each SGD step pulls the backbone all the way back to the pretrained weights,
+    # so drift stays one step's worth instead of accumulating.
+    _, held, _ = final_weights("regularizer=l2sp", "regularizer.alpha=20", "regularizer.beta=0")
+    backbone = [k for k in start if k not in head and start[k].is_floating_point() and "running" not in k]
+
+    def drift(state):
+        return sum((state[k] - start[k]).norm() ** 2 for k in backbone).sqrt()
+
+    assert drift(held) < 0.5 * drift(plain)
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_only_and_merges_exactly(cfg_factory):
+    _, parts, recorder = _fit(cfg_factory, "strategy=lora", "lora.target_modules=[qkv,attn.proj]",
+                              "trainer.max_epochs=1", model=VIT)
+    before, after = recorder.start[0], recorder.end[0]
+    head = set(parts.adapter.groups[-1].param_names)
+    params = {n for n, _ in parts.module.model.named_parameters()}
+    lora = {n for n in params if ".lora_" in n}
+    assert lora and all(not torch.equal(before[n], after[n]) for n in lora)
+    assert all(torch.equal(before[n], after[n]) for n in params - lora - head)
+    model = parts.module.model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        merged = merge_lora(model)(x)
+    assert not any(".lora_" in n for n, _ in model.named_parameters())
+    assert torch.allclose(expected, merged, atol=1e-5)
