@@ -97,4 +97,4 @@ def test_resume_lands_in_the_stage_of_its_epoch(cfg_factory, tmp_path):
     assert parts.module.stage_index == 1
     assert parts.module.group_lrs()["blocks.0"] == pytest.approx(0.5e-3)
     assert trainer.global_step == 4  # 2 steps before the stop + 2 after the resume
-    assert torch.load(last, weights_only=True)["tunelab_stage_index"] == 0
+    assert torch.load(last, weights_only=True)["tunelab"]["stage_index"] == 0

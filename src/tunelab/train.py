@@ -29,15 +29,23 @@ def _quiet_lightning() -> None:
     )
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")  # inside Lightning
+    # tunelab's samplers resume mid-epoch exactly (data/sampling.py), which Lightning cannot see.
+    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
     # Frozen groups keep their BatchNorm layers in eval mode on purpose (module.batchnorm).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
-def _callbacks(cfg: DictConfig) -> list:
+def core_callbacks() -> list:
+    """The callbacks that are how tunelab works, not options: stages and exact resumes."""
+    from tunelab.data.sampling import MidEpochResume
     from tunelab.stage_callback import StageCallback
 
+    return [StageCallback(), MidEpochResume()]
+
+
+def _callbacks(cfg: DictConfig) -> list:
     extra = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node]
-    return [StageCallback(), *extra]
+    return [*core_callbacks(), *extra]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -11,20 +11,28 @@ import torch
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
+from tunelab.data.sampling import EpochSampler, sample_seed, seeded_call
 from tunelab.data.sources import ImageTable
 from tunelab.errors import TunelabError
 
 
 class _Images(Dataset):
-    def __init__(self, table: ImageTable, indices: np.ndarray, transform: Callable):
-        self.table, self.indices, self.transform = table, indices, transform
+    """Items by position; a training sampler passes ``(epoch, position)`` so that random
+    augmentation is a pure function of (seed, epoch, image), see data/sampling.py."""
+
+    def __init__(self, table: ImageTable, indices: np.ndarray, transform: Callable, seed: int = 0):
+        self.table, self.indices, self.transform, self.seed = table, indices, transform, seed
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (None, key)
         j = int(self.indices[i])
-        return self.transform(self.table.load(j)), int(self.table.labels[j])
+        image = self.table.load(j)
+        if epoch is None:
+            return self.transform(image), int(self.table.labels[j])
+        return seeded_call(sample_seed(self.seed, epoch, j), self.transform, image), int(self.table.labels[j])
 
 
 def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
@@ -149,24 +157,28 @@ class ImageDataModule(L.LightningDataModule):
     def dataset(self, split: str, training: bool = False) -> Dataset:
         self.scan()
         table, idx = self.splits[split]
-        return _Images(table, idx, self._transform(training))
+        return _Images(table, idx, self._transform(training), self.seed)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, training: bool) -> DataLoader:
+        dataset = self.dataset(split, training=training)
         return DataLoader(
-            self.dataset(split, training=shuffle),
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
+            dataset,
+            batch_size=self.batch_size if training else self.eval_batch_size,
+            sampler=EpochSampler(len(dataset), self.seed) if training else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=False,
+            # worker seeds from a private generator: starting workers never shifts the global
+            # RNG stream that dropout draws from (so resumed runs match uninterrupted ones)
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", training=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val", training=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test", training=False)

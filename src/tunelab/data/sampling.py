@@ -1,0 +1,86 @@
+"""Training order and augmentation as pure functions of (seed, epoch, index).
+
+That makes a run resumed mid-epoch see exactly the batches, in the same order and with the
+same random augmentation, that the uninterrupted run saw, whatever the number of workers:
+the sampler skips what the interrupted run already trained on, and every sample's
+augmentation draws from its own seeded generator instead of the global one.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import Sampler
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 100_003 + index) % (2**63)
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)``: a permutation seeded by (seed, epoch), optionally skipping a prefix."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.size))
+        start = self.skip() if callable(self.skip) else self.skip
+        self.skip = 0  # a skip applies to one pass only
+        return iter([(self.epoch, i) for i in order[start:]])
+
+
+def seeded_call(seed: int, fn, *args):
+    """Run ``fn`` with torch and ``random`` seeded by ``seed``, leaving the global streams as they were."""
+    state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            return fn(*args)
+    finally:
+        random.setstate(state)
+
+
+class MidEpochResume(L.Callback):
+    """On a run resumed from a mid-epoch checkpoint, skip the batches it already trained on,
+    and put the global RNG (dropout, drop-path) back where the checkpoint left it."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        # (Lightning calls no on_train_epoch_start for an epoch it resumes in the middle.)
+        loop = trainer.fit_loop.epoch_loop
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if not loop.restarting or not isinstance(sampler, EpochSampler):
+            return
+
+        def done_samples() -> int:
+            # Read when the epoch's iterator is created: Lightning finishes restoring the
+            # loop's batch counters only after this hook.
+            done = loop.batch_progress.current.completed
+            return done * loader.batch_size if 0 < done < trainer.num_training_batches else 0
+
+        sampler.skip = done_samples
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
