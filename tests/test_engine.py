@@ -116,6 +116,7 @@ def test_every_lr_equals_its_closed_form(scheduler, cfg_factory):
     cfg, parts, recorder = _fit(
         cfg_factory, f"scheduler={scheduler}", "strategy.unfreeze=all", f"strategy.lr_mult={mult}",
         f"module.layer_decay={decay}", f"module.stage_rewarmup={rewarmup}", "trainer.max_epochs=2",
+        "module.group_lr_mults={head: 2.0}",
         f"trainer.limit_train_batches={steps_per_epoch}", "trainer.limit_val_batches=2",
     )
     total = 2 * steps_per_epoch
@@ -131,7 +132,8 @@ def test_every_lr_equals_its_closed_form(scheduler, cfg_factory):
             factor *= min(1.0, (t - steps_per_epoch + 1) / rewarmup)
         for group, lr in lrs:
             stage_mult = (1.0 if group == "head" else mult) if second_stage else (1.0 if group == "head" else 0.0)
-            expected = base * factor * stage_mult * decay ** depth[group]
+            explicit = 2.0 if group == "head" else 1.0
+            expected = base * factor * stage_mult * decay ** depth[group] * explicit
             assert lr == pytest.approx(expected, rel=1e-9, abs=1e-15), (t, group)
 
 
