@@ -17,33 +17,30 @@ def _warmup_steps(warmup: float, total_steps: int) -> int:
     return int(warmup * total_steps) if 0 < warmup < 1 else int(warmup)
 
 
-def _ramp(step: int, warmup: int) -> float | None:
-    """Linear warmup factor while ``step < warmup``; None after it."""
-    return (step + 1) / warmup if step < warmup else None
+def _warmup_or_progress(step: int, total_steps: int, warmup: float) -> tuple[float | None, float]:
+    """``(linear warmup factor, 0)`` during warmup, then ``(None, progress in [0, 1])``."""
+    w = _warmup_steps(warmup, total_steps)
+    if step < w:
+        return (step + 1) / w, 0.0
+    return None, min(1.0, (step - w) / max(1, total_steps - w))
 
 
 def constant(step: int, total_steps: int, warmup: float = 0) -> float:
-    ramp = _ramp(step, _warmup_steps(warmup, total_steps))
+    ramp, _ = _warmup_or_progress(step, total_steps, warmup)
     return 1.0 if ramp is None else ramp
 
 
 def warmup_cosine(step: int, total_steps: int, warmup: float = 0.05, min_lr_ratio: float = 0.0) -> float:
-    w = _warmup_steps(warmup, total_steps)
-    ramp = _ramp(step, w)
+    ramp, progress = _warmup_or_progress(step, total_steps, warmup)
     if ramp is not None:
         return ramp
-    progress = min(1.0, (step - w) / max(1, total_steps - w))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def linear(step: int, total_steps: int, warmup: float = 0.05, min_lr_ratio: float = 0.0) -> float:
     """Warmup, then a straight line down to ``min_lr_ratio`` at the last step."""
-    w = _warmup_steps(warmup, total_steps)
-    ramp = _ramp(step, w)
-    if ramp is not None:
-        return ramp
-    progress = min(1.0, (step - w) / max(1, total_steps - w))
-    return 1.0 - (1.0 - min_lr_ratio) * progress
+    ramp, progress = _warmup_or_progress(step, total_steps, warmup)
+    return ramp if ramp is not None else 1.0 - (1.0 - min_lr_ratio) * progress
 
 
 def one_cycle(step: int, total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0,
