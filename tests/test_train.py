@@ -93,6 +93,15 @@ def test_bad_config_fails_before_any_run(cfg_factory):
     assert not os.path.exists(cfg.paths.log_dir + "/mlflow.db"), "no half-made run is left behind"
 
 
+def test_step_stage_past_the_end_is_rejected_before_the_first_step(cfg_factory):
+    cfg = cfg_factory("strategy=gradual", "strategy.unit=step", "strategy.every=50")
+    with pytest.raises(TunelabError, match=r"starts at step \d+ but the run has only 4 optimizer steps"):
+        train(cfg)
+    _, run = _only_run(cfg)
+    assert run.info.status == "FAILED" and "stage_table.txt" in {a.path for a in MlflowClient(
+        str(cfg.logger.tracking_uri)).list_artifacts(run.info.run_id)}
+
+
 def _cli(tmp_path, *args, env=None):
     environment = {**os.environ, "TUNELAB_HOME": str(tmp_path), **(env or {})}
     environment.pop("MLFLOW_TRACKING_URI", None)
