@@ -167,11 +167,11 @@ def test_l2sp_alpha_zero_matches_no_regularizer_and_large_alpha_holds_weights(cf
 
 def test_l2sp_step_returns_backbone_to_pretrained_exactly():
     """SGD with alpha = 1/lr: one step from w lands on w0 - lr * task_grad, whatever w was."""
-    from tunelab.regularizers import l2sp
+    from tunelab.regularizers import L2SP
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    reg = l2sp(model, {"1.weight", "1.bias"}, alpha=10.0, beta=0.0)
+    reg = L2SP(model, {"1.weight", "1.bias"}, alpha=10.0, beta=0.0)
     w0 = model[0].weight.detach().clone()
     with torch.no_grad():
         model[0].weight.add_(torch.randn_like(w0))  # drifted far from the pretrained weights

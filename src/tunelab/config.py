@@ -77,8 +77,8 @@ def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
     check_targets(node, what)
     missing = sorted(OmegaConf.missing_keys(node)) if isinstance(node, (DictConfig, ListConfig)) else []
     if missing:  # checked here: a `_partial_` target would defer the error to its first call
-        keys = missing  # already full dotted keys, e.g. data.source.root
-        raise TunelabError(f"{', '.join(keys)} must be set: add {keys[0]}=<value> to the command line.")
+        # already full dotted keys, e.g. data.source.root
+        raise TunelabError(f"{', '.join(missing)} must be set: add {missing[0]}=<value> to the command line.")
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:

@@ -109,10 +109,6 @@ class FineTuneModule(L.LightningModule):
         return self.model(x)
 
     # -- stages --------------------------------------------------------------------------
-    def params_per_group(self) -> dict[str, int]:
-        named = dict(self.model.named_parameters())
-        return {g.name: sum(named[n].numel() for n in g.param_names) for g in self.groups}
-
     def set_stage(self, index: int, start_step: int | None = None) -> Stage:
         """Make ``stages[index]`` current: trainable set, LR multipliers, BatchNorm mode, LRs now."""
         stage = self.stages[index]

@@ -19,9 +19,9 @@ class L2SP(nn.Module):
         if alpha < 0 or beta < 0:
             raise ValueError(f"L2SP needs alpha, beta >= 0, got {alpha}, {beta}")
         self.alpha, self.beta = alpha, beta
-        self.names = [n for n, _ in model.named_parameters()]
-        self.head = [n in head_names for n in self.names]
-        for i, (n, p) in enumerate(model.named_parameters()):
+        named = list(model.named_parameters())
+        self.head = [n in head_names for n, _ in named]
+        for i, (n, p) in enumerate(named):
             if n not in head_names:
                 self.register_buffer(f"ref{i}", p.detach().clone(), persistent=False)
 
@@ -35,7 +35,3 @@ class L2SP(nn.Module):
             else:
                 total = total + 0.5 * self.alpha * (p - getattr(self, f"ref{i}")).pow(2).sum()
         return total
-
-
-def l2sp(model: nn.Module, head_names: set[str], alpha: float = 0.01, beta: float = 0.01) -> L2SP:
-    return L2SP(model, head_names, alpha, beta)

@@ -76,8 +76,9 @@ class MidEpochResume(L.Callback):
         sampler.skip = done_samples
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+        version, internal, gauss = random.getstate()
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": list(internal),
+                             "python_version": version, "python_gauss": gauss}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
         rng = checkpoint.get("rng")
