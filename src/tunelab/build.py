@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
 from tunelab.adapters import Adapter
-from tunelab.config import build, check_config
-from tunelab.data.datamodule import ImageDataModule
+from tunelab.config import build, check_config, check_targets
+from tunelab.data.datamodule import TaskDataModule
 from tunelab.module import FineTuneModule
 from tunelab.stage_report import stage_table
-from tunelab.strategies import Stage, check_stages
+from tunelab.errors import TunelabError
+from tunelab.strategies import Stage, check_stages, keep_frozen
 
 
 @dataclass
 class Parts:
-    datamodule: ImageDataModule
+    datamodule: TaskDataModule
     adapter: Adapter
     stages: list[Stage]
     module: FineTuneModule
@@ -25,6 +27,22 @@ class Parts:
     def stage_table(self) -> str:
         sizes = {n: p.numel() for n, p in self.adapter.model.named_parameters()}
         return stage_table(self.stages, self.adapter.groups, sizes, self.base_lr, self.module.layer_scale)
+
+
+EXAMPLES = {"image": "model=efficientnet_lite0", "text": "model=minilm", "audio": "model=wav2vec2_tiny"}
+
+
+def accepted(node: DictConfig, kwargs: dict) -> dict:
+    """The ``kwargs`` that ``node``'s target takes: an image size means nothing to a text model,
+    and the modality check below then gives the real error."""
+    from hydra.utils import get_method
+
+    check_targets(node, "model")
+    try:
+        params = inspect.signature(get_method(node._target_)).parameters
+    except Exception:  # noqa: BLE001 - an unknown target: build() reports it properly
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def build_regularizer(cfg: DictConfig, adapter: Adapter):
@@ -39,15 +57,22 @@ def build_parts(cfg: DictConfig) -> Parts:
     """Read the data first (it decides ``num_classes``), then the model, then the schedule."""
     check_config(cfg)
     datamodule = build(cfg.data, "data").scan()
-    adapter = build(cfg.model, "model", num_classes=datamodule.num_classes, image_size=datamodule.image_size,
-                    lora=cfg.get("lora"))
+    adapter = build(cfg.model, "model", num_outputs=datamodule.num_outputs, lora=cfg.get("lora"),
+                    **accepted(cfg.model, datamodule.model_kwargs))
+    if adapter.modality != datamodule.modality:
+        raise TunelabError(
+            f"data={datamodule.name} holds {datamodule.modality} but the model takes {adapter.modality} "
+            f"({adapter.description}); pick a matching pair, e.g. {EXAMPLES[datamodule.modality]}."
+        )
     datamodule.set_model_data_config(adapter.data_config)
-    stages = build(cfg.strategy, "strategy")(adapter.group_names)
+    stages = keep_frozen(build(cfg.strategy, "strategy")(adapter.group_names), adapter.frozen_groups)
     check_stages(stages, adapter.group_names, int(cfg.trainer.max_epochs),
                  {g.name: list(g.param_names) for g in adapter.groups})
     module = FineTuneModule(
         adapter,
-        num_classes=datamodule.num_classes,
+        num_outputs=datamodule.num_outputs,
+        task=datamodule.task,
+        target_stats=datamodule.target_stats(),
         optimizer=build(cfg.optimizer, "optimizer"),
         stages=stages,
         scheduler=build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,

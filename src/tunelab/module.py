@@ -1,5 +1,8 @@
 """FineTuneModule: loss, metrics and an optimizer with one param group per layer group.
 
+Classification (cross-entropy; accuracy, precision, recall, F1) or regression (MSE on
+standardised targets; MSE, MAE, R² in the data's units), for any adapter's model.
+
 Every layer group is in the optimizer from step 0 (split only into decay / no-decay);
 a stage change flips ``requires_grad`` and the group's LR multiplier, never the groups
 themselves, so schedulers, checkpoints and DDP see one fixed optimizer layout.
@@ -24,6 +27,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall,
 )
+from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 
 from tunelab.adapters import Adapter
 from tunelab.errors import TunelabError
@@ -54,6 +58,14 @@ def classification_metrics(num_classes: int) -> MetricCollection:
     })
 
 
+def regression_metrics() -> MetricCollection:
+    return MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError(), "r2": R2Score()})
+
+
+def task_metrics(task: str, num_outputs: int) -> MetricCollection:
+    return classification_metrics(num_outputs) if task == "classification" else regression_metrics()
+
+
 def layer_scales(groups: list[str], layer_decay: float = 1.0, group_lr_mults: dict | None = None) -> dict[str, float]:
     """Discriminative LRs: ``layer_decay ** depth`` (head depth 0, the group below it 1, ...)
     times any explicit per-group multiplier. Independent of the strategy."""
@@ -71,7 +83,7 @@ class FineTuneModule(L.LightningModule):
     def __init__(
         self,
         adapter: Adapter,
-        num_classes: int,
+        num_outputs: int,
         optimizer: Callable[..., torch.optim.Optimizer],
         stages: list[Stage],
         scheduler: Callable[[int, int], float] | None = None,
@@ -81,6 +93,8 @@ class FineTuneModule(L.LightningModule):
         layer_decay: float = 1.0,
         group_lr_mults: dict | None = None,
         stage_rewarmup: int = 0,
+        task: str = "classification",
+        target_stats: tuple[float, float] | None = None,
     ):
         super().__init__()
         if batchnorm not in BATCHNORM_MODES:
@@ -101,12 +115,23 @@ class FineTuneModule(L.LightningModule):
         self.stage_log: list[tuple[int, str]] = []  # (start step, stage name) as applied
         self._scheduler: LambdaLR | None = None
         self._total_steps = 1
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_metrics = classification_metrics(num_classes).clone(prefix="val/")
-        self.test_metrics = classification_metrics(num_classes).clone(prefix="test/")
+        self.task = task
+        # Regression heads learn standardised targets; predictions are mapped back to the
+        # data's units for the loss-independent metrics (MSE/MAE/R² in the units users know).
+        mean, std = target_stats or (0.0, 1.0)
+        self.register_buffer("target_mean", torch.tensor(float(mean)))
+        self.register_buffer("target_std", torch.tensor(float(std)))
+        self.train_acc = MulticlassAccuracy(num_outputs, average="micro") if task == "classification" else None
+        self.val_metrics = task_metrics(task, num_outputs).clone(prefix="val/")
+        self.test_metrics = task_metrics(task, num_outputs).clone(prefix="test/")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, x) -> torch.Tensor:
+        """Logits (classification) or predictions in the targets' units (regression).
+        ``x`` is an image batch or the dict a tokenizer / feature extractor produced."""
+        out = self.model(x)
+        if self.task == "regression":
+            return out.squeeze(-1) * self.target_std + self.target_mean
+        return out
 
     # -- stages --------------------------------------------------------------------------
     def set_stage(self, index: int, start_step: int | None = None) -> Stage:
@@ -173,8 +198,13 @@ class FineTuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler, "interval": "step"}}
 
     # -- steps -----------------------------------------------------------------------------
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.task == "regression":  # MSE on the standardised scale the head learns
+            return F.mse_loss((out - self.target_mean) / self.target_std, (y - self.target_mean) / self.target_std)
+        return F.cross_entropy(out, y, label_smoothing=self.label_smoothing)
+
+    def _targets(self, y: torch.Tensor) -> torch.Tensor:
+        return y.float() if self.task == "regression" else y
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Runs after the StageCallback's hook: these are the LRs this step will use.
@@ -182,11 +212,12 @@ class FineTuneModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        y, n = self._targets(y), len(y)
         logits = self(x)
         loss = self._loss(logits, y)
         if self.regularizer is not None:
             penalty = self.regularizer(self.model)
-            self.log("train/reg_loss", penalty, on_step=False, on_epoch=True)
+            self.log("train/reg_loss", penalty, on_step=False, on_epoch=True, batch_size=n)
             loss = loss + penalty
         if not torch.isfinite(loss):
             lrs = ", ".join(f"{g}={lr:.3g}" for g, lr in self.group_lrs().items() if lr > 0)
@@ -194,17 +225,19 @@ class FineTuneModule(L.LightningModule):
                 f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
                 f"LRs: {lrs}. Lower optimizer.lr, add warmup, or check the inputs."
             )
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        if self.train_acc is not None:
+            self.train_acc(logits, y)
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
     def _eval_step(self, batch, metrics: MetricCollection, prefix: str) -> None:
         x, y = batch
+        y, n = self._targets(y), len(y)
         logits = self(x)
-        self.log(f"{prefix}/loss", self._loss(logits, y), prog_bar=prefix == "val")
+        self.log(f"{prefix}/loss", self._loss(logits, y), prog_bar=prefix == "val", batch_size=n)
         metrics(logits, y)
-        self.log_dict(metrics, prog_bar=False)
+        self.log_dict(metrics, prog_bar=False, batch_size=n)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")

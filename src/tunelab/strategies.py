@@ -10,7 +10,7 @@ A new strategy is a new function here plus a YAML file in ``conf/strategy/``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from tunelab.errors import TunelabError
@@ -28,12 +28,23 @@ class Stage:
     lr_mult: dict[str, float] = field(default_factory=dict)  # per group; missing = 1.0
     patterns: tuple[str, ...] = ()  # parameter-name regexes trained in addition (BitFit, LoRA...)
     unit: str = "epoch"
+    frozen: tuple[str, ...] = ()  # groups that never train whatever the above says (see keep_frozen)
 
     def mult(self, group: str) -> float:
         return self.lr_mult.get(group, 1.0)
 
     def trains(self, group: str, param_name: str) -> bool:
+        if group in self.frozen:
+            return False
         return group in self.trainable or any(re.search(p, param_name) for p in self.patterns)
+
+
+def keep_frozen(stages: list[Stage], groups: Sequence[str]) -> list[Stage]:
+    """The same schedule with ``groups`` frozen in every stage (an adapter's always-frozen
+    groups, such as a speech model's convolutional feature encoder)."""
+    if not groups:
+        return stages
+    return [replace(s, frozen=tuple(groups)) for s in stages]
 
 
 def _backbone(groups: Sequence[str]) -> list[str]:

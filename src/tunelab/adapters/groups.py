@@ -22,8 +22,10 @@ class LayerGroup:
 class Adapter:
     model: nn.Module
     groups: list[LayerGroup]  # input -> output; the new task head is last and named "head"
-    data_config: dict = field(default_factory=dict)  # mean, std, input_size, interpolation
+    data_config: dict = field(default_factory=dict)  # what the data needs: normalisation, tokenizer...
     description: str = ""
+    modality: str = "image"  # image, text or audio: which DataModules can feed it
+    frozen_groups: tuple[str, ...] = ()  # groups no stage ever trains (e.g. a speech feature encoder)
 
     @property
     def group_names(self) -> list[str]:

