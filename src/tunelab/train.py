@@ -62,7 +62,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     parts = build_parts(cfg)
     dm, table = parts.datamodule, parts.stage_table()
     log.info("model: %s", parts.adapter.description)
-    log.info("data: %s, %d classes, splits %s", dm.name, dm.num_classes, dm.split_sizes())
+    kind = f"{dm.num_classes} classes" if dm.task == "classification" else "regression"
+    log.info("data: %s, %s, splits %s", dm.name, kind, dm.split_sizes())
     log.info("stages (strategy %s):\n%s", cfg.strategy._target_.rsplit(".", 1)[-1], table)
 
     start = time.monotonic()
@@ -89,12 +90,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run.log_metrics({"time/fit_seconds": time.monotonic() - start})
         if best:
             run.log_artifact(best, "checkpoints")
-    _report(run, metrics, time.monotonic() - start)
+    _report(run, metrics, time.monotonic() - start, dm.task)
     return metrics
 
 
-def _report(run, metrics: dict[str, float], seconds: float) -> None:
-    shown = {k: metrics[k] for k in ("val/acc", "test/acc", "test/f1") if k in metrics}
+SHOWN = {"classification": ("val/acc", "test/acc", "test/f1"), "regression": ("val/mse", "test/mse", "test/mae", "test/r2")}
+
+
+def _report(run, metrics: dict[str, float], seconds: float, task: str) -> None:
+    shown = {k: metrics[k] for k in SHOWN[task] if k in metrics}
     lines = [
         f"run {run.run_id} FINISHED in {seconds / 60:.1f} min: "
         + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),

@@ -18,17 +18,22 @@ from tunelab.errors import TunelabError
 class TextModel(nn.Module):
     """Backbone -> pooled sequence -> dropout -> new head. Takes the tokenizer's batch dict."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear, pooling: str, dropout: float):
+    def __init__(self, backbone: nn.Module, head: nn.Linear, pooling: str, dropout: float, decoder: bool = False):
         super().__init__()
-        self.backbone, self.head, self.pooling = backbone, head, pooling
+        self.backbone, self.head, self.pooling, self.decoder = backbone, head, pooling, decoder
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = inputs.get("attention_mask")
+        if self.decoder and mask is not None and "position_ids" not in inputs:
+            # Positions count real tokens only, so a left-padded text is read exactly like an
+            # unpadded one (decoders otherwise number the padding too).
+            inputs = {**inputs, "position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)}
         out = self.backbone(**inputs)
         if self.pooling == "pooler":
             pooled = out.pooler_output
         else:
-            pooled = pool(out.last_hidden_state, inputs.get("attention_mask"), self.pooling)
+            pooled = pool(out.last_hidden_state, mask, self.pooling)
         return self.head(self.dropout(pooled))
 
 
@@ -82,7 +87,7 @@ def text_adapter(
         raise TunelabError(f"the tokenizer has {len(tok)} tokens but the model's embedding only "
                            f"{backbone.get_input_embeddings().num_embeddings}: they do not belong together.")
     width = model_config.hidden_size
-    model = TextModel(backbone, new_head(width, num_outputs, head_init_std), pooling, dropout)
+    model = TextModel(backbone, new_head(width, num_outputs, head_init_std), pooling, dropout, decoder)
     note = add_lora(model, lora, lora_targets)
     groups = hf_groups(model, bottom=[("", "embeddings")])
     max_positions = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
