@@ -25,7 +25,7 @@ def test_local_checkpoint_loads_backbone_and_replaces_mismatched_head(tmp_path, 
     assert torch.equal(own["conv1.weight"], resnet_state["conv1.weight"])
     assert torch.equal(own["layer4.1.bn2.running_var"], resnet_state["layer4.1.bn2.running_var"])
     assert own["fc.weight"].shape == (3, 512)  # a new head for 3 classes
-    assert "new 3-class head" in adapter.description
+    assert "new 3-output head" in adapter.description
 
 
 def test_safetensors_checkpoint_keeps_matching_head(tmp_path, resnet_state):
