@@ -98,16 +98,25 @@ def test_hub_id_not_on_disk_fails_before_any_run(tmp_path):
 
 
 def test_pretrained_minilm_beats_majority_and_random_init(cfg_factory):
-    """The seeds' first claim on text: same architecture, same budget, pretrained vs random."""
-    budget = ["model=minilm", "data=drug_reviews", "strategy=full", "optimizer.lr=1e-4", "data.max_length=64",
+    """The seeds' first claim on text: same architecture, same budget, pretrained vs random.
+
+    Scored by macro-F1: 65% of the test reviews are positive, so accuracy hides a model that
+    only says "positive" (that majority baseline has macro-F1 0.26, accuracy 0.654)."""
+    budget = ["model=minilm", "data=drug_reviews", "strategy=full", "optimizer.lr=1e-4", "data.max_length=96",
               "trainer.max_epochs=3", "trainer.limit_train_batches=1.0", "trainer.limit_val_batches=1.0",
               "trainer.limit_test_batches=1.0", "data.batch_size=16", "data.eval_batch_size=64", "callbacks=none"]
-    pretrained = train(cfg_factory(*budget))["test/acc"]
-    random_init = train(cfg_factory(*budget, "model.pretrained=false", "logger.experiment_name=random"))["test/acc"]
+    pretrained = train(cfg_factory(*budget))
+    random_init = train(cfg_factory(*budget, "model.pretrained=false", "logger.experiment_name=random"))
     from tunelab.data.text import load_drug_reviews
 
     table = load_drug_reviews()
-    majority = float(np.mean(table.test.labels == np.bincount(table.labels).argmax()))  # 248/379 = 0.654
-    print(f"\nMiniLM on drug reviews: pretrained {pretrained:.3f}, random init {random_init:.3f}, majority {majority:.3f}")
-    assert pretrained >= majority + 0.05, (pretrained, majority)
-    assert pretrained >= random_init + 0.05, (pretrained, random_init)
+    majority_class = np.bincount(table.labels).argmax()
+    majority_acc = float(np.mean(table.test.labels == majority_class))
+    share = majority_acc  # F1 of the majority class when it is always predicted; the others score 0
+    majority_f1 = 2 * share / (1 + share) / len(table.classes)
+    print(f"\nMiniLM on drug reviews (test): pretrained acc {pretrained['test/acc']:.3f} F1 {pretrained['test/f1']:.3f}; "
+          f"random init acc {random_init['test/acc']:.3f} F1 {random_init['test/f1']:.3f}; "
+          f"majority acc {majority_acc:.3f} F1 {majority_f1:.3f}")
+    assert pretrained["test/f1"] >= majority_f1 + 0.08, (pretrained, majority_f1)
+    assert pretrained["test/f1"] >= random_init["test/f1"] + 0.08, (pretrained, random_init)
+    assert pretrained["test/acc"] > max(majority_acc, random_init["test/acc"])
