@@ -192,3 +192,20 @@ def model_inputs(adapter, batch: int = 2):
         return dict(adapter.data_config["feature_extractor"](waves, sampling_rate=16000, padding=True,
                                                              return_attention_mask=True, return_tensors="pt"))
     return torch.zeros(batch, 3, 32, 32)
+
+
+def only_run(cfg):
+    """The one MLflow run a test's training wrote, and a client on its store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(str(cfg.logger.tracking_uri))
+    experiment = client.get_experiment_by_name(str(cfg.logger.experiment_name))
+    (run,) = client.search_runs([experiment.experiment_id])
+    return client, run
+
+
+def path_table(root: Path, pattern: str) -> Path:
+    """A CSV of the files under ``root`` with their class folder as the label."""
+    rows = ["path,label"] + [f"{p.relative_to(root)},{p.parent.name}" for p in sorted(root.rglob(pattern))]
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"

@@ -12,7 +12,7 @@ from tunelab.build import build_parts
 from tunelab.config import build, conf_dir
 from tunelab.errors import TunelabError
 from tunelab.build import accepted
-from conftest import REPO, model_inputs, skip_without_fashion, write_audio_folder, write_image_folder, write_text_csv
+from conftest import REPO, model_inputs, path_table, skip_without_fashion, write_audio_folder, write_image_folder, write_text_csv
 
 CONF = conf_dir()
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
@@ -74,13 +74,6 @@ def _instantiate_group(cfg, group: str, tmp_path: Path):
         pytest.fail(f"no instantiation check for new config group {group!r}: add one here")
 
 
-def _path_table(root: Path, pattern: str) -> Path:
-    """A CSV of the files under ``root`` with their class folder as the label."""
-    rows = ["path,label"] + [f"{p.relative_to(root)},{p.parent.name}" for p in sorted(root.rglob(pattern))]
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root / "labels.csv"
-
-
 # choices with a mandatory value (???): what a user would pass, pointed at tiny local data / checkpoints
 _EXTRA = {
     ("model", "hf_text"): lambda tmp, req: [f"model.path={req.getfixturevalue('tiny_bert')}"],
@@ -88,9 +81,9 @@ _EXTRA = {
     ("data", "text_table"): lambda tmp, req: [f"data.source.path={write_text_csv(tmp / 'texts.csv')}"],
     ("data", "spoken_digits"): lambda tmp, req: [f"data.source.root={req.getfixturevalue('spoken_digits')}"],
     ("data", "audio_folder"): lambda tmp, req: [f"data.source.root={write_audio_folder(tmp / 'audio')}"],
-    ("data", "audio_csv"): lambda tmp, req: [f"data.source.path={_path_table(write_audio_folder(tmp / 'a'), '*.wav')}"],
+    ("data", "audio_csv"): lambda tmp, req: [f"data.source.path={path_table(write_audio_folder(tmp / 'a'), '*.wav')}"],
     ("data", "image_folder"): lambda tmp, req: [f"data.source.root={write_image_folder(tmp / 'images')}"],
-    ("data", "image_csv"): lambda tmp, req: [f"data.source.path={_path_table(write_image_folder(tmp / 'i'), '*.png')}"],
+    ("data", "image_csv"): lambda tmp, req: [f"data.source.path={path_table(write_image_folder(tmp / 'i'), '*.png')}"],
 }
 
 

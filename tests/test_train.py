@@ -14,22 +14,15 @@ from tunelab.config import conf_dir
 from tunelab.errors import TunelabError
 from tunelab.module import FineTuneModule
 from tunelab.train import train
-from conftest import VENV_BIN, skip_without_fashion
+from conftest import VENV_BIN, only_run, skip_without_fashion
 
 pytestmark = pytest.mark.slow
-
-
-def _only_run(cfg):
-    client = MlflowClient(str(cfg.logger.tracking_uri))
-    experiment = client.get_experiment_by_name(str(cfg.logger.experiment_name))
-    (run,) = client.search_runs([experiment.experiment_id])
-    return client, run
 
 
 def test_smoke_run_is_fully_tracked(cfg_factory):
     cfg = cfg_factory()
     metrics = train(cfg)
-    client, run = _only_run(cfg)
+    client, run = only_run(cfg)
     assert run.info.status == "FINISHED"
     for key in ("val/acc", "val/f1", "val/precision", "val/recall", "val/loss",
                 "test/acc", "test/f1", "test/precision", "test/recall", "train/loss", "lr/head", "stage"):
@@ -56,7 +49,7 @@ def test_issue_override_example_runs(cfg_factory):
     cfg = cfg_factory("model=resnet18", "data=fashion_mnist", "strategy=full", "optimizer=sgd",
                       "optimizer.lr=0.01", "trainer.max_epochs=3", "data.max_train_samples=64")
     metrics = train(cfg)
-    _, run = _only_run(cfg)
+    _, run = only_run(cfg)
     assert run.info.status == "FINISHED" and "test/acc" in metrics
     assert run.data.params["optimizer._target_"] == "torch.optim.SGD" and run.data.params["model.arch"] == "resnet18"
     assert len(MlflowClient(str(cfg.logger.tracking_uri)).get_metric_history(run.info.run_id, "val/acc")) == 3
@@ -70,7 +63,7 @@ def test_training_error_marks_run_failed(cfg_factory, monkeypatch):
     cfg = cfg_factory()
     with pytest.raises(RuntimeError, match="boom"):
         train(cfg)
-    _, run = _only_run(cfg)
+    _, run = only_run(cfg)
     assert run.info.status == "FAILED"
     assert "boom in training_step" in run.data.tags["tunelab.error"]
 
@@ -79,7 +72,7 @@ def test_nan_loss_stops_with_step_and_lrs(cfg_factory):
     cfg = cfg_factory("optimizer.lr=1e30", "scheduler=constant", "strategy=full")
     with pytest.raises(TunelabError, match=r"training loss is nan at step \d+ .*LRs: .*head="):
         train(cfg)
-    _, run = _only_run(cfg)
+    _, run = only_run(cfg)
     assert run.info.status == "FAILED"
 
 
@@ -97,7 +90,7 @@ def test_step_stage_past_the_end_is_rejected_before_the_first_step(cfg_factory):
     cfg = cfg_factory("strategy=gradual", "strategy.unit=step", "strategy.every=50")
     with pytest.raises(TunelabError, match=r"starts at step \d+ but the run has only 4 optimizer steps"):
         train(cfg)
-    _, run = _only_run(cfg)
+    _, run = only_run(cfg)
     assert run.info.status == "FAILED" and "stage_table.txt" in {a.path for a in MlflowClient(
         str(cfg.logger.tracking_uri)).list_artifacts(run.info.run_id)}
 

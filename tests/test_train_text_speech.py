@@ -8,29 +8,14 @@ import subprocess
 
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 
 from tunelab.train import train
-from conftest import VENV_BIN, skip_without_espeak, write_audio_folder
+from conftest import VENV_BIN, only_run, path_table, skip_without_espeak, write_audio_folder
 
 pytestmark = pytest.mark.slow
 
 CLASSIFICATION = {"val/acc", "val/f1", "test/acc", "test/precision", "test/recall", "test/f1", "train/loss"}
 REGRESSION = {"val/mse", "val/mae", "val/r2", "test/mse", "test/mae", "test/r2", "train/loss"}
-
-
-def _only_run(cfg):
-    client = MlflowClient(str(cfg.logger.tracking_uri))
-    experiment = client.get_experiment_by_name(str(cfg.logger.experiment_name))
-    (run,) = client.search_runs([experiment.experiment_id])
-    return client, run
-
-
-def _audio_csv(tmp_path):
-    root = write_audio_folder(tmp_path / "clips")
-    rows = ["path,label"] + [f"{p.relative_to(root)},{p.parent.name}" for p in sorted(root.rglob("*.wav"))]
-    (root / "clips.csv").write_text("\n".join(rows) + "\n")
-    return root / "clips.csv"
 
 
 # (model/data overrides, task): every new model and data config, under debug=smoke
@@ -47,7 +32,7 @@ RUNS = {
                                                    f"data.source.root={req.getfixturevalue('audio_folder')}"],
                                  CLASSIFICATION),
     "hf_speech+audio_csv": (lambda req, tmp: ["model=hf_speech", f"model.path={req.getfixturevalue('tiny_hubert')}",
-                                              "data=audio_csv", f"data.source.path={_audio_csv(tmp)}",
+                                              "data=audio_csv", f"data.source.path={path_table(write_audio_folder(tmp / 'clips'), '*.wav')}",
                                               "data.max_seconds=0.3"], CLASSIFICATION),
 }
 
@@ -57,7 +42,7 @@ def test_smoke_run_is_tracked(name, cfg_factory, request, tmp_path):
     overrides, expected = RUNS[name]
     cfg = cfg_factory(*overrides(request, tmp_path))
     metrics = train(cfg)
-    client, run = _only_run(cfg)
+    client, run = only_run(cfg)
     assert run.info.status == "FINISHED"
     assert expected <= set(run.data.metrics), sorted(expected - set(run.data.metrics))
     assert {k: v for k, v in metrics.items() if k.startswith("test/")} == pytest.approx(
