@@ -153,7 +153,7 @@ def test_user_config_from_searchpath_without_editing_python(tmp_path, image_fold
                   "data=image_folder", f"data.source.root={image_folder}", "debug=smoke", "trainer.max_epochs=1",
                   "strategy=full")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "timm resnet10t (random init, new 3-class head" in result.stdout
+    assert "timm resnet10t (random init, new 3-output head" in result.stdout
 
 
 def test_cli_help_lists_groups():
