@@ -209,3 +209,13 @@ def path_table(root: Path, pattern: str) -> Path:
     rows = ["path,label"] + [f"{p.relative_to(root)},{p.parent.name}" for p in sorted(root.rglob(pattern))]
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     return root / "labels.csv"
+
+
+def run_cli(tmp_path: Path, *args: str, env: dict | None = None):
+    """``tunelab-train`` as a user runs it, writing under ``tmp_path`` (TUNELAB_HOME), local store."""
+    import subprocess
+
+    environment = {**os.environ, "TUNELAB_HOME": str(tmp_path), **(env or {})}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([str(VENV_BIN / "tunelab-train"), *args], cwd=tmp_path, env=environment,
+                          capture_output=True, text=True, timeout=600)

@@ -14,7 +14,7 @@ from tunelab.config import conf_dir
 from tunelab.errors import TunelabError
 from tunelab.module import FineTuneModule
 from tunelab.train import train
-from conftest import VENV_BIN, only_run, skip_without_fashion
+from conftest import VENV_BIN, only_run, run_cli, skip_without_fashion
 
 pytestmark = pytest.mark.slow
 
@@ -95,15 +95,8 @@ def test_step_stage_past_the_end_is_rejected_before_the_first_step(cfg_factory):
         str(cfg.logger.tracking_uri)).list_artifacts(run.info.run_id)}
 
 
-def _cli(tmp_path, *args, env=None):
-    environment = {**os.environ, "TUNELAB_HOME": str(tmp_path), **(env or {})}
-    environment.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([str(VENV_BIN / "tunelab-train"), *args], cwd=tmp_path, env=environment,
-                          capture_output=True, text=True, timeout=600)
-
-
 def test_cli_run_prints_store_and_ui_command(tmp_path):
-    result = _cli(tmp_path, "debug=smoke", "strategy=linear_probe", "trainer.max_epochs=1")
+    result = run_cli(tmp_path, "debug=smoke", "strategy=linear_probe", "trainer.max_epochs=1")
     assert result.returncode == 0, result.stderr[-2000:]
     store = tmp_path / "outputs" / "mlflow.db"
     assert store.is_file()
@@ -122,7 +115,7 @@ def test_cli_run_prints_store_and_ui_command(tmp_path):
     (["optimizer.lrr=0.1"], 1, "optimizer.lrr"),
 ])
 def test_cli_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, code, message):
-    result = _cli(tmp_path, "debug=smoke", *args)
+    result = run_cli(tmp_path, "debug=smoke", *args)
     assert result.returncode == code, result.stderr[-2000:]
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -131,13 +124,13 @@ def test_cli_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, code, m
 def test_cli_csv_without_label_column(tmp_path, image_folder):
     csv = image_folder / "labels.csv"
     csv.write_text("path,y\n" + "".join(f"{p},a\n" for p in sorted(image_folder.rglob("*.png"))))
-    result = _cli(tmp_path, "debug=smoke", "data=image_csv", f"data.source.path={csv}")
+    result = run_cli(tmp_path, "debug=smoke", "data=image_csv", f"data.source.path={csv}")
     assert result.returncode == 2
     assert "has no column 'label' (columns: path, y). Set data.source.label_column=<column name>." in result.stderr
 
 
 def test_cli_num_classes_smaller_than_labels(tmp_path, image_folder):
-    result = _cli(tmp_path, "debug=smoke", "data=image_folder", f"data.source.root={image_folder}", "data.num_classes=2")
+    result = run_cli(tmp_path, "debug=smoke", "data=image_folder", f"data.source.root={image_folder}", "data.num_classes=2")
     assert result.returncode == 2
     assert "data.num_classes=2 but" in result.stderr and "Set data.num_classes=3" in result.stderr
 
@@ -149,7 +142,7 @@ def test_user_config_from_searchpath_without_editing_python(tmp_path, image_fold
     (own / "my_resnet.yaml").write_text(
         "_target_: tunelab.adapters.timm.timm_adapter\narch: resnet10t\npretrained: false\n"
     )
-    result = _cli(tmp_path, f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "model=my_resnet",
+    result = run_cli(tmp_path, f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "model=my_resnet",
                   "data=image_folder", f"data.source.root={image_folder}", "debug=smoke", "trainer.max_epochs=1",
                   "strategy=full")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -3,14 +3,11 @@ with model= and data=, and the claim that pretraining helps (measured, slow)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import numpy as np
 import pytest
 
 from tunelab.train import train
-from conftest import VENV_BIN, only_run, path_table, skip_without_espeak, write_audio_folder
+from conftest import only_run, run_cli, path_table, skip_without_espeak, write_audio_folder
 
 pytestmark = pytest.mark.slow
 
@@ -53,29 +50,22 @@ def test_smoke_run_is_tracked(name, cfg_factory, request, tmp_path):
     assert "head" in table and ("layer.0" in table)
 
 
-def _cli(tmp_path, *args):
-    env = {**os.environ, "TUNELAB_HOME": str(tmp_path)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([str(VENV_BIN / "tunelab-train"), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 def test_readme_text_command(tmp_path):
-    result = _cli(tmp_path, "model=minilm", "data=drug_reviews", "debug=smoke")
+    result = run_cli(tmp_path, "model=minilm", "data=drug_reviews", "debug=smoke")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "FINISHED" in result.stdout and "test/acc" in result.stdout and "tunelab-ui --store" in result.stdout
 
 
 def test_readme_speech_command_synthesises_its_data(tmp_path):
     skip_without_espeak()
-    result = _cli(tmp_path, "model=wav2vec2_tiny", "data=spoken_digits", "debug=smoke")
+    result = run_cli(tmp_path, "model=wav2vec2_tiny", "data=spoken_digits", "debug=smoke")
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(list((tmp_path / "data" / "spoken_digits").glob("*/*.wav"))) == 960
     assert "FINISHED" in result.stdout
 
 
 def test_hub_id_not_on_disk_fails_before_any_run(tmp_path):
-    result = _cli(tmp_path, "model=hf_text", "model.path=roberta-base", "data=drug_reviews", "debug=smoke",
+    result = run_cli(tmp_path, "model=hf_text", "model.path=roberta-base", "data=drug_reviews", "debug=smoke",
                   f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2
     assert "not in the Hugging Face cache; tunelab never downloads" in result.stderr

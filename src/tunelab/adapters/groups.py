@@ -55,3 +55,17 @@ def name_groups(param_groups: list[list[str]]) -> list[str]:
                 roots.append(root)
         result.append("+".join(roots))
     return result
+
+
+def init_head(head: nn.Module, std: float) -> None:
+    """A new head starts near zero, so the first logits are near uniform.
+
+    timm's own inits scale with 1/sqrt(fan_out): for a 10-class head on 1280 features that
+    gives logits of several units and an initial loss near 9 instead of ln(10) = 2.3, whose
+    large gradients then wreck the pretrained features as soon as they are unfrozen.
+    """
+    for m in head.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunelab.adapters.groups import LayerGroup
+from tunelab.adapters.groups import LayerGroup, init_head
 from tunelab.adapters.lora import inject_lora
 from tunelab.errors import TunelabError
 
@@ -69,12 +69,14 @@ def load_backbone(path: str | None, pretrained: bool, config: dict | None, confi
     from omegaconf import OmegaConf
 
     _quiet_transformers()
-    # transformers' config classes validate types strictly: plain lists and dicts, not OmegaConf's
-    overrides = OmegaConf.to_container(config_overrides) if OmegaConf.is_config(config_overrides) else dict(config_overrides or {})
+    def plain(node) -> dict:  # transformers' configs type-check: plain lists and dicts, not OmegaConf's
+        return OmegaConf.to_container(node) if OmegaConf.is_config(node) else dict(node or {})
+
+    overrides = plain(config_overrides)
     if path is None:
         if not config or "model_type" not in config:
             raise TunelabError("set model.path to a local checkpoint, or model.config={model_type: ..., ...} for a random model.")
-        spec = OmegaConf.to_container(config) if OmegaConf.is_config(config) else dict(config)
+        spec = plain(config)
         try:
             model_config = AutoConfig.for_model(spec.pop("model_type"), **spec, **overrides)
         except (ValueError, TypeError) as err:
@@ -100,8 +102,7 @@ def new_head(width: int, num_outputs: int, std: float) -> nn.Linear:
     if num_outputs < 1:
         raise TunelabError(f"the new head needs num_outputs >= 1, got {num_outputs}.")
     head = nn.Linear(width, num_outputs)
-    nn.init.trunc_normal_(head.weight, std=std, a=-2 * std, b=2 * std)
-    nn.init.zeros_(head.bias)
+    init_head(head, std)
     return head
 
 
@@ -183,9 +184,5 @@ def add_lora(model: nn.Module, lora: dict | None, default_targets: list[str] | N
     """Inject LoRA adapters into the backbone; targets default to the model config's ``lora_targets``."""
     if not lora:
         return ""
-    spec = dict(lora)
-    spec["target_modules"] = spec.get("target_modules") or default_targets
-    if not spec["target_modules"]:
-        raise TunelabError("strategy=lora needs lora.target_modules (module-name suffixes, e.g. [query,value]).")
-    added = inject_lora(model.backbone, **spec)
+    added = inject_lora(model.backbone, **lora, default_targets=default_targets)
     return f", LoRA +{added:,} params"

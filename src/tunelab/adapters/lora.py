@@ -9,11 +9,15 @@ from torch import nn
 from tunelab.errors import TunelabError
 
 
-def inject_lora(model: nn.Module, target_modules: list[str], r: int = 8, alpha: int = 16,
-                dropout: float = 0.0) -> int:
-    """Add LoRA adapters to the modules named by ``target_modules``; returns the parameters added."""
+def inject_lora(model: nn.Module, target_modules: list[str] | None = None, r: int = 8, alpha: int = 16,
+                dropout: float = 0.0, default_targets: list[str] | None = None) -> int:
+    """Add LoRA adapters to the modules named by ``target_modules`` (else the model config's
+    ``lora_targets``, passed as ``default_targets``); returns the parameters added."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    target_modules = target_modules or default_targets
+    if not target_modules:
+        raise TunelabError("strategy=lora needs lora.target_modules (module-name suffixes, e.g. [query,value]).")
     before = sum(p.numel() for p in model.parameters())
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
     try:

@@ -9,7 +9,7 @@ import timm.data
 from timm.models import get_pretrained_cfg, group_parameters
 from torch import nn
 
-from tunelab.adapters.groups import Adapter, LayerGroup, name_groups
+from tunelab.adapters.groups import Adapter, LayerGroup, init_head, name_groups
 from tunelab.adapters.lora import inject_lora
 from tunelab.adapters.weights import SHIPPED_WEIGHTS, load_into, read_state_dict
 from tunelab.errors import TunelabError
@@ -73,10 +73,7 @@ def timm_adapter(
 
     extra_note = ""
     if lora:
-        spec = {**lora, "target_modules": lora.get("target_modules") or lora_targets}
-        if not spec["target_modules"]:
-            raise TunelabError("strategy=lora needs lora.target_modules (module-name suffixes, e.g. [qkv,proj]).")
-        added = inject_lora(model, **spec)
+        added = inject_lora(model, **lora, default_targets=lora_targets)
         head_names = _head_param_names(model)  # names changed where adapters wrap layers
         extra_note = f", LoRA +{added:,} params"
 
@@ -88,20 +85,6 @@ def timm_adapter(
         data_config=timm.data.resolve_data_config({}, model=model),
         description=f"timm {arch} ({source}, {head}, {len(groups)} layer groups)",
     )
-
-
-def init_head(head: nn.Module, std: float) -> None:
-    """A new head starts near zero, so the first logits are near uniform.
-
-    timm's own inits scale with 1/sqrt(fan_out): for a 10-class head on 1280 features that
-    gives logits of several units and an initial loss near 9 instead of ln(10) = 2.3, whose
-    large gradients then wreck the pretrained features as soon as they are unfrozen.
-    """
-    for m in head.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
 
 def _head_param_names(model: nn.Module) -> set[str]:

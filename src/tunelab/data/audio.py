@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from tunelab.data.datamodule import TaskDataModule
 from tunelab.data.sampling import sample_seed
-from tunelab.data.table import Table, encode_labels, read_frame
+from tunelab.data.table import Table, load_path_table
 from tunelab.errors import TunelabError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -33,15 +33,8 @@ def load_audio_folder(root: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -
     return Table([str(p) for p, _ in files], np.array([c for _, c in files], dtype=np.int64), classes, str(base))
 
 
-def load_audio_csv(path: str, path_column: str = "path", label_column: str = "label", root: str | None = None,
-                   task: str = "classification") -> Table:
-    """A CSV / JSONL / Parquet table of audio paths and labels; relative paths resolve against
-    ``root`` (default: the table's folder)."""
-    frame, file = read_frame(path, {"path_column": path_column, "label_column": label_column})
-    base = Path(root).expanduser() if root else file.parent
-    paths = [str(p if Path(p).is_absolute() else base / p) for p in frame[path_column].astype(str)]
-    labels, classes = encode_labels(frame[label_column], task, f"{file} column {label_column!r}")
-    return Table(paths, labels, classes, str(file))
+# A table of audio paths and labels: the same table reader image_csv uses (data/table.py).
+load_audio_csv = load_path_table
 
 
 def check_audio_file(path: str, rate: int, resample: bool) -> None:

@@ -191,7 +191,7 @@ class TaskDataModule(L.LightningDataModule):
         targets, so a new head starting near zero predicts the mean, whatever the units."""
         if self.task != "regression":
             return None
-        table, idx = self.splits["train"] if self.splits else self.scan().splits["train"]
+        table, idx = self.scan().splits["train"]
         y = table.labels[idx].astype(np.float64)
         return float(y.mean()), float(max(y.std(), 1e-6))
 

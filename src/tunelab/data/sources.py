@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from tunelab.data.table import Table, encode_labels, read_frame
+from tunelab.data.table import Table, load_path_table
 from tunelab.errors import TunelabError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -93,11 +93,5 @@ def load_image_folder(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -
     )
 
 
-def load_image_csv(path: str, path_column: str = "path", label_column: str = "label", root: str | None = None,
-                   task: str = "classification") -> Table:
-    """A CSV of image paths and labels; relative paths resolve against ``root`` (default: the CSV's folder)."""
-    frame, csv = read_frame(path, {"path_column": path_column, "label_column": label_column})
-    base = Path(root).expanduser() if root else csv.parent
-    paths = [str(p if Path(p).is_absolute() else base / p) for p in frame[path_column].astype(str)]
-    labels, classes = encode_labels(frame[label_column], task, f"{csv} column {label_column!r}")
-    return Table(items=paths, labels=labels, classes=classes, origin=str(csv))
+# A CSV of image paths and labels: the same table reader audio uses (data/table.py).
+load_image_csv = load_path_table

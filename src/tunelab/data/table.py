@@ -117,3 +117,16 @@ def read_frame(path: str, columns: dict[str, str | None], key: str = "data.sourc
     if frame.empty:
         raise TunelabError(f"{file} has no rows with values in all of {used}.")
     return frame.reset_index(drop=True), file
+
+
+def load_path_table(path: str, path_column: str = "path", label_column: str = "label", root: str | None = None,
+                    task: str = "classification") -> Table:
+    """A CSV / TSV / JSONL / Parquet table of file paths (images, audio) and labels; relative
+    paths resolve against ``root`` (default: the table's folder)."""
+    from pathlib import Path
+
+    frame, file = read_frame(path, {"path_column": path_column, "label_column": label_column})
+    base = Path(root).expanduser() if root else file.parent
+    paths = [str(p if Path(p).is_absolute() else base / p) for p in frame[path_column].astype(str)]
+    labels, classes = encode_labels(frame[label_column], task, f"{file} column {label_column!r}")
+    return Table(paths, labels, classes, str(file))
