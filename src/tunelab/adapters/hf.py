@@ -77,11 +77,11 @@ def load_backbone(path: str | None, pretrained: bool, config: dict | None, confi
         if not config or "model_type" not in config:
             raise TunelabError("set model.path to a local checkpoint, or model.config={model_type: ..., ...} for a random model.")
         spec = plain(config)
-        try:
+        try:  # a bad size (hidden not divisible by heads...) surfaces only when the model is built
             model_config = AutoConfig.for_model(spec.pop("model_type"), **spec, **overrides)
+            return AutoModel.from_config(model_config), model_config, "random init"
         except (ValueError, TypeError) as err:
             raise TunelabError(f"model.config: {str(err).splitlines()[0]}") from None
-        return AutoModel.from_config(model_config), model_config, "random init"
     try:
         model_config = AutoConfig.from_pretrained(path, **overrides)
         if not pretrained:
