@@ -164,13 +164,19 @@ def test_ctrl_c_marks_run_killed_not_finished(tmp_path):
     proc = subprocess.Popen(
         [str(VENV_BIN / "tunelab-train"), "debug=smoke", "trainer.limit_train_batches=10000", "strategy=full"],
         cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A terminal's Ctrl+C: SIGINT at its default even when pytest itself was started in the
+        # background by a shell (which ignores SIGINT, and exec keeps ignored signals ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    for line in proc.stdout:  # wait until training has started
-        if "estimate number of stepping batches" in line:
-            break
-    time.sleep(3)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        for line in proc.stdout:  # wait until training has started
+            if "estimate number of stepping batches" in line:
+                break
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never leave a training process behind when the test fails
     assert proc.returncode == 130, stderr[-2000:]
     assert "interrupted; the MLflow run is marked KILLED" in stderr
     client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
