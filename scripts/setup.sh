@@ -39,6 +39,7 @@ command -v espeak-ng >/dev/null || need+=(espeak-ng)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "[setup] installing Debian packages: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive  # CI has no terminal to answer a prompt
     (apt-get install -y -q "${need[@]}" >/dev/null 2>&1 \
       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "${need[@]}" >/dev/null 2>&1; }) \
       || echo "[setup] note: could not install ${need[*]}; data=fashion_mnist / data=spoken_digits need them"
