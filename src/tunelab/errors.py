@@ -7,3 +7,7 @@ class TunelabError(Exception):
     The entry points print ``str(error)`` as a single line without a traceback, so the
     message must name the offending key or path, what was expected and what to do.
     """
+
+
+class TrialPruned(Exception):
+    """A sweep trial stopped early by its pruner: recorded as pruned, never as a failure."""

@@ -25,7 +25,9 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf
 
 import tunelab
-from tunelab.errors import TunelabError
+from tunelab.errors import TrialPruned, TunelabError
+from tunelab.sweep.job import current_job
+from tunelab.sweep.job import run_name as job_run_name
 
 
 class _RunLogger(MLFlowLogger):
@@ -102,11 +104,14 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
             for key, value in node.items():
                 walk(value, f"{prefix}.{key}" if prefix else str(key))
         else:
-            text = str(node)
-            out[prefix] = text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
+            out[prefix] = _clip(str(node))
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return out
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -126,7 +131,7 @@ def git_commit() -> str:
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def _experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -148,16 +153,29 @@ def mlflow_run(cfg: DictConfig, run_name: str | None = None) -> Iterator[Run]:
     client = MlflowClient(uri)
     local = not uri.startswith(("http://", "https://"))
     name = str(cfg.logger.experiment_name)
+    job = current_job()
     try:
-        exp_id = _experiment_id(client, name, str(cfg.logger.artifact_root) if local else None)
+        exp_id = experiment_id(client, name, str(cfg.logger.artifact_root) if local else None)
         tags = {"tunelab.version": tunelab.__version__, "tunelab.config_hash": config_hash(cfg),
                 "mlflow.source.git.commit": git_commit(), **{str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}}
+        sweep_params = {}
+        if job is not None:
+            # Nested under the sweep's parent run; the job's overrides become params and tags
+            # (sweep.<key>) so the UI's compare view and parallel coordinates show the trial.
+            sweep_params = {f"sweep.{k}": _clip(v) for k, v in job.overrides.items() if not k.startswith("hydra.")}
+            tags.update(sweep_params)
+            tags["tunelab.job_num"] = str(job.num)
+            if job.parent_run_id:
+                tags["mlflow.parentRunId"] = job.parent_run_id
+            if job.trial is not None:
+                tags["tunelab.trial"] = str(job.trial)
+            run_name = run_name or job_run_name(job)
         run = client.create_run(exp_id, run_name=run_name, tags=tags)
     except MlflowException as err:
         raise TunelabError(f"cannot start an MLflow run at {uri}: {err.message}") from None
     handle = Run(client, run.info.run_id, name, uri)
     try:
-        params = flat_params(cfg)
+        params = {**flat_params(cfg), **sweep_params}
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in params.items()]
@@ -165,6 +183,11 @@ def mlflow_run(cfg: DictConfig, run_name: str | None = None) -> Iterator[Run]:
             client.log_batch(handle.run_id, params=items[i: i + 100])
         handle.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         yield handle
+    except TrialPruned as err:  # stopped early on purpose by the sweeper: not a failure
+        client.set_tag(handle.run_id, "tunelab.trial_state", "PRUNED")
+        client.set_tag(handle.run_id, "tunelab.error", str(err)[:5000])
+        client.set_terminated(handle.run_id, "KILLED")
+        raise
     except KeyboardInterrupt:
         client.set_tag(handle.run_id, "tunelab.error", "interrupted")
         client.set_terminated(handle.run_id, "KILLED")

@@ -43,8 +43,12 @@ def core_callbacks() -> list:
     return [StageCallback(), MidEpochResume()]
 
 
-def _callbacks(cfg: DictConfig) -> list:
+def _callbacks(cfg: DictConfig, job=None) -> list:
     extra = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node]
+    if job is not None and job.trial is not None:  # a trial of tunelab's Optuna sweeper
+        from tunelab.sweep.trial import OptunaPruning, optuna_trial
+
+        extra.append(OptunaPruning(optuna_trial(job), str(cfg.objective)))
     return [*core_callbacks(), *extra]
 
 
@@ -54,10 +58,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from tunelab.build import build_parts
+    from tunelab.sweep.job import current_job
+    from tunelab.sweep.trial import share_machine
     from tunelab.tracking import mlflow_run
 
     _quiet_lightning()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access at run time, ever
+    job = current_job()
+    if job is not None:
+        share_machine(job, cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     parts = build_parts(cfg)
     dm, table = parts.datamodule, parts.stage_table()
@@ -69,7 +78,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     start = time.monotonic()
     with mlflow_run(cfg, run_name=cfg.get("run_name")) as run:
         run.log_text(table, "stage_table.txt")
-        callbacks = _callbacks(cfg)
+        callbacks = _callbacks(cfg, job)
         trainer = build(cfg.trainer, "trainer", logger=run.lightning_logger(), callbacks=callbacks)
         try:
             trainer.fit(parts.module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
@@ -113,10 +122,14 @@ def _report(run, metrics: dict[str, float], seconds: float, task: str) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    from tunelab.sweep.job import current_job
+
     try:
         metrics = train(cfg)
     except TunelabError as err:
         print(f"tunelab-train: error: {err}", file=sys.stderr)
+        if current_job() is not None:
+            raise  # one failed trial: Hydra records it and the sweeper decides whether to go on
         sys.exit(2)
     except KeyboardInterrupt:
         print("tunelab-train: interrupted; the MLflow run is marked KILLED. Resume with "

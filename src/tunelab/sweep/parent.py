@@ -1,0 +1,136 @@
+"""The parent MLflow run of a multirun: a Hydra callback in the process that runs the sweeper.
+
+Hydra calls ``on_multirun_start`` before the first job and ``on_multirun_end`` after the
+last. Every job (in-process, joblib worker, submitit task) reads the parent's id from the
+environment and nests its own run under it, so the MLflow UI groups a sweep. If the sweep
+dies between the two calls (a failed job under the basic sweeper raises, Ctrl+C), an atexit
+hook still summarises the children and marks the parent FAILED: never a parent left RUNNING.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab.sweep.job import PARENT_ENV
+
+log = logging.getLogger("tunelab")
+
+
+def study_key(config: DictConfig) -> str | None:
+    """A resumable study's identity (tunelab's Optuna sweeper): reruns reuse the parent run."""
+    sweeper = config.hydra.sweeper
+    if "storage" not in sweeper or not sweeper.get("storage"):
+        return None
+    return f"{sweeper.storage}::{sweeper.get('study_name')}"
+
+
+class SweepTracker(Callback):
+    def __init__(self) -> None:
+        self.run = None
+        self.config: DictConfig | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from tunelab.tracking import check_reachable, experiment_id, tracking_uri
+
+        uri = tracking_uri(config)
+        check_reachable(uri)
+        client = MlflowClient(uri)
+        local = not uri.startswith(("http://", "https://"))
+        exp_id = experiment_id(client, str(config.logger.experiment_name),
+                               str(config.logger.artifact_root) if local else None)
+        key = study_key(config)
+        resumed = None
+        if key:
+            found = client.search_runs([exp_id], f"tags.`tunelab.study` = '{key}'", max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+            resumed = found[0] if found else None
+        if resumed is not None:
+            run_id = resumed.info.run_id
+            client.update_run(run_id, status="RUNNING")
+            log.info("sweep: resuming study %s under its parent run %s", key, run_id)
+        else:
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+            tags = {"tunelab.sweep": "parent", "tunelab.sweep_dir": str(sweep_dir)}
+            if key:
+                tags["tunelab.study"] = key
+            run_id = client.create_run(exp_id, run_name=f"sweep {sweep_dir.name}", tags=tags).info.run_id
+            sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
+            launcher = OmegaConf.to_container(config.hydra.launcher, resolve=False)
+            overrides = list(config.hydra.overrides.task)
+            client.log_param(run_id, "sweep.sweeper", str(sweeper.get("_target_", "")).rsplit(".", 1)[-1])
+            client.log_param(run_id, "sweep.launcher", str(launcher.get("_target_", "")).rsplit(".", 1)[-1])
+            client.log_param(run_id, "sweep.objective", f"{config.objective} ({config.objective_mode})")
+            client.log_text(run_id, OmegaConf.to_yaml({"overrides": overrides, "sweeper": sweeper,
+                                                       "launcher": launcher}), "sweep/search_space.yaml")
+        os.environ[PARENT_ENV] = run_id
+        self.run = (client, exp_id, run_id, uri)
+        self.config = config
+        atexit.register(self._close, "FAILED")
+        log.info("sweep: parent MLflow run %s in %s", run_id, uri)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._close(None)
+
+    def _close(self, status: str | None) -> None:
+        """Summarise the children on the parent, print the table, and end the parent."""
+        if self.run is None:
+            return
+        client, exp_id, run_id, uri = self.run
+        self.run = None
+        os.environ.pop(PARENT_ENV, None)
+        config = self.config
+        from tunelab.sweep import summary
+
+        objective, mode = str(config.objective), str(config.objective_mode)
+        trials = summary.collect(client, exp_id, run_id, objective)
+        best = summary.best_trial(trials, mode)
+        table = summary.format_table(trials, objective, mode) if trials else "(no trials ran)"
+        counts = {s: sum(t.status == s for t in trials) for s in {t.status for t in trials}}
+        client.log_text(run_id, table + "\n", "sweep/trials.txt")
+        for state, n in counts.items():
+            client.log_metric(run_id, f"sweep/{state.lower()}", n)
+        if best is not None:
+            client.log_metric(run_id, f"best/{objective}", best.value)
+            client.set_tag(run_id, "tunelab.best_run_id", best.run_id)
+            client.set_tag(run_id, "tunelab.best_trial", best.name)
+            for k, v in best.params.items():
+                client.set_tag(run_id, f"best.{k}", v)
+        with tempfile.TemporaryDirectory() as tmp:
+            png = summary.plot(trials, objective, mode, Path(tmp) / "trials.png")
+            if png:
+                client.log_artifact(run_id, str(png), "sweep")
+        registered = None
+        name = config.logger.get("register_best")
+        if best is not None and name and status is None:
+            from tunelab.registry import register_run_model
+
+            registered = register_run_model(client, best.run_id, str(name))
+        if status is None:
+            status = "FINISHED" if trials and all(t.completed() or t.status == summary.PRUNED for t in trials) else "FAILED"
+        client.set_terminated(run_id, status)
+        lines = ["", f"sweep {status}: {len(trials)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}), "
+                 f"sorted by {objective} ({'higher' if mode == 'max' else 'lower'} is better)", table]
+        if best is not None:
+            varied = " ".join(f"{k}={best.params.get(k, '')}" for k in summary.varied_keys(trials))
+            lines.append(f"best: {best.label} ({varied})  {objective}={best.value:.4f}  run {best.run_id}")
+        if registered:
+            lines.append(f"registered: {registered}")
+        lines.append(f"parent run {run_id}; " + ui_hint(uri, exp_id))
+        print("\n".join(lines), flush=True)
+
+
+def ui_hint(uri: str, experiment_id: str) -> str:
+    if uri.startswith("sqlite:///"):
+        return (f"compare the trials in the UI: tunelab-ui --store {uri[len('sqlite:///'):]}  "
+                f"then open http://127.0.0.1:5000/#/experiments/{experiment_id}")
+    return f"compare the trials in the UI: {uri.rstrip('/')}/#/experiments/{experiment_id}"
