@@ -112,6 +112,21 @@ def test_ui_binds_loopback_by_default_and_warns_otherwise(tmp_path, monkeypatch,
     ui.main(["--store", str(store)])
     assert launched[-1][launched[-1].index("--host") + 1] == "127.0.0.1"
     assert "warning" not in capsys.readouterr().out
-    ui.main(["--store", str(store), "--host", "0.0.0.0", "--port", "5123"])
+    with pytest.raises(SystemExit, match="--allow-remote"):
+        ui.main(["--store", str(store), "--host", "0.0.0.0", "--port", "5123"])
+    assert len(launched) == 1  # refused before starting anything
+    ui.main(["--store", str(store), "--host", "0.0.0.0", "--port", "5123", "--allow-remote"])
     assert launched[-1][launched[-1].index("--host") + 1] == "0.0.0.0"
-    assert "other machines can read and write" in capsys.readouterr().out
+    assert "no authentication" in capsys.readouterr().out
+
+
+def test_ui_creates_a_new_store_only_when_asked(tmp_path, monkeypatch):
+    launched = []
+    monkeypatch.setattr(ui.os, "execv", lambda path, argv: launched.append(argv))
+    store = tmp_path / "new" / "mlflow.db"
+    with pytest.raises(SystemExit, match="--create"):
+        ui.main(["--store", str(store)])
+    ui.main(["--store", str(store), "--create", "--workers", "2"])
+    argv = launched[-1]
+    assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{store}" and store.parent.is_dir()
+    assert argv[argv.index("--workers") + 1] == "2"

@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
+    MulticlassConfusionMatrix,
     MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall,
 )
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
@@ -124,6 +125,8 @@ class FineTuneModule(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_outputs, average="micro") if task == "classification" else None
         self.val_metrics = task_metrics(task, num_outputs).clone(prefix="val/")
         self.test_metrics = task_metrics(task, num_outputs).clone(prefix="test/")
+        # Kept across the test epoch (never logged as a scalar): train() plots it after testing.
+        self.test_confusion = MulticlassConfusionMatrix(num_outputs) if task == "classification" else None
 
     def forward(self, x) -> torch.Tensor:
         """Logits (classification) or predictions in the targets' units (regression).
@@ -231,19 +234,26 @@ class FineTuneModule(L.LightningModule):
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
-    def _eval_step(self, batch, metrics: MetricCollection, prefix: str) -> None:
+    def _eval_step(self, batch, metrics: MetricCollection, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         y, n = self._targets(y), len(y)
         logits = self(x)
         self.log(f"{prefix}/loss", self._loss(logits, y), prog_bar=prefix == "val", batch_size=n)
         metrics(logits, y)
         self.log_dict(metrics, prog_bar=False, batch_size=n)
+        return logits, y
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
 
+    def on_test_epoch_start(self) -> None:
+        if self.test_confusion is not None:
+            self.test_confusion.reset()
+
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
+        logits, y = self._eval_step(batch, self.test_metrics, "test")
+        if self.test_confusion is not None:
+            self.test_confusion.update(logits, y)
 
     def on_train_epoch_end(self) -> None:
         self.log("stage", float(self.stage_index))  # the stage in force when the epoch ended

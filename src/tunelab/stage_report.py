@@ -63,3 +63,31 @@ def plot_lr_history(history: list[tuple[int, dict[str, float]]], boundaries: lis
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_confusion(matrix, classes: list[str], path: Path) -> Path:
+    """Test-set confusion matrix: counts, rows = true class, columns = predicted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.5 * n), min(12, 1.6 + 0.5 * n)))
+    ax.imshow(matrix, cmap="Blues")
+    names = [c[:14] for c in classes]
+    ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    if n <= 20:
+        peak = max(int(matrix.max()), 1)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(matrix[i][j]), ha="center", va="center", fontsize=7,
+                        color="white" if matrix[i][j] > peak / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("test confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

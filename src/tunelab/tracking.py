@@ -68,6 +68,12 @@ class Run:
         with tempfile.TemporaryDirectory() as tmp:
             self.log_artifact(plot_lr_history(history, stages, Path(tmp) / "lr_schedule.png"))
 
+    def log_confusion(self, matrix, classes: list[str]) -> None:
+        from tunelab.stage_report import plot_confusion
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.log_artifact(plot_confusion(matrix.cpu().numpy(), classes, Path(tmp) / "confusion_matrix.png"))
+
     def log_metrics(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self.client.log_metric(self.run_id, key, float(value))

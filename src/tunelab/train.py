@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -58,6 +59,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from tunelab.build import build_parts
+    from tunelab.registry import model_meta
     from tunelab.sweep.job import current_job
     from tunelab.sweep.trial import share_machine
     from tunelab.tracking import mlflow_run
@@ -78,6 +80,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     start = time.monotonic()
     with mlflow_run(cfg, run_name=cfg.get("run_name")) as run:
         run.log_text(table, "stage_table.txt")
+        run.log_text(json.dumps(model_meta(parts), indent=1), "model_meta.json")  # for the registry
         callbacks = _callbacks(cfg, job)
         trainer = build(cfg.trainer, "trainer", logger=run.lightning_logger(), callbacks=callbacks)
         try:
@@ -96,23 +99,38 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics[checkpoint.monitor] = float(checkpoint.best_model_score)  # the tested weights'
         results = trainer.test(parts.module, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
         metrics.update(results[0] if results else {})
+        if parts.module.test_confusion is not None:
+            run.log_confusion(parts.module.test_confusion.compute(), dm.classes)
         run.log_metrics({"time/fit_seconds": time.monotonic() - start})
         if best:
             run.log_artifact(best, "checkpoints")
-    _report(run, metrics, time.monotonic() - start, dm.task)
+        registered = _register(cfg, run, job) if best else None
+    _report(run, metrics, time.monotonic() - start, dm.task, registered)
     return metrics
+
+
+def _register(cfg: DictConfig, run, job) -> str | None:
+    """A single run registers its model when asked; a sweep registers only its best trial."""
+    name = cfg.logger.get("register_best")
+    if not name or job is not None:
+        return None
+    from tunelab.registry import register_run_model
+
+    return register_run_model(run.client, run.run_id, str(name))
 
 
 SHOWN = {"classification": ("val/acc", "test/acc", "test/f1"), "regression": ("val/mse", "test/mse", "test/mae", "test/r2")}
 
 
-def _report(run, metrics: dict[str, float], seconds: float, task: str) -> None:
+def _report(run, metrics: dict[str, float], seconds: float, task: str, registered: str | None = None) -> None:
     shown = {k: metrics[k] for k in SHOWN[task] if k in metrics}
     lines = [
         f"run {run.run_id} FINISHED in {seconds / 60:.1f} min: "
         + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
         f"MLflow store: {run.tracking_uri} (experiment {run.experiment_name!r})",
     ]
+    if registered:
+        lines.append(f"registered: {registered}  (mlflow.pyfunc.load_model({registered!r}))")
     if run.tracking_uri.startswith("sqlite:///"):
         lines.append(f"open the UI:  tunelab-ui --store {run.tracking_uri[len('sqlite:///'):]}")
     else:

@@ -31,7 +31,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; MLflow has no login, "
                         "so binding 0.0.0.0 shows your runs to the whole network)")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow --host to be an address other machines can reach (MLflow has no "
+                        "authentication: anyone who can reach the port can read and delete runs)")
+    parser.add_argument("--create", action="store_true",
+                        help="create the store if it does not exist yet (a new tracking server for sweeps)")
     parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="server worker processes (default: MLflow's); SQLite serialises writes anyway")
     return parser.parse_args(argv)
 
 
@@ -41,10 +48,13 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], str]:
         uri, base = args.backend_store_uri, Path.cwd() / "outputs"
     else:
         store = (args.store or default_store()).expanduser().resolve()
-        if not store.is_file():
+        if not store.is_file() and args.create:
+            store.parent.mkdir(parents=True, exist_ok=True)
+        elif not store.is_file():
             raise SystemExit(
                 f"tunelab-ui: error: no MLflow store at {store}. Run tunelab-train first, "
-                "or pass --store /path/to/mlflow.db (tunelab-train prints it at the end of each run)."
+                "pass --store /path/to/mlflow.db (tunelab-train prints it at the end of each run), "
+                "or add --create to start a new store."
             )
         uri, base = f"sqlite:///{store}", store.parent
     artifacts = (args.artifacts or base / "mlartifacts").expanduser().resolve()
@@ -54,16 +64,23 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], str]:
         "--artifacts-destination", str(artifacts),
         "--host", args.host, "--port", str(args.port),
     ]
+    if args.workers:
+        command += ["--workers", str(args.workers)]
     return command, uri
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.host not in LOOPBACK and not args.allow_remote:
+        raise SystemExit(f"tunelab-ui: error: --host {args.host} would expose the runs to other machines, "
+                         "and MLflow has no login. Add --allow-remote if that is what you want.")
     command, uri = server_command(args)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"MLflow UI on {uri}\n  open http://{host}:{args.port} in a browser (Ctrl+C stops the server)", flush=True)
+    print(f"MLflow UI on {uri}\n  open http://{host}:{args.port} in a browser (Ctrl+C stops the server)\n"
+          f"  log runs and sweeps to it: MLFLOW_TRACKING_URI=http://{host}:{args.port} tunelab-train ...", flush=True)
     if args.host not in LOOPBACK:
-        print(f"  warning: bound to {args.host}, so other machines can read and write these runs.", flush=True)
+        print(f"  warning: bound to {args.host}, so other machines can read and write these runs: "
+              "MLflow has no authentication. Use a firewall or an authenticating proxy.", flush=True)
     os.execv(command[0], command)  # the server owns the terminal and its signals from here on
 
 

@@ -43,9 +43,12 @@ def current_job() -> Job | None:
     if hc.mode != RunMode.MULTIRUN:
         return None
     launcher = str(hc.launcher.get("_target_", "")).rsplit(".", 1)[-1]
-    n_jobs = hc.launcher.get("n_jobs")
+    cpus = os.cpu_count() or 1
+    n_jobs = hc.launcher.get("n_jobs")  # joblib
+    if launcher == "LocalLauncher":  # submitit_local runs every job of the array at once
+        n_jobs = min(int(hc.launcher.get("array_parallelism") or cpus), cpus)
     if n_jobs is None or int(n_jobs) < 1:  # in-process launchers run one job at a time; -1 = all CPUs
-        n_jobs = 1 if n_jobs is None else os.cpu_count() or 1
+        n_jobs = 1 if n_jobs is None else cpus
     trial = os.environ.get(TRIAL_ENV)
     return Job(
         num=int(hc.job.num),

@@ -1,0 +1,78 @@
+"""The MLflow pyfunc flavour of a fine-tuned tunelab model ("models from code": no pickle).
+
+MLflow copies this file beside the model and runs it on load; ``load_context`` rebuilds the
+adapter from the run's resolved config and loads the checkpoint with ``weights_only=True``.
+Inputs: image batches as float arrays (N, C, H, W) normalised like training; texts as a list
+of strings or a DataFrame column ``text``; audio as float arrays (N, samples) at the model's
+sampling rate. Output: a DataFrame with the predicted ``label`` and one ``prob_<class>``
+column per class, or ``prediction`` for regression.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+
+def load_adapter(config_path: str, meta: dict):
+    from omegaconf import OmegaConf
+
+    from tunelab.build import accepted
+    from tunelab.config import build
+
+    cfg = OmegaConf.load(config_path)
+    return build(cfg.model, "model", num_outputs=int(meta["num_outputs"]), lora=cfg.get("lora"),
+                 **accepted(cfg.model, meta.get("model_kwargs") or {}))
+
+
+def load_weights(adapter, checkpoint_path: str) -> tuple[float, float]:
+    """Load a Lightning checkpoint's model weights safely; returns the regression target stats."""
+    import torch
+
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    adapter.model.load_state_dict(weights)
+    adapter.model.eval()
+    return float(state.get("target_mean", 0.0)), float(state.get("target_std", 1.0))
+
+
+class TunelabModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        with open(context.artifacts["meta"]) as f:
+            self.meta = json.load(f)
+        self.adapter = load_adapter(context.artifacts["config"], self.meta)
+        self.mean, self.std = load_weights(self.adapter, context.artifacts["checkpoint"])
+
+    def _inputs(self, data):
+        import torch
+
+        modality, config = self.meta["modality"], self.adapter.data_config
+        if modality == "text":
+            texts = list(data["text"]) if isinstance(data, pd.DataFrame) else [str(t) for t in data]
+            return dict(config["tokenizer"](texts, padding=True, truncation=True, return_tensors="pt",
+                                            max_length=config.get("max_positions")))
+        array = data.to_numpy() if isinstance(data, pd.DataFrame) else np.asarray(data)
+        tensor = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)
+        if modality == "audio":
+            extractor = config["feature_extractor"]
+            return dict(extractor(list(tensor.numpy()), sampling_rate=config["sampling_rate"], return_tensors="pt"))
+        return tensor
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        import torch
+
+        with torch.no_grad():
+            out = self.adapter.model(self._inputs(model_input))
+        if self.meta["task"] == "regression":
+            return pd.DataFrame({"prediction": (out.squeeze(-1) * self.std + self.mean).numpy()})
+        probs = torch.softmax(out.float(), dim=-1).numpy()
+        classes = self.meta["classes"]
+        frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])
+        frame.insert(0, "label", [classes[i] for i in probs.argmax(axis=1)])
+        return frame
+
+
+mlflow.models.set_model(TunelabModel())
