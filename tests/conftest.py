@@ -212,10 +212,11 @@ def path_table(root: Path, pattern: str) -> Path:
 
 
 def run_cli(tmp_path: Path, *args: str, env: dict | None = None):
-    """``tunelab-train`` as a user runs it, writing under ``tmp_path`` (TUNELAB_HOME), local store."""
+    """``tunelab-train`` as a user runs it, writing under ``tmp_path`` (TUNELAB_HOME), to the local
+    store unless ``env`` names a MLFLOW_TRACKING_URI."""
     import subprocess
 
-    environment = {**os.environ, "TUNELAB_HOME": str(tmp_path), **(env or {})}
-    environment.pop("MLFLOW_TRACKING_URI", None)
+    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    environment.update({"TUNELAB_HOME": str(tmp_path), **(env or {})})
     return subprocess.run([str(VENV_BIN / "tunelab-train"), *args], cwd=tmp_path, env=environment,
                           capture_output=True, text=True, timeout=600)

@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.host not in LOOPBACK:
         print(f"  warning: bound to {args.host}, so other machines can read and write these runs: "
               "MLflow has no authentication. Use a firewall or an authenticating proxy.", flush=True)
+    # MLflow's GenAI job runner (seven worker processes polling the same SQLite file) does
+    # nothing for training runs; it only competes with the sweep's writers for the store.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(command[0], command)  # the server owns the terminal and its signals from here on
 
 

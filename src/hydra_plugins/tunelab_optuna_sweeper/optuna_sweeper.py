@@ -80,8 +80,11 @@ class OptunaSweeper(Sweeper):
         study = open_study(self.storage, self.study_name, self.direction, self.sampler_node, self.pruner_node)
         stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
         for t in stale:  # left RUNNING by an interrupted sweep: they will never report
+            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+        # Interrupted trials do not count towards n_trials: the rerun replaces them.
+        done = [t for t in study.get_trials(deepcopy=False)
+                if t.state.is_finished() and not t.user_attrs.get("interrupted")]
         if done:
             log.info("optuna: resuming study %r (%s): %d of %d trials already done%s", self.study_name, self.storage,
                      len(done), self.n_trials, f", {len(stale)} interrupted trials marked FAIL" if stale else "")

@@ -73,7 +73,7 @@ def distribution(override) -> Any:
 
     ``choice(a,b)`` or ``a,b`` -> categorical; ``range(1,5)`` -> int (or float) with a step;
     ``interval(1e-5,1e-2)`` -> float; ``tag(log, interval(...))`` -> log-uniform;
-    an interval of two ints -> int.
+    ``int(interval(8,64))`` -> int.
     """
     from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution

@@ -57,6 +57,11 @@ class SweepTracker(Callback):
         if resumed is not None:
             run_id = resumed.info.run_id
             client.update_run(run_id, status="RUNNING")
+            # Trials still RUNNING belong to the sweep that was killed: they will never end.
+            for child in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run_id}' and "
+                                                      "attributes.status = 'RUNNING'"):
+                client.set_tag(child.info.run_id, "tunelab.error", "interrupted: the sweep process died")
+                client.set_terminated(child.info.run_id, "KILLED")
             log.info("sweep: resuming study %s under its parent run %s", key, run_id)
         else:
             sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -116,7 +121,8 @@ class SweepTracker(Callback):
 
             registered = register_run_model(client, best.run_id, str(name))
         if status is None:
-            status = "FINISHED" if trials and all(t.completed() or t.status == summary.PRUNED for t in trials) else "FAILED"
+            # Pruned and interrupted-then-rerun trials are part of a healthy sweep; a failed one is not.
+            status = "FINISHED" if best is not None and not any(t.status == "FAILED" for t in trials) else "FAILED"
         client.set_terminated(run_id, status)
         lines = ["", f"sweep {status}: {len(trials)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}), "
                  f"sorted by {objective} ({'higher' if mode == 'max' else 'lower'} is better)", table]

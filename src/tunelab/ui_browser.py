@@ -1,0 +1,284 @@
+"""Drive the MLflow UI that ``tunelab-ui`` serves, in a headless Chromium, as a person would.
+
+Used by the browser test (tests/test_ui_browser.py) and by scripts/ui_screenshot.py, which makes the
+screenshot in the docs. Needs the ``playwright`` Python package and a Chromium binary (Debian's
+/usr/bin/chromium; ``playwright install`` is never needed). Both are imported or looked up only when
+used, so importing this module costs nothing where they are missing.
+
+What a person does in MLflow 3.17, and what these helpers do:
+
+1. open ``http://127.0.0.1:PORT/#/experiments/ID`` (the link tunelab-train prints). MLflow 3 lands on
+   the *GenAI* overview of the experiment, with a "Detect Issues" pop-over that blocks the page
+   (dismissed with "Got it") and an "MLflow Assistant" side panel (closed);
+2. switch the sidebar from "GenAI" to "Model training": the runs table appears;
+3. click the [+] in front of a sweep's parent run: its trials appear nested (indented) below it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+CHROMIUM = Path("/usr/bin/chromium")
+# No sandbox (containers, root); no GPU; and none of Chromium's own traffic (updates, sync, QUIC
+# probes), which on a machine without network floods it with refused connections.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1400, "height": 800}
+RUN_NAME_CELL = '[col-id="attributes.`Run Name`"]'  # MLflow's column id for the run name column
+RUN_LINK = 'a[href*="/runs/"]'
+
+
+def missing_browser() -> str | None:
+    """Why a browser cannot be driven here (None if it can)."""
+    if not CHROMIUM.is_file():
+        return f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright Python package is not installed (pip install playwright; no browser download needed)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tunelab_ui() -> list[str]:
+    script = Path(sys.executable).parent / "tunelab-ui"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "tunelab.ui"]
+
+
+@contextlib.contextmanager
+def start_ui(store: Path, port: int | None = None, timeout: float = 90.0) -> Iterator[str]:
+    """Run ``tunelab-ui --store STORE`` on a loopback port until the block ends; yields its URL.
+
+    The server runs in its own process group, which is killed on the way out, also on errors.
+    """
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([*_tunelab_ui(), "--store", str(store), "--port", str(port), "--workers", "1"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while not _healthy(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"tunelab-ui did not come up on {url} "
+                                       f"(exit code {proc.poll()}):\n{log.read()[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            _stop(proc)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)  # the server and its workers: the group tunelab-ui started
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextlib.contextmanager
+def browser_page(viewport: dict | None = None, timeout_ms: int = 60_000):
+    """A page in a fresh headless Chromium that can reach only 127.0.0.1."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport=viewport or VIEWPORT)
+            context.route(re.compile(r"^https?://(?!127\.0\.0\.1[:/])"), lambda route: route.abort())
+            page = context.new_page()
+            page.set_default_timeout(timeout_ms)
+            yield page
+        finally:
+            browser.close()
+
+
+@dataclass(frozen=True)
+class SweepRuns:
+    experiment_id: str
+    parent_id: str
+    parent_name: str
+    children: dict[str, str]  # run id -> run name
+
+
+def latest_sweep(store: Path, experiment: str = "tunelab") -> SweepRuns:
+    """The most recent sweep (parent run tagged ``tunelab.sweep=parent``) in ``store``, and its trials."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{Path(store).resolve()}")
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise LookupError(f"no experiment {experiment!r} in {store}")
+    parents = client.search_runs([found.experiment_id], "tags.`tunelab.sweep` = 'parent'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise LookupError(f"no sweep (parent run) in experiment {experiment!r} of {store}: run tunelab-train -m ...")
+    parent = parents[0]
+    children = client.search_runs([found.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                  max_results=1000)
+    return SweepRuns(found.experiment_id, parent.info.run_id, parent.info.run_name,
+                     {c.info.run_id: c.info.run_name for c in children})
+
+
+def open_runs_table(page, url: str, experiment_id: str) -> None:
+    """Open the experiment's link, get past MLflow 3's GenAI landing page to the runs table."""
+    # Things that pop up by themselves and that a person closes: Playwright closes them whenever they
+    # show up before an action.
+    page.add_locator_handler(page.get_by_role("button", name="Got it", exact=True), lambda b: b.click())
+    page.add_locator_handler(_assistant_close(page), lambda b: b.click())
+    page.goto(f"{url}/#/experiments/{experiment_id}")
+    toggle = page.get_by_role("button", name="Model training", exact=True)
+    table = page.locator(".ag-header-cell" + RUN_NAME_CELL)
+    toggle.or_(table).first.wait_for()
+    if toggle.is_visible():
+        toggle.click()
+    table.wait_for()
+
+
+def _assistant_close(page):
+    panel = page.locator("div").filter(has_text="MLflow Assistant").filter(
+        has=page.get_by_role("button", name="Close", exact=True))
+    return panel.last.get_by_role("button", name="Close", exact=True)
+
+
+# The runs as the table shows them, top to bottom: AG Grid renders the pinned and scrolling parts of
+# a row as separate elements (same row-id = run id); the one holding the run-name cell is used.
+_ROWS_JS = """() => [...document.querySelectorAll('.ag-row[row-id]')]
+    .map(row => [row, row.querySelector('%s %s')])
+    .filter(([row, link]) => link)
+    .map(([row, link]) => ({run_id: row.getAttribute('row-id'), index: +row.getAttribute('row-index'),
+                            name: link.textContent.trim(), indent: link.getBoundingClientRect().left}))
+    .sort((a, b) => a.index - b.index)""" % (RUN_NAME_CELL, RUN_LINK)
+
+_CHILDREN_JS = """(rows, parentId) => {
+    const at = rows.findIndex(r => r.run_id === parentId);
+    if (at < 0) return null;
+    const kids = [];
+    for (const r of rows.slice(at + 1)) { if (r.indent <= rows[at].indent) break; kids.push(r); }
+    return kids;
+}"""
+
+
+@dataclass(frozen=True)
+class ShownRun:
+    run_id: str
+    name: str
+    indent: float  # x of the run's name on screen: children are further right than their parent
+
+
+def shown_runs(page) -> list[ShownRun]:
+    """Every run the table shows now, top to bottom."""
+    return [ShownRun(r["run_id"], r["name"], r["indent"]) for r in page.evaluate(_ROWS_JS)]
+
+
+def shown_children(page, parent_id: str) -> list[ShownRun] | None:
+    """The runs shown nested (indented) right below ``parent_id``; None if the parent is not shown."""
+    kids = page.evaluate(f"parentId => ({_CHILDREN_JS})(({_ROWS_JS})(), parentId)", parent_id)
+    return None if kids is None else [ShownRun(r["run_id"], r["name"], r["indent"]) for r in kids]
+
+
+def parent_row(page, parent_id: str):
+    return page.locator(f'.ag-row[row-id="{parent_id}"]:has({RUN_NAME_CELL} {RUN_LINK})')
+
+
+def expand(page, parent_id: str, expected: int | None = None, timeout_ms: int = 30_000) -> list[ShownRun]:
+    """Click the [+] in front of the parent run if its children are hidden; wait until they show.
+
+    Waits until ``expected`` children are shown (any, if None) and returns what is shown then, also
+    when that is fewer or more than expected: the caller decides whether that is right.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    row = parent_row(page, parent_id)
+    row.wait_for()
+    if not shown_children(page, parent_id):
+        row.locator(RUN_NAME_CELL).get_by_role("button").first.click()  # the only button there: [+]
+    condition = "kids && kids.length > 0" if expected is None else f"kids && kids.length === {int(expected)}"
+    with contextlib.suppress(PlaywrightTimeout):
+        page.wait_for_function(f"parentId => {{ const kids = ({_CHILDREN_JS})(({_ROWS_JS})(), parentId); "
+                               f"return {condition}; }}", arg=parent_id, timeout=timeout_ms)
+    return shown_children(page, parent_id) or []
+
+
+def fit_run_names(page, max_extra_px: int = 500) -> None:
+    """Widen the run-name column (dragging its header edge) until the longest shown name fits."""
+    extra = page.evaluate("""() => Math.max(0, ...[...document.querySelectorAll('.ag-row %s %s')]
+        .map(a => { const text = a.querySelector('span') || a; return text.scrollWidth - text.clientWidth; }))"""
+                          % (RUN_NAME_CELL, RUN_LINK))
+    if extra <= 0:
+        return
+    handle = page.locator(".ag-header-cell" + RUN_NAME_CELL + " .ag-header-cell-resize")
+    handle.hover()
+    box = handle.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.down()
+    page.mouse.move(x + min(extra + 24, max_extra_px), y, steps=10)
+    page.mouse.up()
+
+
+def show_columns(page, names: list[str]) -> None:
+    """Tick columns (metrics, params, attributes) in the table's "Columns" menu, by exact name."""
+    if not names:
+        return
+    page.get_by_role("button", name="Columns", exact=True).click()
+    search = page.get_by_placeholder("Search columns")
+    menu = page.get_by_role("dialog").filter(has=search)
+    for name in names:
+        search.fill(name)
+        node = menu.locator(".du-bois-light-tree-treenode").filter(has_text=re.compile(rf"^{re.escape(name)}$"))
+        node.locator(".du-bois-light-tree-checkbox").click()
+    search.fill("")
+    page.keyboard.press("Escape")
+    menu.wait_for(state="hidden")
+
+
+def open_sweep_page(page, url: str, sweep: SweepRuns, columns: list[str] = (),
+                    timeout_ms: int = 30_000) -> list[ShownRun]:
+    """The experiment's runs table with the sweep's parent expanded; returns the children shown."""
+    open_runs_table(page, url, sweep.experiment_id)
+    children = expand(page, sweep.parent_id, expected=len(sweep.children), timeout_ms=timeout_ms)
+    show_columns(page, list(columns))
+    fit_run_names(page)
+    return children
+
+
+def screenshot(page, path: Path, copy_to: Path | str | None = None) -> Path:
+    """A full-page PNG at ``path`` (and a copy in the folder ``copy_to``, if given)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), full_page=True)
+    if copy_to:
+        Path(copy_to).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, Path(copy_to) / path.name)
+    return path

@@ -1,0 +1,50 @@
+"""Model registry round trip: register a run's model, load it by models:/, same predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tunelab.build import build_parts
+from tunelab.tracking import tracking_uri
+from tunelab.train import train
+
+
+@pytest.mark.slow
+def test_registered_model_loads_by_name_and_predicts_like_the_checkpoint(cfg_factory):
+    cfg = cfg_factory("logger.register_best=smoke_digits")
+    train(cfg)
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
+    versions = client.search_model_versions("name='smoke_digits'")
+    assert [v.version for v in versions] == ["1"]
+    run = client.get_run(versions[0].run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["tunelab.registered_model"] == "smoke_digits/1"
+
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model("models:/smoke_digits/1")
+
+    # The same weights, loaded the way a user would from the run's best checkpoint.
+    parts = build_parts(cfg)
+    best = [p for p in Path(cfg.paths.output_dir, "checkpoints").glob("epoch*.ckpt")]
+    assert len(best) == 1
+    state = torch.load(best[0], map_location="cpu", weights_only=True)["state_dict"]
+    parts.module.load_state_dict(state, strict=False)
+    parts.module.eval()
+    dm = parts.datamodule
+    dm.setup("test")
+    images, labels = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        expected = torch.softmax(parts.module(images), dim=-1).numpy()
+
+    frame = served.predict(images.numpy())
+    probs = frame[[f"prob_{c}" for c in dm.classes]].to_numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert list(frame["label"]) == [dm.classes[i] for i in expected.argmax(axis=1)]
+    with pytest.raises(Exception, match="shape"):  # the signature guards the input size
+        served.predict(np.zeros((1, 3, 17, 17), dtype=np.float32))
