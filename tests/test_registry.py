@@ -22,7 +22,7 @@ def test_registered_model_loads_by_name_and_predicts_like_the_checkpoint(cfg_fac
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
     versions = client.search_model_versions("name='smoke_digits'")
-    assert [v.version for v in versions] == ["1"]
+    assert [str(v.version) for v in versions] == ["1"]
     run = client.get_run(versions[0].run_id)
     assert run.info.status == "FINISHED" and run.data.tags["tunelab.registered_model"] == "smoke_digits/1"
 

@@ -51,7 +51,7 @@ def test_grid_multirun_is_one_parent_with_a_child_per_job(tmp_path):
     assert parent.data.tags["tunelab.best_run_id"] in {c.info.run_id for c in children}
     client = MlflowClient(store_uri(tmp_path))
     versions = client.search_model_versions("name='grid_best'")  # only the best trial is registered
-    assert [(v.version, v.run_id) for v in versions] == [("1", parent.data.tags["tunelab.best_run_id"])]
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", parent.data.tags["tunelab.best_run_id"])]
     assert "registered: models:/grid_best/1" in result.stdout
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} >= {
         "sweep/trials.txt", "sweep/trials.png", "sweep/search_space.yaml"}

@@ -40,15 +40,11 @@ def _example(meta: dict):
 
 def register_run_model(client: MlflowClient, run_id: str, name: str) -> str:
     """Log ``run_id``'s model as an MLflow pyfunc model and register it; returns ``models:/name/N``."""
-    import warnings
-
     import mlflow
 
     from tunelab import pyfunc_model
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # three files, no bars
-    # Inputs are arrays or strings by modality, so predict() has no single type hint to give.
-    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method.*")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

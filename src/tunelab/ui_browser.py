@@ -96,15 +96,21 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)  # the server and its workers: the group tunelab-ui started
+def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the server's process group (the server and its workers), SIGKILL what is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, or it counts as alive
         try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
 
 
 @contextlib.contextmanager
@@ -156,7 +162,6 @@ def open_runs_table(page, url: str, experiment_id: str) -> None:
     # Things that pop up by themselves and that a person closes: Playwright closes them whenever they
     # show up before an action.
     page.add_locator_handler(page.get_by_role("button", name="Got it", exact=True), lambda b: b.click())
-    page.add_locator_handler(_assistant_close(page), lambda b: b.click())
     page.goto(f"{url}/#/experiments/{experiment_id}")
     toggle = page.get_by_role("button", name="Model training", exact=True)
     table = page.locator(".ag-header-cell" + RUN_NAME_CELL)
@@ -164,12 +169,10 @@ def open_runs_table(page, url: str, experiment_id: str) -> None:
     if toggle.is_visible():
         toggle.click()
     table.wait_for()
-
-
-def _assistant_close(page):
-    panel = page.locator("div").filter(has_text="MLflow Assistant").filter(
-        has=page.get_by_role("button", name="Close", exact=True))
-    return panel.last.get_by_role("button", name="Close", exact=True)
+    close_assistant = page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
+    if close_assistant.is_visible():  # the "MLflow Assistant" side panel, open on a first visit
+        close_assistant.click()
+        close_assistant.wait_for(state="hidden")
 
 
 # The runs as the table shows them, top to bottom: AG Grid renders the pinned and scrolling parts of
@@ -247,28 +250,33 @@ def fit_run_names(page, max_extra_px: int = 500) -> None:
     page.mouse.up()
 
 
-def show_columns(page, names: list[str]) -> None:
-    """Tick columns (metrics, params, attributes) in the table's "Columns" menu, by exact name."""
-    if not names:
+def set_columns(page, show: list[str] = (), hide: list[str] = ()) -> None:
+    """Tick (``show``) or untick (``hide``) columns in the table's "Columns" menu, by exact name:
+    metrics ("val/acc"), params, or attributes ("Dataset", "Source", "Models")."""
+    wanted = {**{name: False for name in hide}, **{name: True for name in show}}
+    if not wanted:
         return
     page.get_by_role("button", name="Columns", exact=True).click()
     search = page.get_by_placeholder("Search columns")
     menu = page.get_by_role("dialog").filter(has=search)
-    for name in names:
+    for name, on in wanted.items():
         search.fill(name)
         node = menu.locator(".du-bois-light-tree-treenode").filter(has_text=re.compile(rf"^{re.escape(name)}$"))
-        node.locator(".du-bois-light-tree-checkbox").click()
+        box = node.locator(".du-bois-light-tree-checkbox")
+        if ("du-bois-light-tree-checkbox-checked" in (box.get_attribute("class") or "")) != on:
+            box.click()
     search.fill("")
     page.keyboard.press("Escape")
     menu.wait_for(state="hidden")
 
 
-def open_sweep_page(page, url: str, sweep: SweepRuns, columns: list[str] = (),
+def open_sweep_page(page, url: str, sweep: SweepRuns, show: list[str] = (), hide: list[str] = (),
                     timeout_ms: int = 30_000) -> list[ShownRun]:
-    """The experiment's runs table with the sweep's parent expanded; returns the children shown."""
+    """The experiment's runs table with the sweep's parent expanded (and the ``show`` columns ticked,
+    the ``hide`` ones unticked); returns the children shown below the parent."""
     open_runs_table(page, url, sweep.experiment_id)
     children = expand(page, sweep.parent_id, expected=len(sweep.children), timeout_ms=timeout_ms)
-    show_columns(page, list(columns))
+    set_columns(page, list(show), list(hide))
     fit_run_names(page)
     return children
 
