@@ -14,9 +14,8 @@ import time
 import pytest
 
 from conftest import run_cli
+from test_sweeps import SMOKE_GRID
 from tunelab import ui_browser
-
-SMOKE_GRID = ["-m", "debug=smoke", "optimizer.lr=1e-3,3e-4", "strategy=full,linear_probe"]
 
 
 @pytest.mark.slow
@@ -42,6 +41,7 @@ def test_sweep_shows_as_a_parent_with_its_trials_nested(tmp_path):
         assert top_level == [sweep.parent_name], f"the trials must nest under the sweep, not sit beside it: {top_level}"
 
         children = ui_browser.expand(page, sweep.parent_id, expected=4)
+        ui_browser.fit_run_names(page)
         shot = ui_browser.screenshot(page, tmp_path / "mlflow_sweep.png",
                                      copy_to=os.environ.get("TUNELAB_TEST_ARTIFACTS"))
 

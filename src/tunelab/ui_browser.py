@@ -253,6 +253,8 @@ def fit_run_names(page, max_extra_px: int = 500) -> None:
 def set_columns(page, show: list[str] = (), hide: list[str] = ()) -> None:
     """Tick (``show``) or untick (``hide``) columns in the table's "Columns" menu, by exact name:
     metrics ("val/acc"), params, or attributes ("Dataset", "Source", "Models")."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     wanted = {**{name: False for name in hide}, **{name: True for name in show}}
     if not wanted:
         return
@@ -262,6 +264,10 @@ def set_columns(page, show: list[str] = (), hide: list[str] = ()) -> None:
     for name, on in wanted.items():
         search.fill(name)
         node = menu.locator(".du-bois-light-tree-treenode").filter(has_text=re.compile(rf"^{re.escape(name)}$"))
+        try:
+            node.wait_for(timeout=10_000)
+        except PlaywrightTimeout:
+            raise LookupError(f"no column {name!r} in the runs table's Columns menu") from None
         box = node.locator(".du-bois-light-tree-checkbox")
         if ("du-bois-light-tree-checkbox-checked" in (box.get_attribute("class") or "")) != on:
             box.click()

@@ -136,7 +136,9 @@ class SweepTracker(Callback):
 
 
 def ui_hint(uri: str, experiment_id: str) -> str:
+    # MLflow 3 opens an experiment on its GenAI overview; this query goes straight to the runs.
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     if uri.startswith("sqlite:///"):
         return (f"compare the trials in the UI: tunelab-ui --store {uri[len('sqlite:///'):]}  "
-                f"then open http://127.0.0.1:5000/#/experiments/{experiment_id}")
-    return f"compare the trials in the UI: {uri.rstrip('/')}/#/experiments/{experiment_id}"
+                f"then open http://127.0.0.1:5000/{page}")
+    return f"compare the trials in the UI: {uri.rstrip('/')}/{page}"

@@ -1,0 +1,30 @@
+"""Values longer than MLflow's param limit never crash a run; the config artifact keeps them."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+from tunelab.tracking import flat_params, tracking_uri
+from tunelab.train import train
+
+
+def test_flat_params_clip_only_what_is_too_long(cfg_factory):
+    cfg = cfg_factory(f"+notes={'x' * (MAX_PARAM_VAL_LENGTH + 50)}")
+    params = flat_params(cfg)
+    assert len(params["notes"]) == MAX_PARAM_VAL_LENGTH and params["notes"].endswith("...")
+    assert params["optimizer.lr"] == str(cfg.optimizer.lr)
+
+
+@pytest.mark.slow
+def test_a_run_with_a_huge_value_finishes_and_keeps_it_in_config_yaml(cfg_factory, tmp_path):
+    long_text = "y" * (2 * MAX_PARAM_VAL_LENGTH)
+    cfg = cfg_factory(f"+notes={long_text}")
+    train(cfg)
+    client = MlflowClient(tracking_uri(cfg))
+    run = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["notes"].endswith("...")
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert long_text in open(config).read()
