@@ -27,7 +27,7 @@ def test_every_group_has_choices_and_experiments_are_linked():
     assert EXPERIMENTS, "experiments/ must hold at least one experiment"
 
 
-def _instantiate_group(cfg, group: str, tmp_path: Path):
+def _instantiate_group(cfg, group: str, tmp_path: Path, choice: str = ""):
     node = cfg.get(group)  # None for @package _global_ groups (debug)
     if group == "model":
         adapter = build(node, "model", num_outputs=3, **accepted(node, {"image_size": 32}))
@@ -70,8 +70,30 @@ def _instantiate_group(cfg, group: str, tmp_path: Path):
         assert penalty.item() > 0  # the head's beta term; the backbone equals its reference
     elif group == "debug":
         assert cfg.trainer.limit_train_batches <= 5 and cfg.data.batch_size <= 8
+    elif group == "hparams_search":
+        _check_search_space(choice, tmp_path)
     else:
         pytest.fail(f"no instantiation check for new config group {group!r}: add one here")
+
+
+def _check_search_space(choice: str, tmp_path: Path) -> None:
+    """Every searched key exists (a value or a config group) and parses to an Optuna distribution."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hydra_plugins.tunelab_optuna_sweeper.study import distribution
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        full = compose("train", overrides=[f"hparams_search={choice}", f"paths.root_dir={tmp_path}"],
+                       return_hydra_config=True)
+    sweeper = full.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.params and sweeper.study_name == choice
+    for key, expression in sweeper.params.items():
+        assert key in GROUPS or OmegaConf.select(full, key) is not None, f"{choice}: searches unknown key {key}"
+        if key in GROUPS:  # every searched choice of a group exists
+            for value in str(expression).removeprefix("choice(").rstrip(")").split(","):
+                assert (CONF / key / f"{value.strip()}.yaml").is_file(), f"{choice}: no {key}={value.strip()}"
+        assert distribution(OverridesParser.create().parse_overrides([f"{key}={expression}"])[0])
 
 
 # choices with a mandatory value (???): what a user would pass, pointed at tiny local data / checkpoints
@@ -94,7 +116,7 @@ def test_config_choice_composes_and_instantiates(group, choice, cfg_factory, tmp
     extra = _EXTRA.get((group, choice), lambda tmp, req: [])(tmp_path, request)
     cfg = cfg_factory(f"{group}={choice}", *extra)
     OmegaConf.resolve(cfg)  # every interpolation resolves
-    _instantiate_group(cfg, group, tmp_path)
+    _instantiate_group(cfg, group, tmp_path, choice)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

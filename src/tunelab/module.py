@@ -220,7 +220,7 @@ class FineTuneModule(L.LightningModule):
         loss = self._loss(logits, y)
         if self.regularizer is not None:
             penalty = self.regularizer(self.model)
-            self.log("train/reg_loss", penalty, on_step=False, on_epoch=True, batch_size=n)
+            self.log("train/reg_loss", penalty, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
             loss = loss + penalty
         if not torch.isfinite(loss):
             lrs = ", ".join(f"{g}={lr:.3g}" for g, lr in self.group_lrs().items() if lr > 0)
@@ -228,7 +228,7 @@ class FineTuneModule(L.LightningModule):
                 f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
                 f"LRs: {lrs}. Lower optimizer.lr, add warmup, or check the inputs."
             )
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         if self.train_acc is not None:
             self.train_acc(logits, y)
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
@@ -238,7 +238,8 @@ class FineTuneModule(L.LightningModule):
         x, y = batch
         y, n = self._targets(y), len(y)
         logits = self(x)
-        self.log(f"{prefix}/loss", self._loss(logits, y), prog_bar=prefix == "val", batch_size=n)
+        # sync_dist: under DDP every rank saw a shard; the logged value is the mean over ranks
+        self.log(f"{prefix}/loss", self._loss(logits, y), prog_bar=prefix == "val", batch_size=n, sync_dist=True)
         metrics(logits, y)
         self.log_dict(metrics, prog_bar=False, batch_size=n)
         return logits, y
@@ -256,7 +257,7 @@ class FineTuneModule(L.LightningModule):
             self.test_confusion.update(logits, y)
 
     def on_train_epoch_end(self) -> None:
-        self.log("stage", float(self.stage_index))  # the stage in force when the epoch ended
+        self.log("stage", float(self.stage_index), sync_dist=True)  # the stage in force when the epoch ended
 
     def on_validation_epoch_end(self) -> None:
         update = getattr(self.lr_shape, "update", None)

@@ -6,6 +6,7 @@ import logging
 
 import lightning as L
 
+from tunelab.distributed import rewrap_ddp
 from tunelab.errors import TunelabError
 from tunelab.strategies import stage_at
 
@@ -23,11 +24,13 @@ class StageCallback(L.Callback):
 
     def __init__(self):
         self.applied = -1  # the stage index applied in this process
+        self.wrapped: frozenset[str] = frozenset()  # what DDP's wrapper syncs (rewrap_ddp)
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if stage == "fit":  # before configure_optimizers and the model summary see the model
             pl_module.set_stage(0, start_step=0)
             self.applied = -1
+            self.wrapped = _trainable(pl_module)  # Lightning wraps DDP after this hook
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         last = pl_module.stages[-1]
@@ -44,8 +47,15 @@ class StageCallback(L.Callback):
         restored = getattr(pl_module, "restored_stage", None)
         start = restored[1] if restored and restored[0] == index else trainer.global_step
         stage = pl_module.set_stage(index, start_step=start)
+        if _trainable(pl_module) != self.wrapped and rewrap_ddp(trainer):
+            self.wrapped = _trainable(pl_module)
+            log.info("ddp: re-wrapped the model for stage %r (its parameters are all-reduced from now on)", stage.name)
         if self.applied >= 0 or index > 0:
             trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
             log.info("epoch %d step %d: stage %r, training %s (%s parameters)", trainer.current_epoch,
                      trainer.global_step, stage.name, ", ".join(stage.trainable + stage.patterns), f"{trainable:,}")
         self.applied = index
+
+
+def _trainable(module) -> frozenset[str]:
+    return frozenset(n for n, p in module.named_parameters() if p.requires_grad)

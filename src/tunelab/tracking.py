@@ -74,9 +74,34 @@ class Run:
         with tempfile.TemporaryDirectory() as tmp:
             self.log_artifact(plot_confusion(matrix.cpu().numpy(), classes, Path(tmp) / "confusion_matrix.png"))
 
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def fail(self, reason: str) -> None:
+        """End the run FAILED from outside the training loop (a dead DDP rank)."""
+        self.client.set_tag(self.run_id, "tunelab.error", reason[:5000])
+        self.client.set_terminated(self.run_id, "FAILED")
+
     def log_metrics(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self.client.log_metric(self.run_id, key, float(value))
+
+
+class NoRun:
+    """What DDP ranks other than 0 log to: nothing, so a job is one MLflow run."""
+
+    run_id = None
+
+    def lightning_logger(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+@contextmanager
+def no_run() -> Iterator[NoRun]:
+    yield NoRun()
 
 
 def tracking_uri(cfg: DictConfig) -> str:

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -34,6 +35,9 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
     # Frozen groups keep their BatchNorm layers in eval mode on purpose (module.batchnorm).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    warnings.filterwarnings("ignore", message=r".*all_gather is deprecated.*")  # inside Lightning
+    # Under DDP the test set is sharded; docs/cluster.md says what that means for the metrics.
+    warnings.filterwarnings("ignore", message=r".*Using `DistributedSampler` with the dataloaders.*")
 
 
 def core_callbacks() -> list:
@@ -58,30 +62,48 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from tunelab.build import build_parts
-    from tunelab.registry import model_meta
+    from tunelab.distributed import local_world_size, rank_processes
     from tunelab.sweep.job import current_job
     from tunelab.sweep.trial import share_machine
-    from tunelab.tracking import mlflow_run
 
     _quiet_lightning()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access at run time, ever
     job = current_job()
-    if job is not None:
+    if job is not None and local_world_size(cfg) == 1:  # a DDP job's ranks own their devices
         share_machine(job, cfg)
+    with rank_processes(cfg, Path(str(cfg.paths.output_dir))) as ranks:
+        return _fit_and_test(cfg, job, ranks)
+
+
+def _fit_and_test(cfg: DictConfig, job, ranks) -> dict[str, float]:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tunelab.build import build_parts
+    from tunelab.distributed import RankAgreement, global_rank
+    from tunelab.registry import model_meta
+    from tunelab.tracking import config_hash, mlflow_run, no_run
+
+    rank = global_rank()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     parts = build_parts(cfg)
     dm, table = parts.datamodule, parts.stage_table()
-    log.info("model: %s", parts.adapter.description)
-    kind = f"{dm.num_classes} classes" if dm.task == "classification" else "regression"
-    log.info("data: %s, %s, splits %s", dm.name, kind, dm.split_sizes())
-    log.info("stages (strategy %s):\n%s", cfg.strategy._target_.rsplit(".", 1)[-1], table)
+    if rank == 0:
+        log.info("model: %s", parts.adapter.description)
+        kind = f"{dm.num_classes} classes" if dm.task == "classification" else "regression"
+        log.info("data: %s, %s, splits %s", dm.name, kind, dm.split_sizes())
+        log.info("stages (strategy %s):\n%s", cfg.strategy._target_.rsplit(".", 1)[-1], table)
 
     start = time.monotonic()
-    with mlflow_run(cfg, run_name=cfg.get("run_name")) as run:
+    # One MLflow run per job, whatever the number of ranks: only global rank 0 logs.
+    with (mlflow_run(cfg, run_name=cfg.get("run_name")) if rank == 0 else no_run()) as run:
+        if ranks is not None:
+            ranks.on_failure = run.fail  # a dead sibling rank fails this run at once
         run.log_text(table, "stage_table.txt")
         run.log_text(json.dumps(model_meta(parts), indent=1), "model_meta.json")  # for the registry
-        callbacks = _callbacks(cfg, job)
+        callbacks = _callbacks(cfg, job if rank == 0 else None)
+        agreement = RankAgreement(config_hash(cfg))
+        callbacks.append(agreement)
         trainer = build(cfg.trainer, "trainer", logger=run.lightning_logger(), callbacks=callbacks)
         try:
             trainer.fit(parts.module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
@@ -104,15 +126,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run.log_metrics({"time/fit_seconds": time.monotonic() - start})
         if best:
             run.log_artifact(best, "checkpoints")
+        if agreement.hashes:
+            run.set_tag("tunelab.rank_config_hashes", ",".join(agreement.hashes))
+        if ranks is not None:
+            ranks.join()  # every rank must end cleanly before the run may be FINISHED
         registered = _register(cfg, run, job) if best else None
-    _report(run, metrics, time.monotonic() - start, dm.task, registered)
+    if rank == 0:
+        _report(run, metrics, time.monotonic() - start, dm.task, registered)
     return metrics
 
 
 def _register(cfg: DictConfig, run, job) -> str | None:
     """A single run registers its model when asked; a sweep registers only its best trial."""
     name = cfg.logger.get("register_best")
-    if not name or job is not None:
+    if not name or job is not None or run.run_id is None:
         return None
     from tunelab.registry import register_run_model
 
