@@ -132,6 +132,30 @@ class RankGroup:
             self.stop()
             os._exit(1)
 
+    def dead(self, wait: float = 5.0) -> str | None:
+        """Which sibling died, if one did: waits briefly, since its socket closes before it exits."""
+        deadline = time.monotonic() + wait
+        while True:
+            for rank, proc in enumerate(self.processes, 1):
+                code = proc.poll()
+                if code not in (None, 0):
+                    return f"rank {rank} exited with code {code}; its log: {self.folder}/rank{rank}.log"
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
+
+    @contextmanager
+    def blame(self) -> Iterator[None]:
+        """Rank 0 failing in a collective because a sibling died reports the sibling, not gloo."""
+        try:
+            yield
+        except Exception as err:
+            reason = self.dead()
+            if reason is None:
+                raise
+            self._stop.set()  # the watchdog would say the same thing again
+            raise TunelabError(f"{reason} (rank 0 then failed with {type(err).__name__})") from None
+
     def join(self, timeout: float = 120) -> None:
         """After rank 0 is done: every rank must finish cleanly too."""
         deadline = time.monotonic() + timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -106,7 +107,8 @@ def _fit_and_test(cfg: DictConfig, job, ranks) -> dict[str, float]:
         callbacks.append(agreement)
         trainer = build(cfg.trainer, "trainer", logger=run.lightning_logger(), callbacks=callbacks)
         try:
-            trainer.fit(parts.module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+            with ranks.blame() if ranks is not None else contextlib.nullcontext():
+                trainer.fit(parts.module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         except SystemExit:
             if trainer.interrupted:  # Lightning turns Ctrl+C into sys.exit(1) after shutting down
                 raise KeyboardInterrupt("training interrupted") from None
@@ -119,7 +121,8 @@ def _fit_and_test(cfg: DictConfig, job, ranks) -> dict[str, float]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # last epoch's
         if checkpoint and checkpoint.best_model_score is not None:
             metrics[checkpoint.monitor] = float(checkpoint.best_model_score)  # the tested weights'
-        results = trainer.test(parts.module, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
+        with ranks.blame() if ranks is not None else contextlib.nullcontext():
+            results = trainer.test(parts.module, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
         metrics.update(results[0] if results else {})
         if parts.module.test_confusion is not None:
             run.log_confusion(parts.module.test_confusion.compute(), dm.classes)
