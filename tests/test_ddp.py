@@ -91,3 +91,22 @@ def test_a_rank_that_raises_fails_the_job_and_its_run_without_hanging(tmp_path):
     assert "rank 1 exited" in runs[0].data.tags["tunelab.error"]
     rank_log = next((tmp_path / "outputs" / "runs").iterdir()) / "rank1.log"
     assert "injected failure on rank 1" in rank_log.read_text()
+
+
+@pytest.mark.slow
+def test_ranks_started_by_torchrun_are_joined_not_relaunched(tmp_path):
+    import os
+    import subprocess
+
+    from conftest import VENV_BIN
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["TUNELAB_HOME"] = str(tmp_path)
+    result = subprocess.run([str(VENV_BIN / "torchrun"), "--nproc_per_node=2", "-m", "tunelab.train", *DDP_SMOKE,
+                             f"hydra.run.dir={tmp_path}/outputs/runs/torchrun"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "started ranks" not in result.stdout + result.stderr  # torchrun's ranks, none of ours
+    runs = runs_of(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["tunelab.rank_config_hashes"].split(",") == [runs[0].data.tags["tunelab.config_hash"]] * 2

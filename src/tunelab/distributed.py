@@ -189,8 +189,14 @@ def rank_processes(cfg: DictConfig, folder: Path) -> Iterator[RankGroup | None]:
     of an in-process sweep starts its own ranks again.
     """
     world = local_world_size(cfg)
-    if world <= 1 or externally_launched():
+    if world <= 1:
         yield None
+        return
+    if externally_launched():  # torchrun / srun started the ranks; each leaves its group cleanly
+        try:
+            yield None
+        finally:
+            leave_process_group()
         return
     if int(cfg.trainer.get("num_nodes", 1)) > 1:
         raise TunelabError("trainer.num_nodes > 1 needs a cluster launcher that starts one process per GPU "

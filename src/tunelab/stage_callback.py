@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import lightning as L
 
@@ -47,9 +48,11 @@ class StageCallback(L.Callback):
         restored = getattr(pl_module, "restored_stage", None)
         start = restored[1] if restored and restored[0] == index else trainer.global_step
         stage = pl_module.set_stage(index, start_step=start)
+        started = time.perf_counter()
         if _trainable(pl_module) != self.wrapped and rewrap_ddp(trainer):
             self.wrapped = _trainable(pl_module)
-            log.info("ddp: re-wrapped the model for stage %r (its parameters are all-reduced from now on)", stage.name)
+            log.info("ddp: re-wrapped the model for stage %r in %.2f s (its parameters are all-reduced from now on)",
+                     stage.name, time.perf_counter() - started)
         if self.applied >= 0 or index > 0:
             trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
             log.info("epoch %d step %d: stage %r, training %s (%s parameters)", trainer.current_epoch,
