@@ -23,6 +23,7 @@ class Parts:
     stages: list[Stage]
     module: FineTuneModule
     base_lr: float
+    pretrained: object = None  # a frozen copy of the model before training (retention.enabled)
 
     def stage_table(self) -> str:
         sizes = {n: p.numel() for n, p in self.adapter.model.named_parameters()}
@@ -79,4 +80,9 @@ def build_parts(cfg: DictConfig) -> Parts:
         regularizer=build_regularizer(cfg, adapter),
         **cfg.get("module", {}),
     )
-    return Parts(datamodule, adapter, stages, module, float(cfg.optimizer.lr))
+    pretrained = None
+    if (cfg.get("retention") or {}).get("enabled"):
+        from tunelab.retention import snapshot
+
+        pretrained = snapshot(adapter.model)
+    return Parts(datamodule, adapter, stages, module, float(cfg.optimizer.lr), pretrained)

@@ -18,28 +18,6 @@ import numpy as np
 import pandas as pd
 
 
-def load_adapter(config_path: str, meta: dict):
-    from omegaconf import OmegaConf
-
-    from tunelab.build import accepted
-    from tunelab.config import build
-
-    cfg = OmegaConf.load(config_path)
-    return build(cfg.model, "model", num_outputs=int(meta["num_outputs"]), lora=cfg.get("lora"),
-                 **accepted(cfg.model, meta.get("model_kwargs") or {}))
-
-
-def load_weights(adapter, checkpoint_path: str) -> tuple[float, float]:
-    """Load a Lightning checkpoint's model weights safely; returns the regression target stats."""
-    import torch
-
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    adapter.model.load_state_dict(weights)
-    adapter.model.eval()
-    return float(state.get("target_mean", 0.0)), float(state.get("target_std", 1.0))
-
-
 # Inputs are arrays or strings by modality, so predict() has no single type hint to give;
 # the signature logged with the model checks inputs instead.
 warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method.*")
@@ -47,10 +25,17 @@ warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` me
 
 class TunelabModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
+        from pathlib import Path
+
+        from omegaconf import OmegaConf
+
+        from tunelab.trained import Trained, load_adapter
+
         with open(context.artifacts["meta"]) as f:
             self.meta = json.load(f)
-        self.adapter = load_adapter(context.artifacts["config"], self.meta)
-        self.mean, self.std = load_weights(self.adapter, context.artifacts["checkpoint"])
+        trained = Trained(OmegaConf.load(context.artifacts["config"]), self.meta, Path(context.artifacts["checkpoint"]))
+        self.adapter = load_adapter(trained)
+        self.mean, self.std = self.adapter.target_stats
 
     def _inputs(self, data):
         import torch

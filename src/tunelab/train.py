@@ -100,8 +100,11 @@ def _fit_and_test(cfg: DictConfig, job, ranks) -> dict[str, float]:
     with (mlflow_run(cfg, run_name=cfg.get("run_name")) if rank == 0 else no_run()) as run:
         if ranks is not None:
             ranks.on_failure = run.fail  # a dead sibling rank fails this run at once
+        meta = json.dumps(model_meta(parts), indent=1)
         run.log_text(table, "stage_table.txt")
-        run.log_text(json.dumps(model_meta(parts), indent=1), "model_meta.json")  # for the registry
+        run.log_text(meta, "model_meta.json")  # with config.yaml: what rebuilds the model later
+        if rank == 0:  # the same two files beside the checkpoints, for tunelab-eval / export
+            _write_beside_checkpoints(cfg, meta)
         callbacks = _callbacks(cfg, job if rank == 0 else None)
         agreement = RankAgreement(config_hash(cfg))
         callbacks.append(agreement)
@@ -126,6 +129,16 @@ def _fit_and_test(cfg: DictConfig, job, ranks) -> dict[str, float]:
         metrics.update(results[0] if results else {})
         if parts.module.test_confusion is not None:
             run.log_confusion(parts.module.test_confusion.compute(), dm.classes)
+        if rank == 0 and dm.ood_names():  # shifted copies of the test split: how much is lost
+            from tunelab.evaluation import shifted_splits
+
+            shifted = shifted_splits(parts.module, dm, metrics, _batch_limit(cfg.trainer.get("limit_test_batches")))
+            metrics.update(shifted)
+            run.log_metrics(shifted)
+        if rank == 0 and parts.pretrained is not None:  # what fine-tuning cost the pretrained model
+            retained = _retention(cfg, parts)
+            metrics.update(retained)
+            run.log_metrics(retained)
         run.log_metrics({"time/fit_seconds": time.monotonic() - start})
         if best:
             run.log_artifact(best, "checkpoints")
@@ -137,6 +150,33 @@ def _fit_and_test(cfg: DictConfig, job, ranks) -> dict[str, float]:
     if rank == 0:
         _report(run, metrics, time.monotonic() - start, dm.task, registered)
     return metrics
+
+
+def _retention(cfg: DictConfig, parts) -> dict[str, float]:
+    from torch.utils.data import DataLoader
+
+    from tunelab.evaluation import to_device
+    from tunelab.retention import measure
+
+    dm = parts.datamodule
+    loader = DataLoader(dm.dataset("test"), batch_size=int(cfg.retention.samples), collate_fn=dm.collate)
+    inputs, _ = next(iter(loader))  # the reference batch: the first test samples
+    device = next(parts.module.parameters()).device
+    return measure(parts.pretrained, parts.module.model, parts.adapter.groups, to_device(inputs, device))
+
+
+def _batch_limit(limit) -> int | None:
+    """Lightning's limit_*_batches (an int, or a fraction where 1.0 = all) as a batch count."""
+    return int(limit) if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
+def _write_beside_checkpoints(cfg: DictConfig, meta: str) -> None:
+    from omegaconf import OmegaConf
+
+    folder = Path(str(cfg.paths.output_dir))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (folder / "model_meta.json").write_text(meta)
 
 
 def _register(cfg: DictConfig, run, job) -> str | None:

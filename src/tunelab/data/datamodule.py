@@ -26,8 +26,9 @@ class _Images(Dataset):
     """Items by position; a training sampler passes ``(epoch, position)`` so that random
     augmentation is a pure function of (seed, epoch, image), see data/sampling.py."""
 
-    def __init__(self, table: Table, indices: np.ndarray, transform: Callable, seed: int = 0):
+    def __init__(self, table: Table, indices: np.ndarray, transform: Callable, seed: int = 0, seeded: bool = False):
         self.table, self.indices, self.transform, self.seed = table, indices, transform, seed
+        self.seeded = seeded  # random evaluation transforms (OOD noise) drawn per image, the same every time
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -36,6 +37,8 @@ class _Images(Dataset):
         epoch, i = key if isinstance(key, tuple) else (None, key)
         j = int(self.indices[i])
         image, label = load_image(self.table.items[j]), self.table.labels[j].item()
+        if epoch is None and self.seeded:
+            return seeded_call(sample_seed(self.seed, -1, j), self.transform, image), label
         if epoch is None:
             return self.transform(image), label
         return seeded_call(sample_seed(self.seed, epoch, j), self.transform, image), label
@@ -231,6 +234,17 @@ class TaskDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def ood_names(self) -> list[str]:
+        """Shifted evaluation splits declared in the data config (``data.ood``)."""
+        return list(getattr(self, "ood", {}) or {})
+
+    def ood_loader(self, name: str) -> DataLoader:
+        return DataLoader(self.ood_dataset(name), batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                          collate_fn=self.collate)
+
+    def ood_dataset(self, name: str) -> Dataset:
+        raise TunelabError(f"data={self.name} ({self.modality}) declares no way to build OOD split {name!r}.")
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", training=True)
 
@@ -247,10 +261,11 @@ class ImageDataModule(TaskDataModule):
     modality = "image"
 
     def __init__(self, source: Callable[[], Table], name: str = "images", image_size: int | None = None,
-                 augment: dict | None = None, **kwargs):
+                 augment: dict | None = None, ood: dict | None = None, **kwargs):
         super().__init__(source, name=name, **kwargs)
         self.image_size = image_size
         self.augment = dict(augment) if augment else None
+        self.ood = {str(k): dict(v) for k, v in (ood or {}).items()}
 
     @property
     def model_kwargs(self) -> dict:
@@ -272,3 +287,20 @@ class ImageDataModule(TaskDataModule):
         self.scan()
         table, idx = self.splits[split]
         return _Images(table, idx, self._transform(training), self.seed)
+
+    def ood_dataset(self, name: str) -> Dataset:
+        """The test split shifted as ``ood.<name>`` says, or another source with the same classes."""
+        from torchvision.transforms import Compose
+
+        from tunelab.data.shifts import image_shift
+
+        self.scan()
+        spec = dict(self.ood[name])
+        if "source" in spec:
+            table = spec["source"]() if callable(spec["source"]) else spec["source"]
+            if list(table.classes) != list(self.table.classes):
+                raise TunelabError(f"data.ood.{name}: its classes {table.classes[:8]} differ from the task's "
+                                   f"{self.table.classes[:8]}; an OOD split must use the same classes.")
+            return _Images(table, np.arange(len(table)), self._transform(False), self.seed)
+        table, idx = self.splits["test"]
+        return _Images(table, idx, Compose([image_shift(name, spec), self._transform(False)]), self.seed, seeded=True)

@@ -1,0 +1,77 @@
+"""What fine-tuning cost the pretrained model: weight drift per layer group and representation
+similarity (linear CKA) between the pretrained and the fine-tuned features.
+
+The pretrained model is a copy taken before the first step (``snapshot``). Features are the
+head's input (the pooled representation every adapter feeds its new head), captured with a
+forward hook, so timm, text and speech models are measured the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def snapshot(model: nn.Module) -> nn.Module:
+    """A frozen copy of the model as it is now (before fine-tuning): costs one model of memory."""
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
+
+
+def head_module(model: nn.Module, head_param_names) -> nn.Module:
+    """The module that owns the head's parameters (e.g. ``classifier`` or ``head``)."""
+    prefixes = {name.rsplit(".", 1)[0] for name in head_param_names}
+    common = min(prefixes, key=len)
+    return model.get_submodule(common)
+
+
+@torch.no_grad()
+def features(model: nn.Module, head_param_names, inputs) -> torch.Tensor:
+    """The representation the head reads, for a batch of model inputs."""
+    captured = []
+    hook = head_module(model, head_param_names).register_forward_hook(
+        lambda module, args, output: captured.append(args[0].detach().flatten(1).float()))
+    try:
+        model.eval()(inputs)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear centered kernel alignment (Kornblith et al., 2019): 1.0 = same representation up to
+    rotation and scale, 0 = unrelated. Rows are samples."""
+    x = (x - x.mean(0, keepdim=True)).double()
+    y = (y - y.mean(0, keepdim=True)).double()
+    cross = (y.T @ x).norm() ** 2
+    norm = (x.T @ x).norm() * (y.T @ y).norm()
+    return float(cross / norm) if norm > 0 else float("nan")
+
+
+def weight_drift(before: nn.Module, after: nn.Module, groups) -> dict[str, float]:
+    """Relative L2 change ``||w - w0|| / ||w0||`` per layer group, and over the whole backbone."""
+    old, new = dict(before.named_parameters()), dict(after.named_parameters())
+    drift, total_diff, total_ref = {}, 0.0, 0.0
+    for group in groups:
+        if group.name == "head":  # a new head has no pretrained weights to drift from
+            continue
+        diff = sum(float((new[n].detach().cpu() - old[n].cpu()).pow(2).sum()) for n in group.param_names)
+        ref = sum(float(old[n].pow(2).sum()) for n in group.param_names)
+        drift[group.name] = (diff / ref) ** 0.5 if ref > 0 else 0.0
+        total_diff, total_ref = total_diff + diff, total_ref + ref
+    drift["backbone"] = (total_diff / total_ref) ** 0.5 if total_ref > 0 else 0.0
+    return drift
+
+
+def measure(pretrained: nn.Module, finetuned: nn.Module, groups, inputs) -> dict[str, float]:
+    """``retention/drift/<group>``, ``retention/drift/backbone`` and ``retention/cka``."""
+    head = next(g for g in groups if g.name == "head").param_names
+    device = next(finetuned.parameters()).device
+    pretrained = pretrained.to(device)
+    metrics = {f"retention/drift/{g.replace('+', '_')}": v for g, v in weight_drift(pretrained, finetuned, groups).items()}
+    metrics["retention/cka"] = linear_cka(features(pretrained, head, inputs), features(finetuned, head, inputs))
+    return metrics

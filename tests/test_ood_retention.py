@@ -1,0 +1,65 @@
+"""Shifted (OOD) splits and retention, measured at the end of real training runs."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tunelab.data.sampling import seeded_call
+from tunelab.data.shifts import image_shift
+from tunelab.errors import TunelabError
+from tunelab.retention import linear_cka
+from tunelab.tracking import tracking_uri
+from tunelab.train import train
+
+
+def last_run(cfg):
+    client = MlflowClient(tracking_uri(cfg))
+    return client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])[0]
+
+
+@pytest.mark.slow
+def test_rotated_digits_lose_accuracy_and_a_linear_probe_keeps_the_backbone(cfg_factory):
+    # a linear probe that learns enough to have something to lose
+    cfg = cfg_factory("strategy=linear_probe", "optimizer.lr=3e-3", "trainer.max_epochs=2",
+                      "trainer.limit_train_batches=60", "data.batch_size=32",
+                      "trainer.limit_test_batches=4", "data.eval_batch_size=100")
+    metrics = train(cfg)
+    assert metrics["test/acc"] > 0.5, metrics["test/acc"]
+    assert metrics["ood/rotated/acc"] < metrics["test/acc"]
+    assert metrics["ood/rotated/acc_drop"] == pytest.approx(metrics["test/acc"] - metrics["ood/rotated/acc"])
+    logged = last_run(cfg).data.metrics
+    for name in ("rotated", "noised", "blurred", "low_contrast"):
+        assert f"ood/{name}/acc" in logged and f"ood/{name}/acc_drop" in logged
+    # the backbone never trained: no drift, the same representation
+    assert logged["retention/drift/backbone"] == 0.0
+    assert logged["retention/cka"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_moves_the_backbone(cfg_factory):
+    metrics = train(cfg_factory("strategy=full"))
+    assert metrics["retention/drift/backbone"] > 0
+    assert metrics["retention/cka"] < 1.0
+    assert all(metrics[k] >= 0 for k in metrics if k.startswith("retention/drift/"))
+
+
+def test_linear_cka_is_one_for_rotations_and_low_for_noise():
+    import torch
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)))
+    assert linear_cka(x, 3.0 * x @ q) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(x, torch.randn(64, 8, generator=torch.Generator().manual_seed(2))) < 0.5
+
+
+def test_shifts_change_the_image_deterministically_and_unknown_ones_are_refused():
+    image = Image.new("RGB", (28, 28), 0)
+    image.paste((255, 255, 255), (4, 4, 24, 10))
+    for name, spec in {"r": {"rotate": 30}, "n": {"noise": 0.2}, "b": {"blur": 1.5}, "c": {"contrast": 0.3}}.items():
+        shifted = seeded_call(7, image_shift(name, spec), image)
+        assert shifted.size == image.size and shifted.tobytes() != image.tobytes(), name
+        assert seeded_call(7, image_shift(name, spec), image).tobytes() == shifted.tobytes(), name
+    with pytest.raises(TunelabError, match="data.ood.x: unknown shift.*rotate"):
+        image_shift("x", {"twist": 3})
