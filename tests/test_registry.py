@@ -6,11 +6,14 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from tunelab.build import build_parts
+from tunelab.data.sources import load_image
+from tunelab.preprocess import encode_image
 from tunelab.tracking import tracking_uri
 from tunelab.train import train
 
@@ -42,9 +45,12 @@ def test_registered_model_loads_by_name_and_predicts_like_the_checkpoint(cfg_fac
     with torch.no_grad():
         expected = torch.softmax(parts.module(images), dim=-1).numpy()
 
-    frame = served.predict(images.numpy())
+    # what a client sends: the raw test images, base64-encoded; the model preprocesses them
+    table, indices = dm.splits["test"]
+    raw = [encode_image(load_image(table.items[j])) for j in indices[: len(images)]]
+    frame = served.predict(pd.DataFrame({"image": raw}))
     probs = frame[[f"prob_{c}" for c in dm.classes]].to_numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     assert list(frame["label"]) == [dm.classes[i] for i in expected.argmax(axis=1)]
-    with pytest.raises(Exception, match="shape"):  # the signature guards the input size
-        served.predict(np.zeros((1, 3, 17, 17), dtype=np.float32))
+    with pytest.raises(Exception, match="image"):  # the signature names the column it needs
+        served.predict(pd.DataFrame({"pixels": ["x"]}))

@@ -2,10 +2,11 @@
 
 MLflow copies this file beside the model and runs it on load; ``load_context`` rebuilds the
 adapter from the run's resolved config and loads the checkpoint with ``weights_only=True``.
-Inputs: image batches as float arrays (N, C, H, W) normalised like training; texts as a list
-of strings or a DataFrame column ``text``; audio as float arrays (N, samples) at the model's
-sampling rate. Output: a DataFrame with the predicted ``label`` and one ``prob_<class>``
-column per class, or ``prediction`` for regression.
+Input: a DataFrame with one column of raw inputs, preprocessed exactly as the test split was:
+``image`` (base64-encoded image bytes, or file paths), ``text`` (strings) or ``audio`` (float
+waveforms at the model's sampling rate, or file paths). Output: a DataFrame with the predicted
+``label`` and one ``prob_<class>`` column per class, or ``prediction`` for regression. So
+``mlflow models serve -m models:/NAME/VERSION`` answers JSON posts of raw images or texts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import warnings
 
 import mlflow.pyfunc
-import numpy as np
 import pandas as pd
 
 
@@ -38,19 +38,17 @@ class TunelabModel(mlflow.pyfunc.PythonModel):
         self.mean, self.std = self.adapter.target_stats
 
     def _inputs(self, data):
-        import torch
+        from tunelab.preprocess import Preprocessor
 
-        modality, config = self.meta["modality"], self.adapter.data_config
-        if modality == "text":
-            texts = list(data["text"]) if isinstance(data, pd.DataFrame) else [str(t) for t in data]
-            return dict(config["tokenizer"](texts, padding=True, truncation=True, return_tensors="pt",
-                                            max_length=config.get("max_positions")))
-        array = data.to_numpy() if isinstance(data, pd.DataFrame) else np.asarray(data)
-        tensor = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)
-        if modality == "audio":
-            extractor = config["feature_extractor"]
-            return dict(extractor(list(tensor.numpy()), sampling_rate=config["sampling_rate"], return_tensors="pt"))
-        return tensor
+        if not hasattr(self, "preprocess"):
+            config = self.adapter.data_config
+            self.preprocess = Preprocessor(self.meta["preprocess"], config.get("tokenizer") or config.get("feature_extractor"))
+        column = self.meta["preprocess"]["modality"]
+        if isinstance(data, pd.DataFrame):
+            items = list(data[column] if column in data.columns else data.iloc[:, 0])
+        else:
+            items = list(data)
+        return self.preprocess(items)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         import torch

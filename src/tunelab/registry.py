@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -21,21 +22,27 @@ def model_meta(parts) -> dict:
     dm, adapter = parts.datamodule, parts.adapter
     meta = {"task": dm.task, "modality": adapter.modality, "num_outputs": dm.num_outputs,
             "classes": dm.classes if dm.task == "classification" else [], "model_kwargs": dm.model_kwargs}
-    size = adapter.data_config.get("input_size") if adapter.modality == "image" else None
-    image_size = dm.model_kwargs.get("image_size")
-    if size:
-        meta["input_shape"] = [int(size[0]), *([int(image_size)] * 2 if image_size else map(int, size[1:]))]
+    from tunelab.preprocess import settings_from
+
+    meta["preprocess"] = settings_from(dm, adapter)
     return meta
 
 
 def _example(meta: dict):
+    """What a client sends to the served model: one column of raw inputs."""
     import numpy as np
+    import pandas as pd
+    from PIL import Image
 
-    if meta["modality"] == "text":
-        return ["an example sentence"]
-    if meta["modality"] == "audio":
-        return np.zeros((1, 16000), dtype=np.float32)
-    return np.zeros((1, *meta.get("input_shape", [3, 224, 224])), dtype=np.float32)
+    from tunelab.preprocess import encode_image
+
+    modality = meta["modality"]
+    if modality == "text":
+        return pd.DataFrame({"text": ["an example review"]})
+    if modality == "audio":
+        return pd.DataFrame({"audio": [np.zeros(1600, dtype=np.float32).tolist()]})
+    size = meta["preprocess"]["size"]
+    return pd.DataFrame({"image": [encode_image(Image.new("RGB", (size, size), (128, 128, 128)))]})
 
 
 def register_run_model(client: MlflowClient, run_id: str, name: str) -> str:
@@ -55,8 +62,7 @@ def register_run_model(client: MlflowClient, run_id: str, name: str) -> str:
         config = client.download_artifacts(run_id, "config.yaml", str(folder))
         meta_path = client.download_artifacts(run_id, "model_meta.json", str(folder))
         meta = json.loads(Path(meta_path).read_text())
-        mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
-        with mlflow.start_run(run_id=run_id):
+        with _fluent_uri(client._tracking_client.tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=pyfunc_model.__file__,
@@ -68,3 +74,27 @@ def register_run_model(client: MlflowClient, run_id: str, name: str) -> str:
     version = info.registered_model_version
     client.set_tag(run_id, "tunelab.registered_model", f"{name}/{version}")
     return f"models:/{name}/{version}"
+
+
+@contextmanager
+def _fluent_uri(uri: str):
+    """Point MLflow's fluent API at ``uri`` for a moment. ``mlflow.set_tracking_uri`` also writes
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into os.environ, which would send every later run
+    of this process (and its subprocesses) to this store: put everything back afterwards."""
+    import mlflow
+    from mlflow.tracking import _model_registry, _tracking_service
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {k: os.environ.get(k) for k in keys}
+    saved = (_tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -281,7 +281,9 @@ class ImageDataModule(TaskDataModule):
         if training and self.augment is not None:
             return create_transform(is_training=True, **common, **self.augment)
         # crop_pct=1: small task images are already framed; cropping would cut digits off.
-        return create_transform(is_training=False, crop_pct=1.0, **common)
+        from tunelab.preprocess import image_eval_transform
+
+        return image_eval_transform(size, common["mean"], common["std"], common["interpolation"])
 
     def dataset(self, split: str, training: bool = False) -> Dataset:
         self.scan()

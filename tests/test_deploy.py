@@ -1,0 +1,160 @@
+"""Deployment: exports that match PyTorch, tunelab-predict, and `mlflow models serve` answering
+posted images with the same labels tunelab-predict gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import VENV_BIN, compose_cfg, write_text_csv
+from tunelab import export as export_cli
+from tunelab import predict as predict_cli
+from tunelab.data.sources import load_image
+from tunelab.preprocess import encode_image
+from tunelab.trained import Predictor, from_checkpoint, load_adapter
+from tunelab.train import train
+
+
+def best_checkpoint(cfg) -> Path:
+    return next(Path(cfg.paths.output_dir, "checkpoints").glob("epoch*.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A smoke EfficientNet-Lite0 on MNIST-5k, registered as models:/digits/1, and 12 test images."""
+    tmp = tmp_path_factory.mktemp("digits")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    cfg = compose_cfg(tmp, ["logger.register_best=digits"])
+    train(cfg)
+    from tunelab.config import build
+
+    dm = build(cfg.data, "data").scan()
+    table, indices = dm.splits["test"]
+    folder = tmp / "new_images"
+    folder.mkdir()
+    for n, j in enumerate(indices[:12]):
+        load_image(table.items[j]).save(folder / f"{n:02d}.png")
+    return cfg, folder
+
+
+@pytest.mark.slow
+def test_timm_export_matches_pytorch_and_predict_labels_a_folder(digits, tmp_path, capsys):
+    cfg, images = digits
+    out = tmp_path / "export"
+    export_cli.main([str(best_checkpoint(cfg)), "--out", str(out)])
+    meta = json.loads((out / "tunelab_export.json").read_text())
+    assert meta["formats"]["onnx"]["max_abs_diff"] <= 1e-3 and meta["formats"]["torchscript"]["max_abs_diff"] <= 1e-3
+    assert meta["classes"] == [str(i) for i in range(10)] and meta["preprocess"]["size"] == 64
+    assert "max |diff| vs PyTorch" in capsys.readouterr().out
+
+    predict_cli.main([str(out), str(images), "--out", str(tmp_path / "p.csv")])
+    onnx = pd.read_csv(tmp_path / "p.csv", dtype={"label": str})
+    predict_cli.main([str(out), str(images), "--out", str(tmp_path / "t.csv"), "--runtime", "torchscript"])
+    assert list(pd.read_csv(tmp_path / "t.csv", dtype={"label": str})["label"]) == list(onnx["label"])
+
+    # the same files through PyTorch and the training-time eval transform
+    trained = from_checkpoint(best_checkpoint(cfg))
+    adapter = load_adapter(trained)
+    from tunelab.preprocess import Preprocessor
+
+    batch = Preprocessor(trained.meta["preprocess"])(sorted(str(p) for p in images.iterdir()))
+    with torch.no_grad():
+        logits = Predictor(adapter, "classification")(batch)
+    assert list(onnx["label"]) == [str(int(i)) for i in logits.argmax(1)]
+    np.testing.assert_allclose(onnx["confidence"], torch.softmax(logits, 1).max(1).values.numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_transformers_export_runs_in_onnxruntime_at_any_length(tiny_bert, tmp_path):
+    texts = write_text_csv(tmp_path / "texts.csv")
+    cfg = compose_cfg(tmp_path, ["model=hf_text", f"model.path={tiny_bert}", "data=text_table",
+                                 f"data.source.path={texts}"])
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    train(cfg)
+    out = tmp_path / "export"
+    export_cli.main([str(best_checkpoint(cfg)), "--out", str(out)])
+    meta = json.loads((out / "tunelab_export.json").read_text())
+    assert set(meta["formats"]) == {"onnx", "torchscript", "hf"}
+    assert meta["formats"]["onnx"]["max_abs_diff"] <= 1e-3
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(out / "hf") is not None  # transformers' own format loads back
+    assert (out / "preprocess" / "tokenizer_config.json").is_file()
+
+    new = pd.DataFrame({"text": ["great", "the drug was awful and painful for me, I stopped after two weeks of it"]})
+    new.to_csv(tmp_path / "new.csv", index=False)
+    exported = predict_cli.Exported(out)
+    scores = exported.scores(list(new["text"]))
+    trained = from_checkpoint(best_checkpoint(cfg))
+    adapter = load_adapter(trained)
+    with torch.no_grad():
+        want = Predictor(adapter, "classification")(exported.preprocess(list(new["text"])))
+    np.testing.assert_allclose(scores, want.numpy(), atol=1e-4)  # a length the export never saw
+
+
+def test_exporting_a_checkpoint_without_its_config_is_refused(tmp_path, capsys):
+    lonely = tmp_path / "x" / "checkpoints" / "model.ckpt"
+    lonely.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}}, lonely)
+    with pytest.raises(SystemExit) as exit_info:
+        export_cli.main([str(lonely), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "resolved_config.yaml" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_like_tunelab_predict(digits, tmp_path):
+    cfg, images = digits
+    out = tmp_path / "export"
+    export_cli.main([str(best_checkpoint(cfg)), "--out", str(out), "--format", "onnx"])
+    predict_cli.main([str(out), str(images), "--out", str(tmp_path / "p.csv")])
+    expected = list(pd.read_csv(tmp_path / "p.csv", dtype={"label": str})["label"])
+
+    port = _free_port()
+    store = f"sqlite:///{cfg.paths.log_dir}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store,
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # serve runs `uvicorn` by name
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/digits/1",
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/ping", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow models serve did not start: {(tmp_path / 'serve.log').read_text()[-3000:]}")
+                time.sleep(1)
+        files = sorted(images.iterdir())
+        body = {"dataframe_split": {"columns": ["image"], "data": [[encode_image(load_image(f))] for f in files]}}
+        request = urllib.request.Request(url + "/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    served = [str(row["label"]) for row in answer["predictions"]]
+    assert served == expected
