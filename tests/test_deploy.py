@@ -158,3 +158,40 @@ def test_mlflow_models_serve_answers_like_tunelab_predict(digits, tmp_path):
         server.wait(timeout=30)
     served = [str(row["label"]) for row in answer["predictions"]]
     assert served == expected
+
+
+@pytest.mark.slow
+def test_retraining_starts_from_the_registered_model_and_records_lineage(digits, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    first, _ = digits
+    store = f"sqlite:///{first.paths.log_dir}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # the store that holds models:/digits/1
+    cfg = compose_cfg(tmp_path, ["init_from=models:/digits/1", "strategy=linear_probe"])
+    train(cfg)
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id],
+                              "tags.`tunelab.init_from` = 'models:/digits/1'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    registered = client.get_model_version("digits", "1")
+    assert runs[0].data.tags["tunelab.init_from_run"] == registered.run_id
+    before = torch.load(best_checkpoint(first), weights_only=True)["state_dict"]
+    after = torch.load(best_checkpoint(cfg), weights_only=True)["state_dict"]
+    backbone = [k for k in before if k.startswith("model.") and "classifier" not in k]
+    assert backbone and all(torch.equal(before[k], after[k]) for k in backbone)  # a probe keeps what it got
+
+
+def test_init_from_a_model_that_does_not_fit_is_refused(tmp_path, tiny_bert):
+    from tunelab.config import build
+    from tunelab.errors import TunelabError
+    from tunelab.trained import init_from
+
+    cfg = compose_cfg(tmp_path, ["model=hf_text", f"model.path={tiny_bert}"])
+    adapter = build(cfg.model, "model", num_outputs=3)
+    ckpt = tmp_path / "run" / "checkpoints" / "x.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"model.conv_stem.weight": torch.zeros(1)}}, ckpt)
+    (tmp_path / "run" / "resolved_config.yaml").write_text("model: {}\n")
+    (tmp_path / "run" / "model_meta.json").write_text("{}")
+    with pytest.raises(TunelabError, match="none of its weights fit"):
+        init_from(adapter, str(ckpt), "sqlite:///" + str(tmp_path / "m.db"))

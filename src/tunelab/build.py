@@ -24,6 +24,7 @@ class Parts:
     module: FineTuneModule
     base_lr: float
     pretrained: object = None  # a frozen copy of the model before training (retention.enabled)
+    lineage: dict = None  # tags naming the model this run started from (init_from)
 
     def stage_table(self) -> str:
         sizes = {n: p.numel() for n, p in self.adapter.model.named_parameters()}
@@ -65,6 +66,12 @@ def build_parts(cfg: DictConfig) -> Parts:
             f"data={datamodule.name} holds {datamodule.modality} but the model takes {adapter.modality} "
             f"({adapter.description}); pick a matching pair, e.g. {EXAMPLES[datamodule.modality]}."
         )
+    lineage = {}
+    if cfg.get("init_from"):  # re-training: start from a trained model instead of the pretrained one
+        from tunelab.tracking import tracking_uri
+        from tunelab.trained import init_from
+
+        lineage = init_from(adapter, str(cfg.init_from), tracking_uri(cfg))
     datamodule.set_model_data_config(adapter.data_config)
     stages = keep_frozen(build(cfg.strategy, "strategy")(adapter.group_names), adapter.frozen_groups)
     check_stages(stages, adapter.group_names, int(cfg.trainer.max_epochs),
@@ -85,4 +92,4 @@ def build_parts(cfg: DictConfig) -> Parts:
         from tunelab.retention import snapshot
 
         pretrained = snapshot(adapter.model)
-    return Parts(datamodule, adapter, stages, module, float(cfg.optimizer.lr), pretrained)
+    return Parts(datamodule, adapter, stages, module, float(cfg.optimizer.lr), pretrained, lineage)

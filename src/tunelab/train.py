@@ -100,6 +100,8 @@ def _fit_and_test(cfg: DictConfig, job, ranks) -> dict[str, float]:
     with (mlflow_run(cfg, run_name=cfg.get("run_name")) if rank == 0 else no_run()) as run:
         if ranks is not None:
             ranks.on_failure = run.fail  # a dead sibling rank fails this run at once
+        for key, value in (parts.lineage or {}).items():
+            run.set_tag(key, value)
         meta = json.dumps(model_meta(parts), indent=1)
         run.log_text(table, "stage_table.txt")
         run.log_text(meta, "model_meta.json")  # with config.yaml: what rebuilds the model later

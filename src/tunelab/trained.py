@@ -117,3 +117,34 @@ class Predictor(torch.nn.Module):
     def forward(self, x):
         out = self.model(x)
         return out.squeeze(-1) * self.std + self.mean if self.task == "regression" else out
+
+
+def init_from(adapter, source: str, uri: str) -> dict[str, str]:
+    """Start a new run from a trained model's weights (re-training on new data).
+
+    Every tensor whose name and shape match is copied; a head with another number of classes
+    is skipped and stays new. Returns the lineage tags for the new run.
+    """
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="tunelab-init-"))
+    try:
+        trained = resolve(source, MlflowClient(uri), folder)
+        try:
+            state = torch.load(trained.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        except Exception as err:  # noqa: BLE001
+            raise TunelabError(f"init_from={source}: cannot read its checkpoint ({type(err).__name__}: {err})") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    own = adapter.model.state_dict()
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise TunelabError(f"init_from={source}: none of its weights fit this model ({adapter.description}); "
+                           "re-training needs the same model config.")
+    adapter.model.load_state_dict(usable, strict=False)
+    skipped = sorted(set(own) - set(usable))
+    return {"tunelab.init_from": source, "tunelab.init_from_run": trained.run_id or "",
+            "tunelab.init_from_skipped": ", ".join(skipped)[:4000] or "none"}
