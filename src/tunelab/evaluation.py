@@ -89,10 +89,7 @@ def _safe(name: str) -> str:
 
 def reliability_plot(out: Outputs, path: Path, bins: int = 15) -> Path:
     """Confidence vs accuracy per bin: a calibrated model sits on the diagonal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tunelab.plots import figure, save
 
     probs = torch.softmax(out.scores, dim=1)
     confidence, predicted = probs.max(dim=1)
@@ -105,7 +102,7 @@ def reliability_plot(out: Outputs, path: Path, bins: int = 15) -> Path:
             centers.append(float(confidence[inside].mean()))
             accuracy.append(float(correct[inside].mean()))
             counts.append(int(inside.sum()))
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = figure((4.5, 4.5))
     ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfectly calibrated")
     ax.plot(centers, accuracy, "o-", label="model")
     ax.set_xlabel("confidence")
@@ -113,29 +110,20 @@ def reliability_plot(out: Outputs, path: Path, bins: int = 15) -> Path:
     ece = multiclass_calibration_error(probs, out.targets.long(), probs.shape[1], n_bins=bins)
     ax.set_title(f"reliability (ECE {float(ece):.3f}, {len(out.targets)} samples)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def residual_plot(out: Outputs, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tunelab.plots import figure, save
 
     pred, y = out.scores.float().flatten().numpy(), out.targets.float().flatten().numpy()
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = figure((5, 4))
     ax.scatter(pred, y - pred, s=6, alpha=0.5)
     ax.axhline(0, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("prediction")
     ax.set_ylabel("target - prediction")
     ax.set_title("residuals", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def confusion(out: Outputs) -> torch.Tensor:

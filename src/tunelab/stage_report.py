@@ -42,14 +42,11 @@ def stage_table(stages: list[Stage], groups: list[LayerGroup], sizes: dict[str, 
 def plot_lr_history(history: list[tuple[int, dict[str, float]]], boundaries: list[tuple[int, str]],
                     path: Path) -> Path:
     """One line per layer group (LR against optimizer step), dashed lines at stage starts."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
+    from tunelab.plots import figure, save
 
     steps = [step for step, _ in history]
     groups = list(history[0][1]) if history else []
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = figure((10, 4.5))
     for g in groups:
         ax.plot(steps, [lrs[g] for _, lrs in history], label=g, linewidth=1.2, drawstyle="steps-post")
     for step, name in boundaries:
@@ -59,21 +56,15 @@ def plot_lr_history(history: list[tuple[int, dict[str, float]]], boundaries: lis
     ax.set_ylabel("learning rate")
     ax.set_title("LR per layer group (0 = frozen)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_confusion(matrix, classes: list[str], path: Path) -> Path:
     """Test-set confusion matrix: counts, rows = true class, columns = predicted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tunelab.plots import figure, save
 
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.5 * n), min(12, 1.6 + 0.5 * n)))
+    fig, ax = figure((min(12, 2 + 0.5 * n), min(12, 1.6 + 0.5 * n)))
     ax.imshow(matrix, cmap="Blues")
     names = [c[:14] for c in classes]
     ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=7)
@@ -87,7 +78,4 @@ def plot_confusion(matrix, classes: list[str], path: Path) -> Path:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("test confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

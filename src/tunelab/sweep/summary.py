@@ -89,16 +89,13 @@ def format_table(trials: list[Trial], objective: str, mode: str) -> str:
 
 def plot(trials: list[Trial], objective: str, mode: str, path: Path) -> Path | None:
     """Objective per trial in launch order, with the best so far: how the sweep progressed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tunelab.plots import figure, save
 
     done = [t for t in sorted(trials, key=lambda t: t.start) if t.value is not None and math.isfinite(t.value)]
     if not done:
         return None
     colours = {"FINISHED": "tab:blue", PRUNED: "tab:orange"}
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(done)), 4))
+    fig, ax = figure((max(6, 0.5 * len(done)), 4))
     xs = range(len(done))
     ax.bar(xs, [t.value for t in done], color=[colours.get(t.status, "tab:red") for t in done])
     best = best_trial(done, mode) or done[0]
@@ -107,7 +104,4 @@ def plot(trials: list[Trial], objective: str, mode: str, path: Path) -> Path | N
     ax.set_ylabel(objective)
     ax.set_title(f"{objective} per trial (blue finished, orange pruned: last value before pruning)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
