@@ -195,3 +195,49 @@ def test_init_from_a_model_that_does_not_fit_is_refused(tmp_path, tiny_bert):
     (tmp_path / "run" / "model_meta.json").write_text("{}")
     with pytest.raises(TunelabError, match="none of its weights fit"):
         init_from(adapter, str(ckpt), "sqlite:///" + str(tmp_path / "m.db"))
+
+
+@pytest.mark.slow
+def test_monitor_passes_new_digits_and_flags_inverted_ones(digits, tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+    from PIL import ImageOps
+
+    from tunelab import monitor
+
+    cfg, _ = digits
+    from tunelab.config import build
+
+    dm = build(cfg.data, "data").scan()
+    table, indices = dm.splits["test"]
+    same, inverted = tmp_path / "same", tmp_path / "inverted"
+    same.mkdir(), inverted.mkdir()
+    for n, j in enumerate(indices[:150]):
+        image = load_image(table.items[j])
+        image.save(same / f"{n:03d}.png")
+        ImageOps.invert(image).save(inverted / f"{n:03d}.png")  # a scanner that flipped black and white
+    ckpt = str(best_checkpoint(cfg))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    monitor.main([ckpt, str(same)])  # returns: exit status 0
+    assert "no shift beyond the thresholds (150 inputs)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        monitor.main([ckpt, str(inverted)])
+    assert exit_info.value.code == monitor.RETRAIN_EXIT
+    verdict = capsys.readouterr().out
+    assert "re-training recommended:" in verdict and "embedding_shift" in verdict.split("recommended:")[1]
+
+    client = MlflowClient(f"sqlite:///{cfg.paths.log_dir}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id], "tags.`tunelab.kind` = 'monitor'")
+    assert sorted(r.data.metrics["monitor/retrain"] for r in runs) == [0.0, 1.0]
+    assert all("monitor_report.png" in {a.path for a in client.list_artifacts(r.info.run_id)} for r in runs)
+
+
+def test_psi_and_embedding_shift_are_zero_for_identical_data_and_grow_with_shift():
+    from tunelab.monitor import embedding_shift, psi
+
+    counts = np.array([50.0, 30.0, 20.0])
+    assert psi(counts, counts) == pytest.approx(0.0, abs=1e-9)
+    assert psi(counts, np.array([20.0, 30.0, 50.0])) > 0.25
+    x = np.random.default_rng(0).normal(size=(500, 16))
+    assert embedding_shift(x, x) == pytest.approx(0.0, abs=1e-9)
+    assert embedding_shift(x, x + 2.0) > embedding_shift(x, x + 0.5) > 0.0

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def figure(size: tuple[float, float]):
+def figure(size: tuple[float, float], ncols: int = 1):
     """A (figure, axes) pair on the Agg backend (servers and CI have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=size)
+    return plt.subplots(1, ncols, figsize=size)
 
 
 def save(fig, path: Path) -> Path:

@@ -1,0 +1,183 @@
+"""``tunelab-monitor``: is a batch of new production inputs still what the model was trained on?
+
+    tunelab-monitor models:/digits/1 incoming_images/
+    tunelab-monitor runs:/<run id> new_reviews.csv --column review
+
+Compares the new inputs with the training data's reference split (``--reference val``) on
+three signals: the distribution of predicted classes (PSI), the shift of the representation
+the head reads (distance between mean embeddings in units of the reference spread), and the
+drop in mean confidence. Writes a PNG report, logs it to MLflow (tag ``tunelab.monitor_of``),
+and exits 0 when the batch looks like the training data, 3 when re-training is recommended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunelab.errors import TunelabError
+
+RETRAIN_EXIT = 3
+
+
+@dataclass
+class Signals:
+    probs: np.ndarray  # (N, C) softmax
+    features: np.ndarray  # (N, D) the head's input
+
+
+def psi(reference: np.ndarray, current: np.ndarray, eps: float = 1e-4) -> float:
+    """Population stability index between two categorical distributions (counts or shares)."""
+    p = reference / reference.sum() + eps
+    q = current / current.sum() + eps
+    return float(((q - p) * np.log(q / p)).sum())
+
+
+def embedding_shift(reference: np.ndarray, current: np.ndarray) -> float:
+    """How far the new batch's mean embedding moved, in units of the reference's own spread
+    (mean distance of a reference sample to the reference mean). ~0 for the same data."""
+    centre = reference.mean(0)
+    spread = np.linalg.norm(reference - centre, axis=1).mean()
+    return float(np.linalg.norm(current.mean(0) - centre) / max(spread, 1e-12))
+
+
+def compare(reference: Signals, current: Signals) -> dict[str, float]:
+    classes = reference.probs.shape[1]
+    ref_counts = np.bincount(reference.probs.argmax(1), minlength=classes).astype(float)
+    new_counts = np.bincount(current.probs.argmax(1), minlength=classes).astype(float)
+    return {
+        "monitor/prediction_psi": psi(ref_counts, new_counts),
+        "monitor/embedding_shift": embedding_shift(reference.features, current.features),
+        "monitor/confidence_drop": float(reference.probs.max(1).mean() - current.probs.max(1).mean()),
+        "monitor/samples": float(len(current.probs)),
+    }
+
+
+THRESHOLDS = {"monitor/prediction_psi": 0.25, "monitor/embedding_shift": 0.5, "monitor/confidence_drop": 0.1}
+
+
+@torch.no_grad()
+def signals(adapter, batches) -> Signals:
+    """Softmax and head inputs for every batch of model inputs."""
+    from tunelab.evaluation import to_device
+    from tunelab.retention import head_module
+
+    head = next(g for g in adapter.groups if g.name == "head").param_names
+    captured = []
+    hook = head_module(adapter.model, head).register_forward_hook(
+        lambda module, args, output: captured.append(args[0].detach().flatten(1).float().cpu()))
+    probs = []
+    try:
+        for inputs in batches:
+            probs.append(torch.softmax(adapter.model.eval()(to_device(inputs, "cpu")).float(), dim=1))
+    finally:
+        hook.remove()
+    return Signals(torch.cat(probs).numpy(), torch.cat(captured).numpy())
+
+
+def report_plot(reference: Signals, current: Signals, metrics: dict, classes: list[str], path: Path) -> Path:
+    from tunelab.plots import figure, save
+
+    fig, (left, right) = figure((10, 3.8), ncols=2)
+    n = reference.probs.shape[1]
+    ref = np.bincount(reference.probs.argmax(1), minlength=n) / len(reference.probs)
+    new = np.bincount(current.probs.argmax(1), minlength=n) / len(current.probs)
+    xs = np.arange(n)
+    left.bar(xs - 0.2, ref, width=0.4, label="reference")
+    left.bar(xs + 0.2, new, width=0.4, label="new")
+    left.set_xticks(xs, [c[:10] for c in classes], rotation=60, fontsize=7)
+    left.set_title(f"predicted classes (PSI {metrics['monitor/prediction_psi']:.3f})", fontsize=9)
+    left.legend(fontsize=8)
+    bins = np.linspace(0, 1, 21)
+    right.hist(reference.probs.max(1), bins=bins, alpha=0.6, density=True, label="reference")
+    right.hist(current.probs.max(1), bins=bins, alpha=0.6, density=True, label="new")
+    right.set_title(f"confidence (drop {metrics['monitor/confidence_drop']:.3f}), "
+                    f"embedding shift {metrics['monitor/embedding_shift']:.2f}", fontsize=9)
+    right.legend(fontsize=8)
+    return save(fig, path)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="tunelab-monitor", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                                     epilog=f"Exit status: 0 = looks like the training data, {RETRAIN_EXIT} = "
+                                     "re-training recommended, 2 = bad input.")
+    parser.add_argument("source", help="a checkpoint (.ckpt) in a tunelab run folder, runs:/RUN_ID, or models:/NAME/VERSION")
+    parser.add_argument("inputs", type=Path, help="new inputs: a folder of images / audio files, or a CSV")
+    parser.add_argument("--column", default=None, help="the CSV column with the inputs (default: text or path)")
+    parser.add_argument("--reference", default="val", help="the training data split to compare with (default val)")
+    for key, value in THRESHOLDS.items():
+        name = key.split("/")[1].replace("_", "-")
+        parser.add_argument(f"--max-{name}", type=float, default=value, help=f"threshold (default {value})")
+    parser.add_argument("--store", type=Path, default=None, help="MLflow SQLite store for runs:/ and models:/ sources")
+    parser.add_argument("--no-log", action="store_true", help="print the verdict, log nothing to MLflow")
+    return parser.parse_args(argv)
+
+
+def monitor(args) -> tuple[dict[str, float], list[str]]:
+    import os
+
+    from tunelab.config import build
+    from tunelab.eval_cli import _client
+    from tunelab.predict import read_inputs
+    from tunelab.preprocess import Preprocessor
+    from tunelab.trained import load_adapter, resolve
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="tunelab-monitor-") as tmp:
+        trained = resolve(args.source, _client(args.store), Path(tmp))
+        if trained.meta["task"] != "classification":
+            raise TunelabError("tunelab-monitor watches classifiers (prediction shares and confidence).")
+        adapter = load_adapter(trained)
+        dm = build(trained.cfg.data, "data").scan()
+        dm.set_model_data_config(adapter.data_config)
+        if args.reference not in dm.splits:
+            raise TunelabError(f"--reference {args.reference!r}: the training data has splits {sorted(dm.splits)}.")
+        reference = signals(adapter, (x for x, _ in dm._loader(args.reference, training=False)))
+        config = adapter.data_config
+        preprocess = Preprocessor(trained.meta["preprocess"], config.get("tokenizer") or config.get("feature_extractor"))
+        items = read_inputs(args.inputs, trained.meta["preprocess"]["modality"], args.column)
+        current = signals(adapter, (preprocess(items[i: i + 64]) for i in range(0, len(items), 64)))
+        metrics = compare(reference, current)
+        limits = {k: getattr(args, f"max_{k.split('/')[1]}") for k in THRESHOLDS}
+        alarms = [f"{k.split('/')[1]} {metrics[k]:.3f} > {limit:g}" for k, limit in limits.items() if metrics[k] > limit]
+        metrics["monitor/retrain"] = float(bool(alarms))
+        if not args.no_log:
+            _log(trained, args, metrics, reference, current, Path(tmp))
+    return metrics, alarms
+
+
+def _log(trained, args, metrics, reference, current, tmp: Path) -> None:
+    from tunelab.tracking import mlflow_run
+
+    with mlflow_run(trained.cfg, run_name=f"monitor {args.inputs.name}") as run:
+        run.set_tag("tunelab.kind", "monitor")
+        run.set_tag("tunelab.monitor_inputs", str(args.inputs))
+        if trained.run_id:
+            run.set_tag("tunelab.monitor_of", trained.run_id)
+        run.log_metrics(metrics)
+        run.log_artifact(report_plot(reference, current, metrics, trained.classes, tmp / "monitor_report.png"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        metrics, alarms = monitor(args)
+    except TunelabError as err:
+        print(f"tunelab-monitor: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    for key in THRESHOLDS:
+        print(f"{key.split('/')[1]:18s} {metrics[key]:.3f}")
+    if alarms:
+        print("re-training recommended: " + "; ".join(alarms))
+        sys.exit(RETRAIN_EXIT)
+    print(f"no shift beyond the thresholds ({int(metrics['monitor/samples'])} inputs)")
+
+
+if __name__ == "__main__":
+    main()
