@@ -241,3 +241,18 @@ def test_psi_and_embedding_shift_are_zero_for_identical_data_and_grow_with_shift
     x = np.random.default_rng(0).normal(size=(500, 16))
     assert embedding_shift(x, x) == pytest.approx(0.0, abs=1e-9)
     assert embedding_shift(x, x + 2.0) > embedding_shift(x, x + 0.5) > 0.0
+
+
+@pytest.mark.slow
+def test_a_lora_model_exports_merged_and_matches(tmp_path):
+    cfg = compose_cfg(tmp_path, ["strategy=lora"])
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    train(cfg)
+    out = tmp_path / "export"
+    export_cli.main([str(best_checkpoint(cfg)), "--out", str(out), "--format", "onnx"])
+    meta = json.loads((out / "tunelab_export.json").read_text())
+    assert meta["lora_merged"] and meta["formats"]["onnx"]["max_abs_diff"] <= 1e-3
+    import onnx
+
+    names = {node.name for node in onnx.load(str(out / "model.onnx")).graph.initializer}
+    assert not any("lora" in n.lower() for n in names), "LoRA adapters were exported unmerged"

