@@ -35,6 +35,8 @@ def test_rotated_digits_lose_accuracy_and_a_linear_probe_keeps_the_backbone(cfg_
     # the backbone never trained: no drift, the same representation
     assert logged["retention/drift/backbone"] == 0.0
     assert logged["retention/cka"] == pytest.approx(1.0, abs=1e-6)
+    # and it still names scikit-image's coffee, cat, rocket and motorcycle photos as ImageNet did
+    assert logged["retention/imagenet_top1_pretrained"] == 1.0 == logged["retention/imagenet_top1"]
 
 
 @pytest.mark.slow
@@ -43,6 +45,8 @@ def test_full_fine_tuning_moves_the_backbone(cfg_factory):
     assert metrics["retention/drift/backbone"] > 0
     assert metrics["retention/cka"] < 1.0
     assert all(metrics[k] >= 0 for k in metrics if k.startswith("retention/drift/"))
+    assert metrics["retention/imagenet_top1_pretrained"] == 1.0
+    assert metrics["retention/imagenet_top1"] <= 1.0
 
 
 def test_linear_cka_is_one_for_rotations_and_low_for_noise():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -67,11 +68,56 @@ def weight_drift(before: nn.Module, after: nn.Module, groups) -> dict[str, float
     return drift
 
 
-def measure(pretrained: nn.Module, finetuned: nn.Module, groups, inputs) -> dict[str, float]:
-    """``retention/drift/<group>``, ``retention/drift/backbone`` and ``retention/cka``."""
+# scikit-image's sample photos and the ImageNet classes that name what they show.
+IMAGENET_PHOTOS = {
+    "coffee": {967, 968, 504},        # espresso, cup, coffee mug
+    "chelsea": {281, 282, 285},       # tabby, tiger cat, Egyptian cat
+    "rocket": {657, 744, 812},        # missile, projectile, space shuttle
+    "stereo_motorcycle": {665, 670},  # moped, motor scooter
+}
+
+
+def imagenet_photos(data_config: dict):
+    """(batch, accepted label sets) of the photos above, transformed as the pretrained model was
+    evaluated on ImageNet; None when scikit-image is not installed."""
+    try:
+        import skimage.data
+    except ImportError:
+        return None
+    from PIL import Image
+    from timm.data import create_transform
+
+    transform = create_transform(**{k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct")
+                                    if k in data_config})
+    images = []
+    for name in IMAGENET_PHOTOS:
+        array = getattr(skimage.data, name)()
+        array = array[0] if isinstance(array, tuple) else array  # stereo_motorcycle: (left, right, disparity)
+        images.append(transform(Image.fromarray(array).convert("RGB")))
+    return torch.stack(images), list(IMAGENET_PHOTOS.values())
+
+
+def pretrained_task_top1(model: nn.Module, head_names, original_head: nn.Module, photos) -> float:
+    """Share of the photos whose top-1 ImageNet class, read by the original head from this
+    model's features, is one that names the photo."""
+    batch, accepted = photos
+    device = next(model.parameters()).device
+    logits = original_head.to(device)(features(model, head_names, batch.to(device)))
+    return float(np.mean([int(i) in ok for i, ok in zip(logits.argmax(1).tolist(), accepted)]))
+
+
+def measure(pretrained: nn.Module, finetuned: nn.Module, groups, inputs, original_head=None,
+            data_config: dict | None = None) -> dict[str, float]:
+    """``retention/drift/<group>``, ``retention/drift/backbone``, ``retention/cka`` and, where the
+    pretrained task's head and labelled photos exist, ``retention/imagenet_top1`` before/after."""
     head = next(g for g in groups if g.name == "head").param_names
     device = next(finetuned.parameters()).device
     pretrained = pretrained.to(device)
     metrics = {f"retention/drift/{g.replace('+', '_')}": v for g, v in weight_drift(pretrained, finetuned, groups).items()}
     metrics["retention/cka"] = linear_cka(features(pretrained, head, inputs), features(finetuned, head, inputs))
+    if original_head is not None and getattr(original_head, "out_features", 0) == 1000:
+        photos = imagenet_photos(data_config or {})
+        if photos is not None:
+            metrics["retention/imagenet_top1_pretrained"] = pretrained_task_top1(pretrained, head, original_head, photos)
+            metrics["retention/imagenet_top1"] = pretrained_task_top1(finetuned, head, original_head, photos)
     return metrics

@@ -164,7 +164,8 @@ def _retention(cfg: DictConfig, parts) -> dict[str, float]:
     loader = DataLoader(dm.dataset("test"), batch_size=int(cfg.retention.samples), collate_fn=dm.collate)
     inputs, _ = next(iter(loader))  # the reference batch: the first test samples
     device = next(parts.module.parameters()).device
-    return measure(parts.pretrained, parts.module.model, parts.adapter.groups, to_device(inputs, device))
+    return measure(parts.pretrained, parts.module.model, parts.adapter.groups, to_device(inputs, device),
+                   parts.adapter.pretrained_head, parts.adapter.data_config)
 
 
 def _batch_limit(limit) -> int | None:

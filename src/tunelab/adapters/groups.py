@@ -26,6 +26,9 @@ class Adapter:
     description: str = ""
     modality: str = "image"  # image, text or audio: which DataModules can feed it
     frozen_groups: tuple[str, ...] = ()  # groups no stage ever trains (e.g. a speech feature encoder)
+    # The pretrained model's own head when the new head replaced it (e.g. ImageNet's 1000
+    # classes): retention measures how well the fine-tuned backbone still serves it.
+    pretrained_head: object = None
 
     @property
     def group_names(self) -> list[str]:

@@ -68,6 +68,7 @@ def timm_adapter(
     else:
         weights, source = None, "random init"
     head_kept = load_into(model, weights, head_names, source) if weights is not None else False
+    original_head = _original_head(weights, head_names) if weights is not None and not head_kept else None
     if not head_kept:
         init_head(model.get_classifier(), head_init_std)
 
@@ -84,7 +85,19 @@ def timm_adapter(
         groups=groups,
         data_config=timm.data.resolve_data_config({}, model=model),
         description=f"timm {arch} ({source}, {head}, {len(groups)} layer groups)",
+        pretrained_head=original_head,
     )
+
+
+def _original_head(weights: dict, head_names: set[str]) -> nn.Linear | None:
+    """The checkpoint's own linear classifier (weight + bias), kept aside when a new head replaced it."""
+    weight = next((weights[n] for n in head_names if n.endswith("weight") and n in weights), None)
+    bias = next((weights[n] for n in head_names if n.endswith("bias") and n in weights), None)
+    if weight is None or weight.dim() != 2:
+        return None
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    head.load_state_dict({"weight": weight, **({"bias": bias} if bias is not None else {})})
+    return head.eval().requires_grad_(False)
 
 
 def _head_param_names(model: nn.Module) -> set[str]:
