@@ -99,3 +99,20 @@ def test_an_image_folder_of_your_own_is_an_ood_split_with_the_same_classes(tmp_p
     assert images.shape[1:] == (3, 32, 32) and len(dm.ood_dataset("scans")) == 12
     with pytest.raises(TunelabError, match="data.ood.other: its classes"):
         dm.ood_dataset("other")
+
+
+def test_minilm_sentence_pairs_are_a_pretrained_skill_random_init_lacks(tmp_path):
+    from conftest import compose_cfg
+    from tunelab.config import build
+    from tunelab.retention import sentence_similarity
+
+    results = {}
+    for pretrained in (True, False):
+        cfg = compose_cfg(tmp_path, ["model=minilm", f"model.pretrained={str(pretrained).lower()}"])
+        adapter = build(cfg.model, "model", num_outputs=3)
+        assert adapter.pretrained_task == ("sentence_similarity" if pretrained else None)
+        head = next(g for g in adapter.groups if g.name == "head").param_names
+        results[pretrained] = sentence_similarity(adapter.model, head, adapter.data_config["tokenizer"])
+    (ranked, margin), (_, random_margin) = results[True], results[False]
+    assert ranked == 1.0 and margin > 0.3
+    assert random_margin < margin / 2

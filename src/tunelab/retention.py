@@ -106,8 +106,51 @@ def pretrained_task_top1(model: nn.Module, head_names, original_head: nn.Module,
     return float(np.mean([int(i) in ok for i, ok in zip(logits.argmax(1).tolist(), accepted)]))
 
 
+# (sentence, a paraphrase of it, an unrelated sentence): a sentence-embedding model should put
+# the paraphrase closer. Fixed, so every run is scored on the same pairs.
+SENTENCE_TRIPLES = [
+    ("A man is playing a guitar.", "Someone plays an acoustic guitar.", "The stock market fell sharply today."),
+    ("The cat sleeps on the sofa.", "A kitten is napping on the couch.", "He repaired the engine of his truck."),
+    ("I take this pill every morning for my headache.", "Each morning I use this tablet against head pain.",
+     "The football match ended in a draw."),
+    ("It is raining heavily in the city.", "There is a strong downpour in town.", "She baked a chocolate cake for the party."),
+    ("The doctor prescribed antibiotics for the infection.", "The physician gave her antibiotics to treat the infection.",
+     "They went hiking in the mountains last weekend."),
+    ("This medication made me feel dizzy and tired.", "The drug left me lightheaded and exhausted.",
+     "The museum opens at nine o'clock."),
+]
+
+
+def sentence_similarity(model: nn.Module, head_names, tokenizer) -> tuple[float, float]:
+    """(share of triples ranked right, mean cosine margin paraphrase - unrelated)."""
+    device = next(model.parameters()).device
+    flat = [s for triple in SENTENCE_TRIPLES for s in triple]
+    batch = {k: v.to(device) for k, v in tokenizer(flat, padding=True, return_tensors="pt").items()}
+    emb = torch.nn.functional.normalize(features(model, head_names, batch), dim=1).view(len(SENTENCE_TRIPLES), 3, -1)
+    close = (emb[:, 0] * emb[:, 1]).sum(1)
+    far = (emb[:, 0] * emb[:, 2]).sum(1)
+    return float((close > far).float().mean()), float((close - far).mean())
+
+
+def pretrained_task(pretrained: nn.Module, finetuned: nn.Module, head, task: str | None, original_head,
+                    data_config: dict) -> dict[str, float]:
+    """The pretrained model's own task, before and after fine-tuning, where tunelab can score it."""
+    metrics = {}
+    if task == "imagenet":
+        photos = imagenet_photos(data_config)
+        if photos is not None:
+            metrics["retention/imagenet_top1_pretrained"] = pretrained_task_top1(pretrained, head, original_head, photos)
+            metrics["retention/imagenet_top1"] = pretrained_task_top1(finetuned, head, original_head, photos)
+    elif task == "sentence_similarity":
+        for label, model in (("_pretrained", pretrained), ("", finetuned)):
+            ranked, margin = sentence_similarity(model, head, data_config["tokenizer"])
+            metrics[f"retention/sentence_pairs{label}"] = ranked
+            metrics[f"retention/sentence_margin{label}"] = margin
+    return metrics
+
+
 def measure(pretrained: nn.Module, finetuned: nn.Module, groups, inputs, original_head=None,
-            data_config: dict | None = None) -> dict[str, float]:
+            data_config: dict | None = None, task: str | None = None) -> dict[str, float]:
     """``retention/drift/<group>``, ``retention/drift/backbone``, ``retention/cka`` and, where the
     pretrained task's head and labelled photos exist, ``retention/imagenet_top1`` before/after."""
     head = next(g for g in groups if g.name == "head").param_names
@@ -115,9 +158,5 @@ def measure(pretrained: nn.Module, finetuned: nn.Module, groups, inputs, origina
     pretrained = pretrained.to(device)
     metrics = {f"retention/drift/{g.replace('+', '_')}": v for g, v in weight_drift(pretrained, finetuned, groups).items()}
     metrics["retention/cka"] = linear_cka(features(pretrained, head, inputs), features(finetuned, head, inputs))
-    if original_head is not None and getattr(original_head, "out_features", 0) == 1000:
-        photos = imagenet_photos(data_config or {})
-        if photos is not None:
-            metrics["retention/imagenet_top1_pretrained"] = pretrained_task_top1(pretrained, head, original_head, photos)
-            metrics["retention/imagenet_top1"] = pretrained_task_top1(finetuned, head, original_head, photos)
+    metrics.update(pretrained_task(pretrained, finetuned, head, task, original_head, data_config or {}))
     return metrics

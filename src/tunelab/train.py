@@ -165,7 +165,7 @@ def _retention(cfg: DictConfig, parts) -> dict[str, float]:
     inputs, _ = next(iter(loader))  # the reference batch: the first test samples
     device = next(parts.module.parameters()).device
     return measure(parts.pretrained, parts.module.model, parts.adapter.groups, to_device(inputs, device),
-                   parts.adapter.pretrained_head, parts.adapter.data_config)
+                   parts.adapter.pretrained_head, parts.adapter.data_config, parts.adapter.pretrained_task)
 
 
 def _batch_limit(limit) -> int | None:

@@ -29,6 +29,7 @@ class Adapter:
     # The pretrained model's own head when the new head replaced it (e.g. ImageNet's 1000
     # classes): retention measures how well the fine-tuned backbone still serves it.
     pretrained_head: object = None
+    pretrained_task: str | None = None  # imagenet, sentence_similarity: what retention checks
 
     @property
     def group_names(self) -> list[str]:

@@ -67,6 +67,7 @@ def text_adapter(
     head_init_std: float = 0.02,
     lora_targets: list[str] | None = None,
     lora: dict | None = None,
+    pretrained_task: str | None = None,
 ) -> Adapter:
     """A text classifier / regressor from a local Hugging Face checkpoint.
 
@@ -74,7 +75,11 @@ def text_adapter(
     ``pretrained=false`` keeps the architecture and tokenizer but starts from random init.
     ``config``: a random model from scratch (``model_type`` + sizes), with ``tokenizer``.
     ``pooling``: cls, mean, last (decoders) or pooler; default last for decoders, else cls.
+    ``pretrained_task``: ``sentence_similarity`` for sentence-embedding checkpoints (MiniLM):
+    retention then checks that paraphrases still embed closer than unrelated sentences.
     """
+    if pretrained_task not in (None, "sentence_similarity"):
+        raise TunelabError(f"model.pretrained_task must be null or sentence_similarity, got {pretrained_task!r}.")
     given, path = path, resolve_checkpoint(path) if path else None
     backbone, model_config, source = load_backbone(path, pretrained, config, config_overrides)
     source = f"{source} {given}" if given else source
@@ -98,6 +103,7 @@ def text_adapter(
         description=f"transformers {type(backbone).__name__} ({source}, {pooling} pooling, new {num_outputs}-output head"
                     f"{note}, {len(groups)} layer groups)",
         modality="text",
+        pretrained_task=pretrained_task if pretrained else None,
     )
 
 

@@ -86,6 +86,7 @@ def timm_adapter(
         data_config=timm.data.resolve_data_config({}, model=model),
         description=f"timm {arch} ({source}, {head}, {len(groups)} layer groups)",
         pretrained_head=original_head,
+        pretrained_task="imagenet" if original_head is not None and original_head.out_features == 1000 else None,
     )
 
 
