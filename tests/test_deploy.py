@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -25,6 +23,7 @@ from tunelab.data.sources import load_image
 from tunelab.preprocess import encode_image
 from tunelab.trained import Predictor, from_checkpoint, load_adapter
 from tunelab.train import train
+from tunelab.ui import free_port
 
 
 def best_checkpoint(cfg) -> Path:
@@ -114,12 +113,6 @@ def test_exporting_a_checkpoint_without_its_config_is_refused(tmp_path, capsys):
     assert "resolved_config.yaml" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_like_tunelab_predict(digits, tmp_path):
     cfg, images = digits
@@ -128,7 +121,7 @@ def test_mlflow_models_serve_answers_like_tunelab_predict(digits, tmp_path):
     predict_cli.main([str(out), str(images), "--out", str(tmp_path / "p.csv")])
     expected = list(pd.read_csv(tmp_path / "p.csv", dtype={"label": str})["label"])
 
-    port = _free_port()
+    port = free_port()
     store = f"sqlite:///{cfg.paths.log_dir}/mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store,
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # serve runs `uvicorn` by name

@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import VENV_BIN, run_cli
+from tunelab.ui_browser import start_ui
 
 SMOKE_GRID = ["-m", "debug=smoke", "optimizer.lr=1e-3,3e-4", "strategy=full,linear_probe"]
 
@@ -130,34 +131,11 @@ def test_optuna_sweep_prunes_and_resumes_after_a_kill(tmp_path):
     assert "PRUNED" in result.stdout
 
 
-def start_server(tmp_path: Path) -> tuple[subprocess.Popen, str]:
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([str(VENV_BIN / "tunelab-ui"), "--store", str(tmp_path / "server" / "mlflow.db"),
-                             "--create", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail(f"the MLflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-
-
 @pytest.mark.slow
 def test_eight_parallel_trials_log_to_a_real_server(tmp_path):
-    proc, url = start_server(tmp_path)
-    try:
+    # a new store, MLflow's default number of server workers: the writers really run in parallel
+    with start_ui(tmp_path / "server" / "mlflow.db", create=True, workers=None,
+                  log_path=tmp_path / "server.log") as url:
         start = time.monotonic()
         result = run_cli(tmp_path, "-m", "debug=smoke", "hydra/launcher=joblib", "hydra.launcher.n_jobs=8",
                          "optimizer.lr=1e-3,3e-4", "strategy=full,linear_probe", "seed=1,2",
@@ -165,9 +143,6 @@ def test_eight_parallel_trials_log_to_a_real_server(tmp_path):
         seconds = time.monotonic() - start
         assert result.returncode == 0, result.stderr[-3000:]
         parents, children = sweep_runs(url)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
     assert len(parents) == 1 and len(children) == 8
     assert len({c.info.run_id for c in children}) == 8
     assert sorted(int(c.data.tags["tunelab.job_num"]) for c in children) == list(range(8))

@@ -14,15 +14,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tunelab import ui
+from tunelab.ui import free_port
 from tunelab.errors import TunelabError
 from tunelab.train import train
 from conftest import VENV_BIN
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listening_addresses(port: int) -> set[str]:
@@ -41,7 +36,7 @@ def ui_server(tmp_path):
     store = tmp_path / "server" / "mlflow.db"  # not where tunelab-train's local default would go
     store.parent.mkdir(parents=True)
     MlflowClient(f"sqlite:///{store}").create_experiment("already-there")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(VENV_BIN / "tunelab-ui"), "--store", str(store), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     banner = proc.stdout.readline() + proc.stdout.readline()
@@ -89,7 +84,7 @@ def test_training_logs_to_the_server(ui_server, cfg_factory, monkeypatch):
 
 
 def test_dead_server_fails_fast_before_training(cfg_factory, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     cfg = cfg_factory()
     start = time.monotonic()
     with pytest.raises(TunelabError, match="unreachable.*MLFLOW_TRACKING_URI"):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.errors import TunelabError
+from tunelab.ui import free_port
 
 log = logging.getLogger("tunelab")
 RANK_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -80,12 +80,6 @@ def global_rank() -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RankGroup:
     """Ranks 1..N-1 of one job on this machine, started from the resolved config file."""
 
@@ -99,7 +93,7 @@ class RankGroup:
         self.config_path = folder / "resolved_config.yaml"
         # Every rank reads this file: one resolution, so every rank trains the same config.
         self.config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        self.env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "NODE_RANK": "0",
+        self.env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NODE_RANK": "0",
                     "WORLD_SIZE": str(world), "TUNELAB_LOCAL_WORLD": str(world)}
 
     def start(self) -> None:

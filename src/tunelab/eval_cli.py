@@ -31,15 +31,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _client(store: Path | None):
-    from mlflow.tracking import MlflowClient
-
-    from tunelab.ui import default_store
-
-    uri = os.environ.get("MLFLOW_TRACKING_URI") if store is None else None
-    return MlflowClient(uri or f"sqlite:///{(store or default_store()).expanduser().resolve()}")
-
-
 def apply_data_overrides(cfg, overrides: list[str]) -> None:
     """``data=CHOICE`` composes that data config from conf/; ``data.KEY=VALUE`` edits the run's."""
     from hydra import compose, initialize_config_dir
@@ -75,11 +66,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
 
     from tunelab import evaluation
     from tunelab.config import build
-    from tunelab.trained import Predictor, load_adapter, resolve
+    from tunelab.trained import Predictor, load_adapter, resolve, store_client
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="tunelab-eval-") as tmp:
-        trained = resolve(args.source, _client(args.store), Path(tmp))
+        trained = resolve(args.source, store_client(args.store), Path(tmp))
         apply_data_overrides(trained.cfg, args.overrides)
         dm = build(trained.cfg.data, "data").scan()
         if args.split not in dm.splits:

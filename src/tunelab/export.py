@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -38,13 +37,6 @@ def _as_tensors(inputs, count: int) -> tuple[list[str], tuple[torch.Tensor, ...]
     if isinstance(inputs, dict):
         return list(inputs), tuple(v[:count] for v in inputs.values())
     return ["image"], (inputs[:count],)
-
-
-def real_inputs(dm, count: int = 16):
-    """The first test samples, collated as training collated them."""
-    loader = torch.utils.data.DataLoader(dm.dataset("test"), batch_size=count, collate_fn=dm.collate)
-    inputs, _ = next(iter(loader))
-    return inputs
 
 
 def _check(name: str, got: torch.Tensor, want: torch.Tensor, tolerance: float, path: Path) -> float:
@@ -119,7 +111,7 @@ def export(trained, out: Path, formats: list[str], tolerance: float = 1e-3) -> d
         merge_lora(adapter.model)  # one plain weight per layer: what runtimes expect
     dm = build(trained.cfg.data, "data").scan()
     dm.set_model_data_config(adapter.data_config)
-    names, check = _as_tensors(real_inputs(dm), 16)
+    names, check = _as_tensors(dm.first_inputs("test", 16), 16)
     example = tuple(t[:8] for t in check)  # traced on 8, checked on 16: the batch size is free
     module = Exportable(Predictor(adapter, dm.task), names, adapter.modality).eval()
     with torch.no_grad():
@@ -160,14 +152,13 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> None:
     import os
 
-    from tunelab.eval_cli import _client
-    from tunelab.trained import resolve
+    from tunelab.trained import resolve, store_client
 
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         with tempfile.TemporaryDirectory(prefix="tunelab-export-") as tmp:
-            trained = resolve(args.source, _client(args.store), Path(tmp))
+            trained = resolve(args.source, store_client(args.store), Path(tmp))
             formats = args.format or ["onnx", "torchscript", *(["hf"] if trained.meta["modality"] != "image" else [])]
             meta = export(trained, args.out, formats, args.tolerance)
     except TunelabError as err:

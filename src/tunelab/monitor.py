@@ -66,19 +66,15 @@ THRESHOLDS = {"monitor/prediction_psi": 0.25, "monitor/embedding_shift": 0.5, "m
 def signals(adapter, batches) -> Signals:
     """Softmax and head inputs for every batch of model inputs."""
     from tunelab.evaluation import to_device
-    from tunelab.retention import head_module
+    from tunelab.retention import forward_with_features
 
     head = next(g for g in adapter.groups if g.name == "head").param_names
-    captured = []
-    hook = head_module(adapter.model, head).register_forward_hook(
-        lambda module, args, output: captured.append(args[0].detach().flatten(1).float().cpu()))
-    probs = []
-    try:
-        for inputs in batches:
-            probs.append(torch.softmax(adapter.model.eval()(to_device(inputs, "cpu")).float(), dim=1))
-    finally:
-        hook.remove()
-    return Signals(torch.cat(probs).numpy(), torch.cat(captured).numpy())
+    probs, feats = [], []
+    for inputs in batches:
+        found, logits = forward_with_features(adapter.model, head, to_device(inputs, "cpu"))
+        feats.append(found.cpu())
+        probs.append(torch.softmax(logits.float(), dim=1))
+    return Signals(torch.cat(probs).numpy(), torch.cat(feats).numpy())
 
 
 def report_plot(reference: Signals, current: Signals, metrics: dict, classes: list[str], path: Path) -> Path:
@@ -123,14 +119,13 @@ def monitor(args) -> tuple[dict[str, float], list[str]]:
     import os
 
     from tunelab.config import build
-    from tunelab.eval_cli import _client
     from tunelab.predict import read_inputs
     from tunelab.preprocess import Preprocessor
-    from tunelab.trained import load_adapter, resolve
+    from tunelab.trained import load_adapter, resolve, store_client
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="tunelab-monitor-") as tmp:
-        trained = resolve(args.source, _client(args.store), Path(tmp))
+        trained = resolve(args.source, store_client(args.store), Path(tmp))
         if trained.meta["task"] != "classification":
             raise TunelabError("tunelab-monitor watches classifiers (prediction shares and confidence).")
         adapter = load_adapter(trained)

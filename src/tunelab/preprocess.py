@@ -27,11 +27,9 @@ def image_eval_transform(size: int, mean, std, interpolation: str = "bilinear"):
 
 def settings_from(dm, adapter) -> dict:
     """What a model needs done to raw inputs, as plain JSON (the tokenizer is saved separately)."""
-    config = adapter.data_config
     if adapter.modality == "image":
-        size = dm.image_size or config.get("input_size", (3, 224, 224))[-1]
-        return {"modality": "image", "size": int(size), "mean": list(config.get("mean", (0.485, 0.456, 0.406))),
-                "std": list(config.get("std", (0.229, 0.224, 0.225))), "interpolation": config.get("interpolation", "bilinear")}
+        return {"modality": "image", **dm.eval_settings()}
+    config = adapter.data_config
     if adapter.modality == "text":
         return {"modality": "text", "max_length": int(dm.max_length)}
     return {"modality": "audio", "sampling_rate": int(config["sampling_rate"]), "max_seconds": float(dm.max_seconds)}

@@ -29,13 +29,13 @@ class TunelabModel(mlflow.pyfunc.PythonModel):
 
         from omegaconf import OmegaConf
 
-        from tunelab.trained import Trained, load_adapter
+        from tunelab.trained import Predictor, Trained, load_adapter
 
         with open(context.artifacts["meta"]) as f:
             self.meta = json.load(f)
         trained = Trained(OmegaConf.load(context.artifacts["config"]), self.meta, Path(context.artifacts["checkpoint"]))
         self.adapter = load_adapter(trained)
-        self.mean, self.std = self.adapter.target_stats
+        self.predictor = Predictor(self.adapter, self.meta["task"]).eval()
 
     def _inputs(self, data):
         from tunelab.preprocess import Preprocessor
@@ -54,9 +54,9 @@ class TunelabModel(mlflow.pyfunc.PythonModel):
         import torch
 
         with torch.no_grad():
-            out = self.adapter.model(self._inputs(model_input))
+            out = self.predictor(self._inputs(model_input))
         if self.meta["task"] == "regression":
-            return pd.DataFrame({"prediction": (out.squeeze(-1) * self.std + self.mean).numpy()})
+            return pd.DataFrame({"prediction": out.numpy()})
         probs = torch.softmax(out.float(), dim=-1).numpy()
         classes = self.meta["classes"]
         frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])

@@ -7,15 +7,12 @@ sweep registers only its best trial and no run pays for logging a model nobody a
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
-
-from tunelab.errors import TunelabError
 
 
 def model_meta(parts) -> dict:
@@ -53,21 +50,17 @@ def register_run_model(client: MlflowClient, run_id: str, name: str) -> str:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # three files, no bars
 
+    from tunelab.trained import from_run
+
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        checkpoints = [p for p in Path(client.download_artifacts(run_id, "checkpoints", str(folder))).glob("*.ckpt")]
-        if not checkpoints:
-            raise TunelabError(f"run {run_id} logged no checkpoint (callbacks.model_checkpoint was off), "
-                               "so it has no model to register.")
-        config = client.download_artifacts(run_id, "config.yaml", str(folder))
-        meta_path = client.download_artifacts(run_id, "model_meta.json", str(folder))
-        meta = json.loads(Path(meta_path).read_text())
+        trained = from_run(client, run_id, Path(tmp))
         with _fluent_uri(client._tracking_client.tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=pyfunc_model.__file__,
-                artifacts={"checkpoint": str(checkpoints[0]), "config": config, "meta": meta_path},
-                input_example=_example(meta),
+                artifacts={"checkpoint": str(trained.checkpoint), "config": str(trained.config_path),
+                           "meta": str(trained.meta_path)},
+                input_example=_example(trained.meta),
                 pip_requirements=["tunelab"],
                 registered_model_name=name,
             )

@@ -31,16 +31,20 @@ def head_module(model: nn.Module, head_param_names) -> nn.Module:
 
 
 @torch.no_grad()
-def features(model: nn.Module, head_param_names, inputs) -> torch.Tensor:
-    """The representation the head reads, for a batch of model inputs."""
+def forward_with_features(model: nn.Module, head_param_names, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the representation the head reads, the model's output) for a batch of model inputs."""
     captured = []
     hook = head_module(model, head_param_names).register_forward_hook(
         lambda module, args, output: captured.append(args[0].detach().flatten(1).float()))
     try:
-        model.eval()(inputs)
+        output = model.eval()(inputs)
     finally:
         hook.remove()
-    return captured[0]
+    return captured[0], output
+
+
+def features(model: nn.Module, head_param_names, inputs) -> torch.Tensor:
+    return forward_with_features(model, head_param_names, inputs)[0]
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:

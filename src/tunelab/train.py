@@ -60,9 +60,6 @@ def _callbacks(cfg: DictConfig, job=None) -> list:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test on the best checkpoint, and record everything in one MLflow run."""
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from tunelab.distributed import local_world_size, rank_processes
     from tunelab.sweep.job import current_job
     from tunelab.sweep.trial import share_machine
@@ -155,14 +152,10 @@ def _fit_and_test(cfg: DictConfig, job, ranks) -> dict[str, float]:
 
 
 def _retention(cfg: DictConfig, parts) -> dict[str, float]:
-    from torch.utils.data import DataLoader
-
     from tunelab.evaluation import to_device
     from tunelab.retention import measure
 
-    dm = parts.datamodule
-    loader = DataLoader(dm.dataset("test"), batch_size=int(cfg.retention.samples), collate_fn=dm.collate)
-    inputs, _ = next(iter(loader))  # the reference batch: the first test samples
+    inputs = parts.datamodule.first_inputs("test", int(cfg.retention.samples))  # the reference batch
     device = next(parts.module.parameters()).device
     return measure(parts.pretrained, parts.module.model, parts.adapter.groups, to_device(inputs, device),
                    parts.adapter.pretrained_head, parts.adapter.data_config, parts.adapter.pretrained_task)

@@ -27,6 +27,8 @@ class Trained:
     meta: dict
     checkpoint: Path
     run_id: str | None = None  # the training run, when known
+    config_path: Path | None = None
+    meta_path: Path | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -45,7 +47,7 @@ def from_checkpoint(path: str | Path) -> Trained:
         raise TunelabError(f"{ckpt} has no {' or '.join(missing)} in {folder}: tunelab needs the training config to "
                            "rebuild the model. Use the run's output folder as tunelab-train left it, or pass the "
                            "run id (runs:/ID) so they are read from MLflow.")
-    return Trained(OmegaConf.load(config), json.loads(meta.read_text()), ckpt)
+    return Trained(OmegaConf.load(config), json.loads(meta.read_text()), ckpt, None, config, meta)
 
 
 def from_run(client, run_id: str, folder: Path) -> Trained:
@@ -62,7 +64,20 @@ def from_run(client, run_id: str, folder: Path) -> Trained:
                            "is it a tunelab training run in this store (--store / MLFLOW_TRACKING_URI)?") from None
     if not ckpts:
         raise TunelabError(f"run {run_id} logged no checkpoint (callbacks.model_checkpoint was off).")
-    return Trained(OmegaConf.load(config), json.loads(Path(meta).read_text()), ckpts[0], run_id)
+    return Trained(OmegaConf.load(config), json.loads(Path(meta).read_text()), ckpts[0], run_id, Path(config), Path(meta))
+
+
+def store_client(store: Path | None = None):
+    """The MLflow client that ``runs:/`` and ``models:/`` sources are read from: ``--store``, else
+    MLFLOW_TRACKING_URI, else tunelab's default local store."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from tunelab.ui import default_store
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") if store is None else None
+    return MlflowClient(uri or f"sqlite:///{(store or default_store()).expanduser().resolve()}")
 
 
 def resolve(source: str, client, folder: Path | None = None) -> Trained:

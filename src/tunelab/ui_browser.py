@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from tunelab.ui import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 # No sandbox (containers, root); no GPU; and none of Chromium's own traffic (updates, sync, QUIC
@@ -52,29 +53,28 @@ def missing_browser() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tunelab_ui() -> list[str]:
     script = Path(sys.executable).parent / "tunelab-ui"
     return [str(script)] if script.is_file() else [sys.executable, "-m", "tunelab.ui"]
 
 
 @contextlib.contextmanager
-def start_ui(store: Path, port: int | None = None, timeout: float = 90.0) -> Iterator[str]:
+def start_ui(store: Path, port: int | None = None, timeout: float = 90.0, *, create: bool = False,
+             workers: int | None = 1, log_path: Path | None = None) -> Iterator[str]:
     """Run ``tunelab-ui --store STORE`` on a loopback port until the block ends; yields its URL.
 
-    The server runs in its own process group, which is killed on the way out, also on errors.
+    ``create`` starts a new store, ``workers=None`` keeps the server's default worker count,
+    ``log_path`` keeps the server's output for the caller. The server runs in its own process
+    group, which is killed on the way out, also on errors.
     """
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([*_tunelab_ui(), "--store", str(store), "--port", str(port), "--workers", "1"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    command = [*_tunelab_ui(), "--store", str(store), "--port", str(port)]
+    command += ["--create"] if create else []
+    command += ["--workers", str(workers)] if workers else []
+    with (open(log_path, "w+") if log_path else tempfile.TemporaryFile("w+")) as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             deadline = time.monotonic() + timeout
             while not _healthy(url):

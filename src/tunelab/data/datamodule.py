@@ -234,6 +234,11 @@ class TaskDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def first_inputs(self, split: str, count: int):
+        """The first ``count`` model inputs of a split, collated as training collates them."""
+        loader = DataLoader(self.dataset(split), batch_size=count, collate_fn=self.collate)
+        return next(iter(loader))[0]
+
     def ood_names(self) -> list[str]:
         """Shifted evaluation splits declared in the data config (``data.ood``)."""
         return list(getattr(self, "ood", {}) or {})
@@ -271,19 +276,23 @@ class ImageDataModule(TaskDataModule):
     def model_kwargs(self) -> dict:
         return {"image_size": self.image_size}
 
-    def _transform(self, training: bool):
+    def eval_settings(self) -> dict:
+        """Size, normalisation and interpolation of evaluation images: what exports and served
+        models save so they preprocess exactly like the test split."""
         cfg = self.model_data_config
-        size = self.image_size or cfg.get("input_size", (3, 224, 224))[-1]
-        common = dict(
-            input_size=(3, size, size), mean=cfg.get("mean", (0.485, 0.456, 0.406)),
-            std=cfg.get("std", (0.229, 0.224, 0.225)), interpolation=cfg.get("interpolation", "bilinear"),
-        )
-        if training and self.augment is not None:
-            return create_transform(is_training=True, **common, **self.augment)
-        # crop_pct=1: small task images are already framed; cropping would cut digits off.
+        return {"size": int(self.image_size or cfg.get("input_size", (3, 224, 224))[-1]),
+                "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))), "std": list(cfg.get("std", (0.229, 0.224, 0.225))),
+                "interpolation": cfg.get("interpolation", "bilinear")}
+
+    def _transform(self, training: bool):
         from tunelab.preprocess import image_eval_transform
 
-        return image_eval_transform(size, common["mean"], common["std"], common["interpolation"])
+        s = self.eval_settings()
+        if training and self.augment is not None:
+            return create_transform(is_training=True, input_size=(3, s["size"], s["size"]), mean=tuple(s["mean"]),
+                                    std=tuple(s["std"]), interpolation=s["interpolation"], **self.augment)
+        # crop_pct=1 (inside): small task images are already framed; cropping would cut digits off.
+        return image_eval_transform(**s)
 
     def dataset(self, split: str, training: bool = False) -> Dataset:
         self.scan()
