@@ -42,9 +42,11 @@ def apply_data_overrides(cfg, overrides: list[str]) -> None:
     if bad:
         raise TunelabError(f"tunelab-eval takes data overrides only (data=CHOICE, data.KEY=VALUE); got {bad}.")
     if not any(o.startswith("data=") for o in overrides):
-        for override in overrides:
-            key, _, value = override.lstrip("+").partition("=")
-            OmegaConf.update(cfg, key, OmegaConf.create({"v": value}).v if value else None, force_add=True)
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        # Hydra's own parser: data.batch_size=3 is the int 3, as on tunelab-train's command line
+        for override in OverridesParser.create().parse_overrides(overrides):
+            OmegaConf.update(cfg, override.key_or_group, override.value(), force_add=True)
         return
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         composed = compose("train", overrides=[*overrides, f"seed={cfg.seed}", f"paths.root_dir={cfg.paths.root_dir}",
