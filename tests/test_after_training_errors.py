@@ -1,0 +1,61 @@
+"""Bad input to the after-training commands and the DDP launcher: one clear error, nothing started."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from conftest import compose_cfg
+from tunelab.errors import TunelabError
+
+
+def test_predict_names_what_is_wrong_with_its_inputs(tmp_path):
+    from tunelab.predict import Exported, read_inputs
+
+    with pytest.raises(TunelabError, match="not a tunelab export"):
+        Exported(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TunelabError, match="no image files"):
+        read_inputs(tmp_path / "empty", "image", None)
+    with pytest.raises(TunelabError, match="text model labels a CSV"):
+        read_inputs(tmp_path / "empty", "text", None)
+    pd.DataFrame({"body": ["fine"]}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(TunelabError, match="no column 'text'.*--column"):
+        read_inputs(tmp_path / "t.csv", "text", None)
+    assert read_inputs(tmp_path / "t.csv", "text", "body") == ["fine"]
+    with pytest.raises(TunelabError, match="does not exist"):
+        read_inputs(tmp_path / "missing.csv", "text", None)
+
+
+def test_eval_takes_data_overrides_only(tmp_path):
+    from tunelab.eval_cli import apply_data_overrides
+
+    cfg = compose_cfg(tmp_path)
+    with pytest.raises(TunelabError, match="data overrides only"):
+        apply_data_overrides(cfg, ["optimizer.lr=1"])
+    apply_data_overrides(cfg, ["data.batch_size=3"])
+    assert cfg.data.batch_size == 3
+
+
+def test_ddp_settings_that_cannot_start_are_refused_before_any_rank(tmp_path, monkeypatch):
+    from tunelab.distributed import local_world_size, rank_processes
+
+    for key in ("LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    assert local_world_size(compose_cfg(tmp_path, ["trainer=ddp_cpu", "trainer.devices=3"])) == 3
+    assert local_world_size(compose_cfg(tmp_path, ["trainer=cpu"])) == 1
+    with pytest.raises(TunelabError, match="trainer.devices must be a number"):
+        local_world_size(compose_cfg(tmp_path, ["trainer=ddp_cpu", "trainer.devices=auto"]))
+    cfg = compose_cfg(tmp_path, ["trainer=ddp_cpu", "trainer.num_nodes=2"])
+    with pytest.raises(TunelabError, match="num_nodes > 1 needs a cluster launcher"):
+        with rank_processes(cfg, tmp_path / "job"):
+            pass
+    assert not (tmp_path / "job" / "resolved_config.yaml").exists()
+
+
+def test_text_model_rejects_an_unknown_pretrained_task(tmp_path):
+    from tunelab.config import build
+
+    cfg = compose_cfg(tmp_path, ["model=minilm", "model.pretrained_task=imagenet"])
+    with pytest.raises(TunelabError, match="pretrained_task must be null or sentence_similarity"):
+        build(cfg.model, "model", num_outputs=3)
