@@ -13,6 +13,7 @@ from tunelab.data.datamodule import TaskDataModule
 from tunelab.module import FineTuneModule
 from tunelab.stage_report import stage_table
 from tunelab.errors import TunelabError
+from tunelab.feature_cache import CachePlan, plan_cache
 from tunelab.strategies import Stage, check_stages, keep_frozen
 
 
@@ -25,10 +26,12 @@ class Parts:
     base_lr: float
     pretrained: object = None  # a frozen copy of the model before training (retention.enabled)
     lineage: dict = None  # tags naming the model this run started from (init_from)
+    cache_plan: CachePlan = None  # which epochs train the head on cached backbone features
 
     def stage_table(self) -> str:
         sizes = {n: p.numel() for n, p in self.adapter.model.named_parameters()}
-        return stage_table(self.stages, self.adapter.groups, sizes, self.base_lr, self.module.layer_scale)
+        table = stage_table(self.stages, self.adapter.groups, sizes, self.base_lr, self.module.layer_scale)
+        return table + (f"\n{self.cache_plan.describe()}" if self.cache_plan else "")
 
 
 EXAMPLES = {"image": "model=efficientnet_lite0", "text": "model=minilm", "audio": "model=wav2vec2_tiny"}
@@ -55,10 +58,15 @@ def build_regularizer(cfg: DictConfig, adapter: Adapter):
     return build(node, "regularizer")(adapter.model, head)
 
 
-def build_parts(cfg: DictConfig) -> Parts:
-    """Read the data first (it decides ``num_classes``), then the model, then the schedule."""
+def _full_epochs(limit) -> bool:
+    return limit is None or (isinstance(limit, float) and limit == 1.0)  # Lightning: int 1 = one batch
+
+
+def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Parts:
+    """Read the data first (it decides ``num_classes``), then the model, then the schedule.
+    ``datamodule`` replaces ``cfg.data`` (the benchmark feeds synthetic batches)."""
     check_config(cfg)
-    datamodule = build(cfg.data, "data").scan()
+    datamodule = datamodule or build(cfg.data, "data").scan()
     adapter = build(cfg.model, "model", num_outputs=datamodule.num_outputs, lora=cfg.get("lora"),
                     **accepted(cfg.model, datamodule.model_kwargs))
     if adapter.modality != datamodule.modality:
@@ -73,6 +81,7 @@ def build_parts(cfg: DictConfig) -> Parts:
 
         lineage = init_from(adapter, str(cfg.init_from), tracking_uri(cfg))
     datamodule.set_model_data_config(adapter.data_config)
+    perf = dict(cfg.get("perf") or {})
     stages = keep_frozen(build(cfg.strategy, "strategy")(adapter.group_names), adapter.frozen_groups)
     check_stages(stages, adapter.group_names, int(cfg.trainer.max_epochs),
                  {g.name: list(g.param_names) for g in adapter.groups})
@@ -85,11 +94,14 @@ def build_parts(cfg: DictConfig) -> Parts:
         stages=stages,
         scheduler=build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
         regularizer=build_regularizer(cfg, adapter),
+        perf=perf,
         **cfg.get("module", {}),
     )
+    plan = plan_cache(perf.get("cache_features", "auto"), stages, adapter, datamodule, int(cfg.trainer.max_epochs),
+                      module.batchnorm, full_epochs=_full_epochs(cfg.trainer.get("limit_train_batches")))
     pretrained = None
     if (cfg.get("retention") or {}).get("enabled"):
         from tunelab.retention import snapshot
 
         pretrained = snapshot(adapter.model)
-    return Parts(datamodule, adapter, stages, module, float(cfg.optimizer.lr), pretrained, lineage)
+    return Parts(datamodule, adapter, stages, module, float(cfg.optimizer.lr), pretrained, lineage, plan)

@@ -32,6 +32,7 @@ from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 
 from tunelab.adapters import Adapter
 from tunelab.errors import TunelabError
+from tunelab.perf import compile_model, compile_options, fused_kwargs, to_channels_last
 from tunelab.schedules import constant
 from tunelab.strategies import Stage
 
@@ -96,6 +97,7 @@ class FineTuneModule(L.LightningModule):
         stage_rewarmup: int = 0,
         task: str = "classification",
         target_stats: tuple[float, float] | None = None,
+        perf: dict | None = None,
     ):
         super().__init__()
         if batchnorm not in BATCHNORM_MODES:
@@ -117,6 +119,18 @@ class FineTuneModule(L.LightningModule):
         self._scheduler: LambdaLR | None = None
         self._total_steps = 1
         self.task = task
+        # Speed options (perf.py): none of them changes what is computed beyond float tolerance.
+        perf = dict(perf or {})
+        self.compile_options = compile_options(perf)
+        self.channels_last = bool(perf.get("channels_last", False))
+        self.fused_optimizer = perf.get("fused_optimizer", "auto")
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.compiles = 0  # how often the model was (re)compiled: once per change of the trainable set
+        self._compiled_for: frozenset[str] | None = None
+        self.__dict__["_compiled"] = None  # not a submodule: checkpoints hold the plain model only
+        self.classify = adapter.classify
+        self.reads_features = False  # set by the FeatureCache callback on cached epochs
         # Regression heads learn standardised targets; predictions are mapped back to the
         # data's units for the loss-independent metrics (MSE/MAE/R² in the units users know).
         mean, std = target_stats or (0.0, 1.0)
@@ -131,7 +145,13 @@ class FineTuneModule(L.LightningModule):
     def forward(self, x) -> torch.Tensor:
         """Logits (classification) or predictions in the targets' units (regression).
         ``x`` is an image batch or the dict a tokenizer / feature extractor produced."""
-        out = self.model(x)
+        if self.reads_features:  # x holds cached backbone features (feature_cache.py)
+            out = self.classify(self.model, x)
+        else:
+            if self.channels_last:
+                x = to_channels_last(x)
+            compiled = self.__dict__["_compiled"]
+            out = (self.model if compiled is None else compiled)(x)
         if self.task == "regression":
             return out.squeeze(-1) * self.target_std + self.target_mean
         return out
@@ -151,7 +171,17 @@ class FineTuneModule(L.LightningModule):
         self.stage_log.append((self.global_step, stage.name))
         self.train(self.training)  # re-applies the BatchNorm mode for the new trainable set
         self._refresh_lrs()  # take effect on the very next step, not one step late
+        self._recompile()
         return stage
+
+    def _recompile(self) -> None:
+        """Compile again whenever the trainable set changed, so frozen layers skip their backward."""
+        trainable = frozenset(n for n, p in self.model.named_parameters() if p.requires_grad)
+        if self.compile_options is None or trainable == self._compiled_for:
+            return
+        self.__dict__["_compiled"] = compile_model(self.model, self.compile_options)
+        self._compiled_for = trainable
+        self.compiles += 1
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -193,7 +223,8 @@ class FineTuneModule(L.LightningModule):
                 param_groups.append({"params": decay, "layer_group": g.name})
             if plain:
                 param_groups.append({"params": plain, "layer_group": g.name, "weight_decay": 0.0})
-        optimizer = self.optimizer_factory(param_groups)
+        optimizer = self.optimizer_factory(param_groups, **fused_kwargs(self.optimizer_factory, self.fused_optimizer,
+                                                                        self.device))
         # The real number of optimizer steps: accumulation and limit_train_batches included.
         self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         lambdas = [(lambda step, g=pg["layer_group"]: self.lr_factor(g, step)) for pg in optimizer.param_groups]

@@ -41,21 +41,24 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*Using `DistributedSampler` with the dataloaders.*")
 
 
-def core_callbacks() -> list:
-    """The callbacks that are how tunelab works, not options: stages and exact resumes."""
+def core_callbacks(parts=None) -> list:
+    """The callbacks that are how tunelab works, not options: stages, exact resumes, and the
+    cached-feature fast path when the run plans one."""
     from tunelab.data.sampling import MidEpochResume
+    from tunelab.feature_cache import FeatureCache
     from tunelab.stage_callback import StageCallback
 
-    return [StageCallback(), MidEpochResume()]
+    cache = parts is not None and parts.cache_plan is not None and parts.cache_plan.epochs is not None
+    return [StageCallback(), MidEpochResume(), *([FeatureCache(parts.cache_plan, parts.adapter)] if cache else [])]
 
 
-def _callbacks(cfg: DictConfig, job=None) -> list:
+def _callbacks(cfg: DictConfig, parts, job=None) -> list:
     extra = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node]
     if job is not None and job.trial is not None:  # a trial of tunelab's Optuna sweeper
         from tunelab.sweep.trial import OptunaPruning, optuna_trial
 
         extra.append(OptunaPruning(optuna_trial(job), str(cfg.objective)))
-    return [*core_callbacks(), *extra]
+    return [*core_callbacks(parts), *extra]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -104,7 +107,7 @@ def _fit_and_test(cfg: DictConfig, job, ranks) -> dict[str, float]:
         run.log_text(meta, "model_meta.json")  # with config.yaml: what rebuilds the model later
         if rank == 0:  # the same two files beside the checkpoints, for tunelab-eval / export
             _write_beside_checkpoints(cfg, meta)
-        callbacks = _callbacks(cfg, job if rank == 0 else None)
+        callbacks = _callbacks(cfg, parts, job if rank == 0 else None)
         agreement = RankAgreement(config_hash(cfg))
         callbacks.append(agreement)
         trainer = build(cfg.trainer, "trainer", logger=run.lightning_logger(), callbacks=callbacks)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from torch import nn
 
@@ -30,6 +31,13 @@ class Adapter:
     # classes): retention measures how well the fine-tuned backbone still serves it.
     pretrained_head: object = None
     pretrained_task: str | None = None  # imagenet, sentence_similarity: what retention checks
+    # The model split at the head's input, for the cached-feature fast path (perf.py):
+    # features(model, inputs) -> what the head reads (before any head-side dropout);
+    # classify(model, features) -> outputs, with the head-side dropout in training mode.
+    # classify(features(x)) must equal model(x) in eval mode. None: this model is never cached.
+    features: Callable | None = None
+    classify: Callable | None = None
+    head_side: tuple[str, ...] = ()  # modules that run after the features (their dropout is expected)
 
     @property
     def group_names(self) -> list[str]:

@@ -30,11 +30,18 @@ class SpeechModel(nn.Module):
         self.pass_mask = pass_mask
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.classify(self.features(inputs))
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(pooled))
+
+    def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean over real frames that the head reads."""
         mask = inputs.get("attention_mask")
         out = self.backbone(inputs["input_values"], attention_mask=mask if self.pass_mask else None)
         hidden = out.last_hidden_state
         frames = self.backbone._get_feature_vector_attention_mask(hidden.shape[1], mask) if mask is not None else None
-        return self.head(self.dropout(pool(hidden, frames, "mean")))
+        return pool(hidden, frames, "mean")
 
 
 def _feature_extractor(path: str | None, model_config):
@@ -88,5 +95,6 @@ def speech_adapter(
         description=f"transformers {type(backbone).__name__} ({source}, new {num_outputs}-output head{note}, "
                     f"{len(groups)} layer groups, always frozen: {', '.join(frozen) or 'none'})",
         modality="audio",
+        features=SpeechModel.features, classify=SpeechModel.classify, head_side=("dropout", "head"),
         frozen_groups=frozen,
     )

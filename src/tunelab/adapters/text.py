@@ -24,6 +24,13 @@ class TextModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.classify(self.features(inputs))
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(pooled))
+
+    def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The pooled sequence the head reads."""
         mask = inputs.get("attention_mask")
         if self.decoder and mask is not None and "position_ids" not in inputs:
             # Positions count real tokens only, so a left-padded text is read exactly like an
@@ -31,10 +38,8 @@ class TextModel(nn.Module):
             inputs = {**inputs, "position_ids": (mask.long().cumsum(1) - 1).clamp(min=0)}
         out = self.backbone(**inputs)
         if self.pooling == "pooler":
-            pooled = out.pooler_output
-        else:
-            pooled = pool(out.last_hidden_state, mask, self.pooling)
-        return self.head(self.dropout(pooled))
+            return out.pooler_output
+        return pool(out.last_hidden_state, mask, self.pooling)
 
 
 def _tokenizer(path: str | None, tokenizer_path: str | None):
@@ -103,6 +108,7 @@ def text_adapter(
         description=f"transformers {type(backbone).__name__} ({source}, {pooling} pooling, new {num_outputs}-output head"
                     f"{note}, {len(groups)} layer groups)",
         modality="text",
+        features=TextModel.features, classify=TextModel.classify, head_side=("dropout", "head"),
         pretrained_task=pretrained_task if pretrained else None,
     )
 

@@ -7,6 +7,7 @@ import difflib
 import timm
 import timm.data
 from timm.models import get_pretrained_cfg, group_parameters
+import torch.nn.functional as F
 from torch import nn
 
 from tunelab.adapters.groups import Adapter, LayerGroup, init_head, name_groups
@@ -80,6 +81,7 @@ def timm_adapter(
 
     groups = timm_groups(model, head_names, fine=fine_groups)
     head = ("pretrained head kept" if head_kept else f"new {num_outputs}-output head") + extra_note
+    split = _feature_split(model)
     return Adapter(
         model=model,
         groups=groups,
@@ -87,7 +89,30 @@ def timm_adapter(
         description=f"timm {arch} ({source}, {head}, {len(groups)} layer groups)",
         pretrained_head=original_head,
         pretrained_task="imagenet" if original_head is not None and original_head.out_features == 1000 else None,
+        **split,
     )
+
+
+def _timm_features(model: nn.Module, x):
+    # pre_logits: pooled (and for ViTs fc-normed) features; the caller runs this in eval
+    # mode, so the head dropout that forward_head applies in training is off.
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def _feature_split(model: nn.Module) -> dict:
+    """``features`` / ``classify`` for the cached-feature path, where the head's dropout is known:
+    CNNs apply ``F.dropout(drop_rate)`` before the classifier, ViTs a ``head_drop`` module."""
+    if isinstance(getattr(model, "head_drop", None), nn.Dropout):
+        p, side = model.head_drop.p, ("head_drop",)
+    elif isinstance(getattr(model, "drop_rate", None), (int, float)):
+        p, side = float(model.drop_rate), ()
+    else:
+        return {}
+
+    def classify(model: nn.Module, features):
+        return model.get_classifier()(F.dropout(features, p=p, training=model.training))
+
+    return {"features": _timm_features, "classify": classify, "head_side": side}
 
 
 def _original_head(weights: dict, head_names: set[str]) -> nn.Linear | None:

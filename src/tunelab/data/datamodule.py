@@ -123,6 +123,7 @@ class TaskDataModule(L.LightningDataModule):
         self.table: Table | None = None
         self.splits: dict[str, tuple[Table, np.ndarray]] = {}
         self.model_data_config: dict = {}
+        self.feature_cache = None  # a FeatureCache during fit when a stage trains on cached features
 
     # -- reading and checking the data happens once, before the model is built ---------------
     def scan(self) -> "TaskDataModule":
@@ -215,6 +216,10 @@ class TaskDataModule(L.LightningDataModule):
     def dataset(self, split: str, training: bool = False) -> Dataset:
         raise NotImplementedError
 
+    def random_training_inputs(self) -> str | None:
+        """Why a training sample may differ from epoch to epoch (random augmentation), or None."""
+        return None
+
     def collate(self, batch: list):
         return default_collate(batch)
 
@@ -251,10 +256,12 @@ class TaskDataModule(L.LightningDataModule):
         raise TunelabError(f"data={self.name} ({self.modality}) declares no way to build OOD split {name!r}.")
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", training=True)
+        cached = self.feature_cache.loader("train", self) if self.feature_cache else None
+        return cached or self._loader("train", training=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", training=False)
+        cached = self.feature_cache.loader("val", self) if self.feature_cache else None
+        return cached or self._loader("val", training=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", training=False)
@@ -275,6 +282,9 @@ class ImageDataModule(TaskDataModule):
     @property
     def model_kwargs(self) -> dict:
         return {"image_size": self.image_size}
+
+    def random_training_inputs(self) -> str | None:
+        return "random augmentation (data.augment; data.augment=null turns it off)" if self.augment else None
 
     def eval_settings(self) -> dict:
         """Size, normalisation and interpolation of evaluation images: what exports and served
