@@ -190,7 +190,6 @@ def raw_loop(model, batch, trainable: set[str], args, device, steps: int) -> tup
     x, y = batch
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **({"fused": True} if device.type == "cuda" else {}))
     step_model = torch.compile(model) if args.compile else model  # compiled after the freeze
@@ -201,8 +200,9 @@ def raw_loop(model, batch, trainable: set[str], args, device, steps: int) -> tup
                 sync(device)
                 start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                loss = F.cross_entropy(step_model(x), y)
+            with autocast:  # batches come from a loader in NCHW: converted at every step, as tunelab does
+                inputs = x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+                loss = F.cross_entropy(step_model(inputs), y)
             loss.backward()
             optimizer.step()
         sync(device)

@@ -142,9 +142,12 @@ def test_frozen_layers_get_no_gradient_after_recompiling(cfg_factory):
 
 
 def test_channels_last_changes_nothing_but_layout(cfg_factory):
-    _, plain = fit(cfg_factory, "strategy=full", "perf.cache_features=false", "trainer.max_epochs=1")
+    plain_parts, plain = fit(cfg_factory, "strategy=full", "perf.cache_features=false", "trainer.max_epochs=1",
+                             "perf.channels_last=false")
     parts, nhwc = fit(cfg_factory, "strategy=full", "perf.cache_features=false", "trainer.max_epochs=1",
                       "perf.channels_last=true")
+    plain_conv = next(m for m in plain_parts.module.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not plain_conv.weight.is_contiguous(memory_format=torch.channels_last)
     conv = next(m for m in parts.module.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert nhwc == pytest.approx(plain, abs=1e-4)

@@ -7,6 +7,7 @@ with ``TUNELAB_ALLOWED_TARGETS``: the user's environment decides, never the conf
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -80,12 +81,17 @@ def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
         # already full dotted keys, e.g. data.source.root
         raise TunelabError(f"{', '.join(missing)} must be set: add {missing[0]}=<value> to the command line.")
     try:
-        return instantiate(node, **kwargs)
+        built = instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
         if isinstance(cause, TunelabError):
             raise cause from None
         raise TunelabError(f"cannot build {what}: {err}") from err
+    if isinstance(built, functools.partial) and type(built) is not functools.partial:
+        # Hydra's partials re-authorise their target on every call (~0.1 ms); the LR schedule is
+        # called for every param group at every step. The target passed the allow-list above.
+        built = functools.partial(built.func, *built.args, **built.keywords)
+    return built
 
 
 def check_config(cfg: DictConfig) -> None:
