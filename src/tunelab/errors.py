@@ -11,3 +11,14 @@ class TunelabError(Exception):
 
 class TrialPruned(Exception):
     """A sweep trial stopped early by its pruner: recorded as pruned, never as a failure."""
+
+
+class Preempted(BaseException):
+    """SIGTERM arrived (preemption.py). Like KeyboardInterrupt not an ``Exception``, so no
+    handler swallows it; ``checkpoint`` is what ``resume=auto`` will continue from."""
+
+    exit_code = 143  # 128 + SIGTERM: what schedulers expect from a job they terminated
+
+    def __init__(self, checkpoint: str | None = None):
+        super().__init__("pre-empted (SIGTERM)")
+        self.checkpoint = checkpoint

@@ -25,7 +25,8 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf
 
 import tunelab
-from tunelab.errors import TrialPruned, TunelabError
+from tunelab.errors import Preempted, TrialPruned, TunelabError
+from tunelab.preemption import TAG_CHECKPOINT, TAG_RECIPE, recipe_hash
 from tunelab.sweep.job import current_job
 from tunelab.sweep.job import run_name as job_run_name
 
@@ -201,19 +202,33 @@ def mlflow_run(cfg: DictConfig, run_name: str | None = None) -> Iterator[Run]:
             if job.trial is not None:
                 tags["tunelab.trial"] = str(job.trial)
             run_name = run_name or job_run_name(job)
-        run = client.create_run(exp_id, run_name=run_name, tags=tags)
+        tags[TAG_RECIPE] = recipe_hash(cfg)
+        resumed = cfg.get("_resume_run_id")
+        if resumed:  # resume=auto: the pre-empted run goes on; its params are already logged
+            client.update_run(resumed, status="RUNNING")
+            client.set_tag(resumed, "tunelab.resumed_from", str(cfg.ckpt_path))
+            run_id = resumed
+        else:
+            run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     except MlflowException as err:
         raise TunelabError(f"cannot start an MLflow run at {uri}: {err.message}") from None
-    handle = Run(client, run.info.run_id, name, uri)
+    handle = Run(client, run_id, name, uri)
     try:
-        params = {**flat_params(cfg), **sweep_params}
-        from mlflow.entities import Param
+        if not resumed:
+            params = {**flat_params(cfg), **sweep_params}
+            from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            client.log_batch(handle.run_id, params=items[i: i + 100])
+            items = [Param(k, v) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+                client.log_batch(handle.run_id, params=items[i: i + 100])
         handle.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         yield handle
+    except Preempted as err:  # resumable: KILLED, with the checkpoint resume=auto will continue from
+        client.set_tag(handle.run_id, "tunelab.error", "pre-empted (SIGTERM)")
+        if err.checkpoint:
+            client.set_tag(handle.run_id, TAG_CHECKPOINT, err.checkpoint)
+        client.set_terminated(handle.run_id, "KILLED")
+        raise
     except TrialPruned as err:  # stopped early on purpose by the sweeper: not a failure
         client.set_tag(handle.run_id, "tunelab.trial_state", "PRUNED")
         client.set_tag(handle.run_id, "tunelab.error", str(err)[:5000])

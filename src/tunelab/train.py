@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from tunelab.config import build, conf_dir
-from tunelab.errors import TunelabError
+from tunelab.errors import Preempted, TunelabError
 
 # torch, Lightning and MLflow are imported inside train(): `tunelab-train --help` and
 # config errors answer in a second instead of after ten seconds of imports.
@@ -64,6 +64,7 @@ def _callbacks(cfg: DictConfig, parts, job=None) -> list:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test on the best checkpoint, and record everything in one MLflow run."""
     from tunelab.distributed import local_world_size, rank_processes
+    from tunelab.preemption import SigtermGuard, resolve_resume
     from tunelab.sweep.job import current_job
     from tunelab.sweep.trial import share_machine
 
@@ -72,16 +73,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     job = current_job()
     if job is not None and local_world_size(cfg) == 1:  # a DDP job's ranks own their devices
         share_machine(job, cfg)
-    with rank_processes(cfg, Path(str(cfg.paths.output_dir))) as ranks:
-        return _fit_and_test(cfg, job, ranks)
+    resolve_resume(cfg)  # before the ranks start: they read the checkpoint from the resolved config
+    with SigtermGuard().installed() as guard, rank_processes(cfg, Path(str(cfg.paths.output_dir))) as ranks:
+        return _fit_and_test(cfg, job, ranks, guard)
 
 
-def _fit_and_test(cfg: DictConfig, job, ranks) -> dict[str, float]:
+def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> dict[str, float]:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from tunelab.build import build_parts
     from tunelab.distributed import RankAgreement, global_rank
+    from tunelab.preemption import PreemptionCheckpoint
     from tunelab.registry import model_meta
     from tunelab.tracking import config_hash, mlflow_run, no_run
 
@@ -109,12 +112,15 @@ def _fit_and_test(cfg: DictConfig, job, ranks) -> dict[str, float]:
             _write_beside_checkpoints(cfg, meta)
         callbacks = _callbacks(cfg, parts, job if rank == 0 else None)
         agreement = RankAgreement(config_hash(cfg))
-        callbacks.append(agreement)
+        preemption = PreemptionCheckpoint(cfg.paths.output_dir)
+        callbacks += [agreement, preemption]
         trainer = build(cfg.trainer, "trainer", logger=run.lightning_logger(), callbacks=callbacks)
         try:
-            with ranks.blame() if ranks is not None else contextlib.nullcontext():
+            with guard.lightning(), ranks.blame() if ranks is not None else contextlib.nullcontext():
                 trainer.fit(parts.module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         except SystemExit:
+            if trainer.received_sigterm:  # Lightning stopped at a batch boundary; the checkpoint is saved
+                raise Preempted(preemption.saved) from None
             if trainer.interrupted:  # Lightning turns Ctrl+C into sys.exit(1) after shutting down
                 raise KeyboardInterrupt("training interrupted") from None
             raise
@@ -126,8 +132,14 @@ def _fit_and_test(cfg: DictConfig, job, ranks) -> dict[str, float]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # last epoch's
         if checkpoint and checkpoint.best_model_score is not None:
             metrics[checkpoint.monitor] = float(checkpoint.best_model_score)  # the tested weights'
-        with ranks.blame() if ranks is not None else contextlib.nullcontext():
-            results = trainer.test(parts.module, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)
+        try:
+            with guard.lightning(), ranks.blame() if ranks is not None else contextlib.nullcontext():
+                results = trainer.test(parts.module, datamodule=dm, ckpt_path=best or None, weights_only=True,
+                                       verbose=False)
+        except SystemExit:
+            if trainer.received_sigterm:  # training is complete: resuming from last.ckpt only tests again
+                raise Preempted(_last_checkpoint(cfg)) from None
+            raise
         metrics.update(results[0] if results else {})
         if parts.module.test_confusion is not None:
             run.log_confusion(parts.module.test_confusion.compute(), dm.classes)
@@ -152,6 +164,11 @@ def _fit_and_test(cfg: DictConfig, job, ranks) -> dict[str, float]:
     if rank == 0:
         _report(run, metrics, time.monotonic() - start, dm.task, registered)
     return metrics
+
+
+def _last_checkpoint(cfg: DictConfig) -> str | None:
+    last = Path(str(cfg.paths.output_dir)) / "checkpoints" / "last.ckpt"
+    return str(last) if last.is_file() else None
 
 
 def _retention(cfg: DictConfig, parts) -> dict[str, float]:
@@ -218,6 +235,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         if current_job() is not None:
             raise  # one failed trial: Hydra records it and the sweeper decides whether to go on
         sys.exit(2)
+    except Preempted as err:
+        saved = f"checkpoint {err.checkpoint}" if err.checkpoint else "no checkpoint yet (stopped before training)"
+        print(f"tunelab-train: pre-empted (SIGTERM); the MLflow run is KILLED and resumable, {saved}. "
+              "Continue it with the same command plus resume=auto", file=sys.stderr)
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("tunelab-train: interrupted; the MLflow run is marked KILLED. Resume with "
               "ckpt_path=<this run's output dir>/checkpoints/last.ckpt", file=sys.stderr)
