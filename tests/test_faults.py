@@ -66,3 +66,50 @@ def test_resume_auto_without_anything_to_resume_starts_a_new_run(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     _, (run,) = runs(tmp_path)
     assert run.info.status == "FINISHED" and "tunelab.resumed_from" not in run.data.tags
+
+
+def test_nan_loss_fails_the_run_naming_the_step_and_the_learning_rates(tmp_path):
+    result = run_cli(tmp_path, *TINY, "+callbacks.nan={_target_: fault_probe.NanAt, step: 1}", env=PROBE_ENV)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "training loss is nan at step 1" in result.stderr and "LRs: head=" in result.stderr
+    _, (run,) = runs(tmp_path)
+    assert run.info.status == "FAILED"
+    assert "training loss is nan at step 1" in run.data.tags["tunelab.error"]
+
+
+@pytest.mark.slow
+def test_a_nan_trial_fails_alone_and_the_sweep_goes_on(tmp_path):
+    """Two trials, one poisoned: it is FAILED, never the best; the other finishes and is the best."""
+    result = run_cli(tmp_path, "-m", *TINY, "+callbacks.nan={_target_: fault_probe.NanAt, step: 999}",
+                     "callbacks.nan.step=1,999", env=PROBE_ENV)
+    assert result.returncode != 0  # the sweep reports that a trial failed
+    client, found = runs(tmp_path)
+    children = {r.data.params["sweep.callbacks.nan.step"]: r for r in found if "mlflow.parentRunId" in r.data.tags}
+    (parent,) = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    assert children["1"].info.status == "FAILED" and "training loss is nan" in children["1"].data.tags["tunelab.error"]
+    assert children["999"].info.status == "FINISHED"
+    assert parent.data.tags["tunelab.best_run_id"] == children["999"].info.run_id
+    assert "1 FAILED, 1 FINISHED" in result.stdout
+
+
+def test_an_unreachable_tracking_server_fails_before_training(tmp_path):
+    from tunelab.ui import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = run_cli(tmp_path, *TINY, env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 2
+    assert f"MLflow tracking server {uri} is unreachable" in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("outputs/runs/*/checkpoints"))  # nothing trained
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["hydra.run.dir=/proc/tunelab/run"], {}, "cannot write run outputs under /proc/tunelab/run"),
+    ([], {"TUNELAB_HOME": "/proc/tunelab"}, "(TUNELAB_HOME)"),
+    ([], {"TUNELAB_MIN_FREE_MB": "1e12"}, "MB free on the disk of"),
+])
+def test_an_unwritable_or_full_output_folder_is_refused_before_anything_starts(tmp_path, args, env, message):
+    result = run_cli(tmp_path, *TINY, *args, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists()

@@ -249,6 +249,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    from tunelab.preflight import preflight
+
+    try:
+        preflight(sys.argv[1:])
+    except TunelabError as err:
+        print(f"tunelab-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 
