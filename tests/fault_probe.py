@@ -29,3 +29,25 @@ class NanAt(L.Callback):
         if trainer.global_step == self.step:
             for p in pl_module.model.get_classifier().parameters():
                 p.data.fill_(float("nan"))
+
+
+class PauseAt(L.Callback):
+    """At each step in ``steps``: write ``<folder>/paused_<step>`` and wait for ``<folder>/go_<step>``,
+    so a test can change the world (stop a server) at a known point of training."""
+
+    def __init__(self, folder: str, steps: list[int], timeout: float = 180.0):
+        from pathlib import Path
+
+        self.folder, self.steps, self.timeout = Path(folder), set(steps), timeout
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        import time
+
+        step = trainer.global_step
+        if step not in self.steps:
+            return
+        self.steps.discard(step)
+        (self.folder / f"paused_{step}").touch()
+        deadline = time.monotonic() + self.timeout
+        while not (self.folder / f"go_{step}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)

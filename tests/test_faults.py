@@ -3,6 +3,7 @@ unwritable output folder, concurrent sweeps. Each test runs tunelab-train as a u
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,71 @@ def test_an_unwritable_or_full_output_folder_is_refused_before_anything_starts(t
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def _wait_for(path: Path, proc, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"training never reached {path.name}"
+        time.sleep(0.2)
+
+
+def _train_against(tmp_path: Path, url: str, steps: list[int]):
+    import os
+    import subprocess
+
+    from conftest import VENV_BIN
+
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    env = {k: v for k, v in os.environ.items()}
+    env.update(PROBE_ENV, TUNELAB_HOME=str(tmp_path), MLFLOW_TRACKING_URI=url)
+    command = [str(VENV_BIN / "tunelab-train"), *TINY, "trainer.max_epochs=3", "trainer.limit_train_batches=4",
+               f"+callbacks.pause={{_target_: fault_probe.PauseAt, folder: '{flags}', steps: {steps}}}"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, flags
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_mid_run_and_comes_back_loses_nothing(tmp_path):
+    """The server dies after step 2 and is back (same store, same port) after step 6: training
+    never stops, the metrics of the outage are sent when it is back, the run ends FINISHED."""
+    from tunelab.ui import free_port
+    from tunelab.ui_browser import start_ui
+
+    store, port = tmp_path / "server.db", free_port()
+    with start_ui(store, port=port, create=True) as url:
+        proc, flags = _train_against(tmp_path, url, [2, 6])
+        _wait_for(flags / "paused_2", proc)
+    (flags / "go_2").touch()  # the server is gone now
+    _wait_for(flags / "paused_6", proc)
+    with start_ui(store, port=port) as url:
+        (flags / "go_6").touch()
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        assert "stopped answering" in out and "answers again" in out  # Hydra logs to stdout
+        client = MlflowClient(url)
+        (run,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+        assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+        losses = client.get_metric_history(run.info.run_id, "train/loss")
+        assert sorted(m.step for m in losses) == [3, 7, 11]  # every epoch, the outage's included
+
+
+@pytest.mark.slow
+def test_a_server_that_stays_down_keeps_the_results_on_disk_and_says_so(tmp_path):
+    from tunelab.ui import free_port
+    from tunelab.ui_browser import start_ui
+
+    with start_ui(tmp_path / "server.db", port=free_port(), create=True) as url:
+        proc, flags = _train_against(tmp_path, url, [2])
+        _wait_for(flags / "paused_2", proc)
+    (flags / "go_2").touch()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert "went down during the run and is still down; nothing is lost" in err and "Traceback" not in err
+    (folder,) = tmp_path.glob("outputs/runs/*")
+    assert "test/acc" in json.loads((folder / "metrics.json").read_text())
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12

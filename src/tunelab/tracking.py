@@ -26,16 +26,24 @@ from omegaconf import DictConfig, OmegaConf
 
 import tunelab
 from tunelab.errors import Preempted, TrialPruned, TunelabError
+from tunelab.outage import Outage, bound_retries, healthy
 from tunelab.preemption import TAG_CHECKPOINT, TAG_RECIPE, recipe_hash
 from tunelab.sweep.job import current_job
 from tunelab.sweep.job import run_name as job_run_name
 
 
 class _RunLogger(MLFlowLogger):
-    """MLFlowLogger on a run tunelab owns: Lightning may not terminate it."""
+    """MLFlowLogger on a run tunelab owns: Lightning may not terminate it, and a remote server
+    that stops answering only delays the metrics (outage.py)."""
+
+    outage: Outage | None = None
 
     def finalize(self, status: str = "success") -> None:
         pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        send = lambda: MLFlowLogger.log_metrics(self, dict(metrics), step)  # noqa: E731
+        self.outage.guarded("metrics", send) if self.outage else send()
 
 
 @dataclass
@@ -44,15 +52,21 @@ class Run:
     run_id: str
     experiment_name: str
     tracking_uri: str
+    outage: Outage | None = None  # remote servers only
+
+    def _send(self, what: str, send) -> None:
+        self.outage.guarded(what, send) if self.outage else send()
 
     def lightning_logger(self) -> MLFlowLogger:
-        return _RunLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri, run_id=self.run_id)
+        logger = _RunLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri, run_id=self.run_id)
+        logger.outage = self.outage
+        return logger
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self._send(name, lambda: self.client.log_text(self.run_id, text, name))
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder)
+        self._send(Path(path).name, lambda: self.client.log_artifact(self.run_id, str(path), folder))
 
     def log_lr_history(self, history: list[tuple[int, dict[str, float]]], stages: list[tuple[int, str]]) -> None:
         """Every param group's LR at every optimizer step as ``lr/<group>``, plus a PNG of it."""
@@ -65,7 +79,7 @@ class Run:
         now = int(time.time() * 1000)
         points = [Metric(f"lr/{g.replace('+', '_')}", lr, now, step) for step, lrs in history for g, lr in lrs.items()]
         for i in range(0, len(points), 1000):  # MLflow's limit per batch
-            self.client.log_batch(self.run_id, metrics=points[i: i + 1000])
+            self._send("metrics", lambda chunk=points[i: i + 1000]: self.client.log_batch(self.run_id, metrics=chunk))
         with tempfile.TemporaryDirectory() as tmp:
             self.log_artifact(plot_lr_history(history, stages, Path(tmp) / "lr_schedule.png"))
 
@@ -76,7 +90,7 @@ class Run:
             self.log_artifact(plot_confusion(matrix.cpu().numpy(), classes, Path(tmp) / "confusion_matrix.png"))
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self._send(f"tag {key}", lambda: self.client.set_tag(self.run_id, key, value))
 
     def fail(self, reason: str) -> None:
         """End the run FAILED from outside the training loop (a dead DDP rank)."""
@@ -84,8 +98,11 @@ class Run:
         self.client.set_terminated(self.run_id, "FAILED")
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            self.client.log_metric(self.run_id, key, float(value))
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        points = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        self._send("metrics", lambda: self.client.log_batch(self.run_id, metrics=points))
 
 
 class NoRun:
@@ -212,7 +229,9 @@ def mlflow_run(cfg: DictConfig, run_name: str | None = None) -> Iterator[Run]:
             run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     except MlflowException as err:
         raise TunelabError(f"cannot start an MLflow run at {uri}: {err.message}") from None
-    handle = Run(client, run_id, name, uri)
+    handle = Run(client, run_id, name, uri, None if local else Outage(uri))
+    if not local:
+        bound_retries()
     try:
         if not resumed:
             params = {**flat_params(cfg), **sweep_params}
@@ -239,7 +258,13 @@ def mlflow_run(cfg: DictConfig, run_name: str | None = None) -> Iterator[Run]:
         client.set_terminated(handle.run_id, "KILLED")
         raise
     except BaseException as err:
+        if handle.outage is not None and handle.outage.down and not healthy(uri):
+            raise  # cannot mark the run; the error says why training stopped
         client.set_tag(handle.run_id, "tunelab.error", f"{type(err).__name__}: {err}"[:5000])
         client.set_terminated(handle.run_id, "FAILED")
         raise
+    if handle.outage is not None:
+        handle.outage.settle(str(cfg.paths.output_dir))  # the server is back (kept metrics sent), or an error
+        if handle.outage.skipped:
+            client.set_tag(handle.run_id, "tunelab.not_logged", ", ".join(handle.outage.skipped)[:5000])
     client.set_terminated(handle.run_id, "FINISHED")

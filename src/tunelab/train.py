@@ -154,6 +154,8 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> dict[str, float]:
             metrics.update(retained)
             run.log_metrics(retained)
         run.log_metrics({"time/fit_seconds": time.monotonic() - start})
+        if rank == 0:  # the results on disk too: they survive a tracking server that went down
+            (Path(str(cfg.paths.output_dir)) / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         if best:
             run.log_artifact(best, "checkpoints")
         if agreement.hashes:
