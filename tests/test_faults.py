@@ -182,3 +182,32 @@ def test_a_server_that_stays_down_keeps_the_results_on_disk_and_says_so(tmp_path
     (folder,) = tmp_path.glob("outputs/runs/*")
     assert "test/acc" in json.loads((folder / "metrics.json").read_text())
     assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+
+
+@pytest.mark.slow
+def test_two_sweeps_writing_to_one_store_at_once_lose_and_duplicate_nothing(tmp_path):
+    """Two 3-trial sweeps started in the same second on the default SQLite store: 2 parents and
+    6 children, each trial exactly once, all FINISHED, in separate output folders."""
+    import os
+    import subprocess
+
+    from conftest import VENV_BIN
+
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "TUNELAB_HOME": str(tmp_path)}
+    procs = [subprocess.Popen([str(VENV_BIN / "tunelab-train"), "-m", *TINY, f"optimizer.lr={lrs}", f"run_name=sweep{i}"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, lrs in enumerate(["1e-3,2e-3,3e-3", "4e-3,5e-3,6e-3"])]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        assert "database is locked" not in out + err
+    _, found = runs(tmp_path)
+    children = [r for r in found if "mlflow.parentRunId" in r.data.tags]
+    parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2 and len(children) == 6
+    assert sorted(r.data.params["optimizer.lr"] for r in children) == [str(x) for x in (0.001, 0.002, 0.003, 0.004, 0.005, 0.006)]
+    assert all(r.info.status == "FINISHED" for r in found)
+    for parent in parents:  # each sweep's children hang under its own parent
+        mine = [r for r in children if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+        assert len(mine) == 3
+    assert len(list(tmp_path.glob("outputs/multiruns/*"))) == 2

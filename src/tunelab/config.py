@@ -8,6 +8,7 @@ with ``TUNELAB_ALLOWED_TARGETS``: the user's environment decides, never the conf
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ def conf_dir() -> Path:
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("abspath"):
         OmegaConf.register_new_resolver("abspath", lambda p: str(Path(p).expanduser().resolve()))
+    if not OmegaConf.has_resolver("pid"):
+        # in output folder names: two runs or sweeps started in the same second must not share one
+        OmegaConf.register_new_resolver("pid", lambda: os.getpid(), use_cache=True)
 
 
 _register_resolvers()
@@ -86,7 +90,10 @@ def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
         cause = err.__cause__
         if isinstance(cause, TunelabError):
             raise cause from None
-        raise TunelabError(f"cannot build {what}: {err}") from err
+        # one line: Hydra's message spans three ("Error in call to target ...", the cause, full_key)
+        target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"
+        reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
+        raise TunelabError(f"cannot build {what} ({target}): {' '.join(reason.split())}") from err
     if isinstance(built, functools.partial) and type(built) is not functools.partial:
         # Hydra's partials re-authorise their target on every call (~0.1 ms); the LR schedule is
         # called for every param group at every step. The target passed the allow-list above.
@@ -94,10 +101,243 @@ def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
     return built
 
 
+# -- cheap checks of a composed config, before anything is read or built -------------------------
+# Hydra composes whatever types an override gives (trainer.max_epochs=abc is the string 'abc');
+# nothing downstream expects that, so each setting a user commonly overrides is checked here
+# against what it must be, and a wrong value becomes one line naming key, expectation and value.
+
+_ABSENT = object()
+REQUIRED_GROUPS = ("model", "data", "strategy", "optimizer", "trainer")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _interval(low, high, low_open, high_open) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def integer(low: int, high: int | None = None, null: bool = False):
+    def ok(v):
+        return (null and v is None) or (_is_int(v) and v >= low and (high is None or v <= high))
+    return ok, f"an integer {_interval(low, high, False, False)}" + (" or null" if null else "")
+
+
+def number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False, null: bool = False):
+    def ok(v):
+        if null and v is None:
+            return True
+        if not _is_number(v) or (v <= low if low_open else v < low):
+            return False
+        return high is None or (v < high if high_open else v <= high)
+    return ok, f"a number {_interval(low, high, low_open, high_open)}" + (" or null" if null else "")
+
+
+def choice(*options, null: bool = False):
+    def ok(v):
+        return (null and v is None) or any(v is o if isinstance(o, bool) else (not isinstance(v, bool) and v == o)
+                                           for o in options)
+    names = [str(o).lower() if isinstance(o, bool) else str(o) for o in options] + (["null"] if null else [])
+    return ok, "one of " + ", ".join(names)
+
+
+def either(*rules):
+    return lambda v: any(ok(v) for ok, _ in rules), " or ".join(desc for _, desc in rules)
+
+
+def text(null: bool = False):
+    return lambda v: (null and v is None) or (isinstance(v, str) and v != ""), "a non-empty string" + (" or null" if null else "")
+
+
+def mapping(values=None, null: bool = True):
+    """A dict (``{a: 1}``), each value passing ``values`` when given."""
+    def ok(v):
+        if null and v is None:
+            return True
+        return isinstance(v, DictConfig) and (values is None or all(values[0](v[k]) for k in v))
+    desc = "a mapping" + (f" of names to {values[1]}" if values else "") + (" (e.g. {a: 1}) or null" if null else "")
+    return ok, desc
+
+
+def string_list():
+    return (lambda v: isinstance(v, ListConfig) and len(v) > 0 and all(isinstance(x, str) and x for x in v),
+            "a non-empty list of strings, e.g. ['bias', 'norm']")
+
+
+BOOL = choice(True, False)
+BATCHES = either(integer(0), number(0, 1), choice(None))
+SEED = integer(0, 2**32 - 1)
+POSITIVE = number(0, low_open=True)
+FRACTION = number(0, 1, high_open=True)
+
+# key -> (test, what it must be); a key absent from the composed config (another strategy's
+# setting, say) is not checked. Values a choice's own code checks better (data.task, module.batchnorm,
+# strategy.unfreeze, data.objective...) are left to it.
+RULES: dict[str, tuple] = {
+    "seed": SEED,
+    "model.pretrained": BOOL,
+    "model.fine_groups": BOOL,
+    "model.drop_rate": FRACTION,
+    "model.drop_path_rate": number(0, 1, high_open=True, null=True),
+    "model.head_init_std": POSITIVE,
+    "optimizer.lr": POSITIVE,
+    "optimizer.weight_decay": number(0),
+    "optimizer.momentum": number(0, 1, high_open=True),
+    "optimizer.nesterov": BOOL,
+    "trainer.max_epochs": integer(1),
+    "trainer.log_every_n_steps": integer(1),
+    "trainer.accumulate_grad_batches": integer(1),
+    "trainer.gradient_clip_val": number(0, null=True),
+    "trainer.limit_train_batches": BATCHES,
+    "trainer.limit_val_batches": BATCHES,
+    "trainer.limit_test_batches": BATCHES,
+    "data.batch_size": integer(1),
+    "data.eval_batch_size": integer(1, null=True),
+    "data.image_size": integer(8, 4096, null=True),
+    "data.max_train_samples": integer(1, null=True),
+    "data.num_classes": integer(2, null=True),
+    "data.val_fraction": FRACTION,
+    "data.test_fraction": FRACTION,
+    "data.num_workers": either(choice("auto"), integer(0)),
+    "data.seed": SEED,
+    "data.max_length": integer(2),
+    "data.max_seconds": POSITIVE,
+    "data.augment": mapping(),
+    "module.label_smoothing": FRACTION,
+    "module.layer_decay": number(0, 1, low_open=True),
+    "module.stage_rewarmup": integer(0),
+    "module.group_lr_mults": mapping(POSITIVE),
+    "perf.cache_features": choice("auto", True, False),
+    "perf.compile": BOOL,
+    "perf.channels_last": BOOL,
+    "perf.fused_optimizer": choice("auto", True, False),
+    "perf.compile_mode": text(null=True),
+    "perf.compile_backend": text(),
+    "strategy.head_epochs": integer(1),
+    "strategy.probe_epochs": integer(1),
+    "strategy.every": integer(1),
+    "strategy.groups_per_stage": integer(1),
+    "strategy.unit": choice("epoch", "step"),
+    "strategy.lr_mult": POSITIVE,
+    "strategy.head_lr_mult": POSITIVE,
+    "strategy.probe_lr_mult": POSITIVE,
+    "strategy.include_head": BOOL,
+    "strategy.patterns": string_list(),
+    "scheduler.warmup": number(0),
+    "scheduler.min_lr_ratio": number(0, 1),
+    "scheduler.pct_start": number(0, 1, low_open=True, high_open=True),
+    "scheduler.div_factor": POSITIVE,
+    "scheduler.final_div_factor": POSITIVE,
+    "scheduler.cut_frac": number(0, 1, low_open=True, high_open=True),
+    "scheduler.ratio": number(1),
+    "scheduler.factor": number(0, 1, low_open=True, high_open=True),
+    "scheduler.mode": choice("min", "max"),
+    "scheduler.patience": integer(0),
+    "scheduler.min_scale": number(0, 1, low_open=True),
+    "scheduler.threshold": number(0),
+    "scheduler.monitor": text(),
+    "regularizer.alpha": number(0),
+    "regularizer.beta": number(0),
+    "retention.enabled": BOOL,
+    "retention.samples": integer(1),
+}
+
+# FineTuneModule arguments build_parts fills itself; the rest are the `module.*` settings
+_MODULE_FILLED = {"self", "adapter", "num_outputs", "task", "target_stats", "optimizer", "stages", "scheduler",
+                  "regularizer", "perf"}
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    return "null" if value is None else repr(value)
+
+
+def _choices(group: str) -> str:
+    folder = conf_dir() / group
+    return ", ".join(sorted(f.stem for f in folder.glob("*.yaml"))) if folder.is_dir() else "?"
+
+
+def _settings(target: str) -> tuple[set[str], bool] | None:
+    """Parameter names of an (allowed) target, and whether it takes any keyword (``**kwargs``
+    not passed on to a parent class); None when it cannot be imported (``build`` says why)."""
+    import inspect
+
+    from hydra.utils import get_method
+
+    try:
+        func = get_method(target)
+        classes = [c for c in func.__mro__ if "__init__" in vars(c) and c is not object] if inspect.isclass(func) else [func]
+        names: set[str] = set()
+        for member in classes:
+            params = inspect.signature(member).parameters.values()
+            names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+            if not any(p.kind == p.VAR_KEYWORD for p in params):
+                return names, False
+        return names, not inspect.isclass(func)  # a class's **kwargs end at object: unknown keys fail
+    except Exception:  # noqa: BLE001 - not importable or no signature
+        return None
+
+
+def check_settings(node: Any, key: str) -> None:
+    """Every key of a ``_target_`` node is a parameter of its target: a misspelt ``+strategy.head_epoch=2``
+    would otherwise fail deep inside training (a partial is only called then)."""
+    if not isinstance(node, DictConfig):
+        return
+    target = node.get("_target_") if "_target_" in node else None
+    if isinstance(target, str) and _is_allowed(target, allowed_prefixes()):
+        known = _settings(target)
+        if known is not None and not known[1]:
+            unknown = sorted(str(k) for k in node.keys() if not str(k).startswith("_") and str(k) not in known[0])
+            if unknown:
+                takes = ", ".join(sorted(n for n in known[0] if n != "self")) or "no settings"
+                raise TunelabError(f"{key}.{unknown[0]} is not a setting of {target} (it takes {takes}); "
+                                   f"remove it or fix its spelling.")
+    for child in node.keys():
+        check_settings(node._get_node(child), f"{key}.{child}")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Cheap checks of values no type catches, before anything is built or read."""
-    lr = cfg.optimizer.get("lr")
-    if lr is None or not float(lr) > 0:
-        raise TunelabError(f"optimizer.lr must be > 0, got {lr}.")
-    if int(cfg.trainer.max_epochs) < 1:
-        raise TunelabError(f"trainer.max_epochs must be >= 1, got {cfg.trainer.max_epochs}.")
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    for top in cfg.keys():  # an interpolation that cannot resolve (${nope}) fails here, naming its key
+        try:
+            node = cfg._get_node(top)
+            OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else cfg.get(top)
+        except OmegaConfBaseException as err:
+            message = (str(err).splitlines() or [type(err).__name__])[0].strip()
+            if isinstance(err, MissingMandatoryValue) or "HydraConfig" in message:
+                continue  # ???: build() names it; ${hydra:...} only resolves inside a Hydra job
+            raise TunelabError(f"{getattr(err, 'full_key', None) or top}: cannot resolve its value: {message}.") from None
+    for group in REQUIRED_GROUPS:
+        if not isinstance(cfg.get(group), DictConfig):
+            raise TunelabError(f"{group} must be a config choice ({_choices(group)}), got {_shown(cfg.get(group))}; "
+                               f"pick one with {group}=<choice>.")
+    for key, (ok, expected) in RULES.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)  # also _ABSENT when ??? (build() reports it)
+        if value is _ABSENT:
+            continue
+        if not ok(value):
+            raise TunelabError(f"{key} must be {expected}, got {_shown(value)}.")
+    module = cfg.get("module")
+    if module is not None:
+        if not isinstance(module, DictConfig):
+            raise TunelabError(f"module must be a mapping of settings, got {_shown(module)}.")
+        from tunelab.module import BATCHNORM_MODES, FineTuneModule  # noqa: F401 - BATCHNORM_MODES checked there
+
+        known = _settings("tunelab.module.FineTuneModule")
+        allowed = (known[0] if known else set()) - _MODULE_FILLED
+        unknown = sorted(str(k) for k in module.keys() if str(k) not in allowed)
+        if known and unknown:
+            raise TunelabError(f"module.{unknown[0]} is not a module setting (settings: {', '.join(sorted(allowed))}); "
+                               "remove it or fix its spelling.")
+    for group in ("model", "data", "strategy", "optimizer", "scheduler", "regularizer", "trainer", "callbacks"):
+        check_settings(cfg.get(group), group)

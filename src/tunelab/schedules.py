@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from tunelab.errors import TunelabError
+
 
 def _warmup_steps(warmup: float, total_steps: int) -> int:
     # A value below 1 is a fraction of the run; 1 or more is a number of steps.
@@ -68,8 +70,10 @@ class Plateau:
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min", factor: float = 0.1,
                  patience: int = 1, min_scale: float = 1e-4, threshold: float = 1e-4, warmup: float = 0):
-        if mode not in ("min", "max") or not 0 < factor < 1:
-            raise ValueError(f"Plateau needs mode min|max and 0 < factor < 1, got {mode!r}, {factor}")
+        if mode not in ("min", "max"):
+            raise TunelabError(f"scheduler.mode must be min or max, got {mode!r}.")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+            raise TunelabError(f"scheduler.factor must be a number in (0, 1), got {factor!r}.")
         self.monitor, self.mode, self.factor, self.patience = monitor, mode, factor, patience
         self.min_scale, self.threshold, self.warmup = min_scale, threshold, warmup
         self.scale, self.best, self.bad = 1.0, None, 0

@@ -9,7 +9,9 @@ A new strategy is a new function here plus a YAML file in ``conf/strategy/``.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping, Sequence as SequenceABC
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -29,6 +31,10 @@ class Stage:
     patterns: tuple[str, ...] = ()  # parameter-name regexes trained in addition (BitFit, LoRA...)
     unit: str = "epoch"
     frozen: tuple[str, ...] = ()  # groups that never train whatever the above says (see keep_frozen)
+    origin: str = field(default="", compare=False)  # the setting that placed its start, for messages
+
+    def started_by(self) -> str:
+        return f" (set by {self.origin})" if self.origin else ""
 
     def mult(self, group: str) -> float:
         return self.lr_mult.get(group, 1.0)
@@ -53,6 +59,7 @@ def _backbone(groups: Sequence[str]) -> list[str]:
 
 def full(groups: list[str], lr_mult: float = 1.0) -> list[Stage]:
     """Everything trains from the first step."""
+    lr_mult = _mult(lr_mult, "strategy.lr_mult")
     return [Stage("full", 0, tuple(groups), {g: lr_mult for g in groups})]
 
 
@@ -79,14 +86,43 @@ def select_groups(groups: list[str], unfreeze, key: str) -> tuple[str, ...]:
     if isinstance(unfreeze, int) or unfreeze == "all":
         return top_groups(groups, unfreeze, key)
     if isinstance(unfreeze, str):
-        chosen = tuple(g for g in groups if re.fullmatch(unfreeze, g))
+        try:
+            chosen = tuple(g for g in groups if re.fullmatch(unfreeze, g))
+        except re.error as err:
+            raise TunelabError(f"{key}: {unfreeze!r} is not a valid regex ({err}).") from None
         if not chosen:
             raise TunelabError(f"{key}: regex {unfreeze!r} matches no layer group of {groups}.")
         return chosen
+    if not isinstance(unfreeze, SequenceABC) or not unfreeze or not all(isinstance(g, str) for g in unfreeze):
+        raise TunelabError(f"{key} must be 'all', a count of top groups, a regex or a non-empty list of group "
+                           f"names, got {_shown(unfreeze)}.")
     unknown = [g for g in unfreeze if g not in groups]
     if unknown:
         raise TunelabError(f"{key} names unknown layer groups {unknown}; this model has {groups}.")
     return tuple(g for g in groups if g in set(unfreeze))
+
+
+def _shown(value) -> str:
+    """A config value as the user wrote it (ListConfig / DictConfig as plain lists and dicts)."""
+    try:
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        pass
+    return "null" if value is None else repr(value)
+
+
+def _count(value, key: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise TunelabError(f"{key} must be an integer >= {low}, got {_shown(value)}.")
+    return value
+
+
+def _mult(value, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise TunelabError(f"{key} must be a number > 0 (a multiplier of optimizer.lr), got {_shown(value)}.")
+    return float(value)
 
 
 def freeze_unfreeze(
@@ -94,11 +130,14 @@ def freeze_unfreeze(
     lr_mult: float = 0.1, head_lr_mult: float = 1.0,
 ) -> list[Stage]:
     """Train the head for ``head_epochs``, then also the top ``unfreeze`` groups at ``lr_mult``."""
-    if head_epochs < 1:
+    if isinstance(head_epochs, int) and not isinstance(head_epochs, bool) and head_epochs < 1:
         raise TunelabError(f"strategy.head_epochs must be >= 1, got {head_epochs}; use strategy=full to train everything at once.")
+    head_epochs = _count(head_epochs, "strategy.head_epochs", 1)
+    lr_mult, head_lr_mult = _mult(lr_mult, "strategy.lr_mult"), _mult(head_lr_mult, "strategy.head_lr_mult")
     opened = top_groups(groups, unfreeze)
     mults = {g: (head_lr_mult if g == "head" else lr_mult) for g in opened}
-    return [Stage("head", 0, ("head",)), Stage("unfreeze", head_epochs, opened, mults)]
+    return [Stage("head", 0, ("head",)),
+            Stage("unfreeze", head_epochs, opened, mults, origin=f"strategy.head_epochs={head_epochs}")]
 
 
 def milestones(groups: list[str], stages: list[dict]) -> list[Stage]:
@@ -110,26 +149,46 @@ def milestones(groups: list[str], stages: list[dict]) -> list[Stage]:
     """
     if not stages:
         raise TunelabError("strategy.stages is empty: give at least one {at_epoch, unfreeze, lr_mult}.")
+    if isinstance(stages, (str, Mapping)) or not isinstance(stages, SequenceABC):
+        raise TunelabError(f"strategy.stages must be a list of {{at_epoch, unfreeze, lr_mult}}, got {_shown(stages)}.")
     result: list[Stage] = []
     opened: dict[str, float] = {"head": 1.0}
+    previous: tuple[str, int] | None = None
     for i, spec in enumerate(stages):
-        spec = dict(spec)
+        where = f"strategy.stages[{i}]"
+        if not isinstance(spec, Mapping):
+            raise TunelabError(f"{where} must be a mapping like {{at_epoch: 1, unfreeze: 2, lr_mult: 0.1}}, "
+                               f"got {_shown(spec)}.")
+        spec = {str(k): v for k, v in spec.items()}
         unit = "step" if "at_step" in spec else "epoch"
         start = spec.pop("at_step" if unit == "step" else "at_epoch", None)
         unknown = set(spec) - {"unfreeze", "lr_mult", "head_lr_mult", "name"}
         if start is None or unknown:
             raise TunelabError(
-                f"strategy.stages[{i}] needs at_epoch or at_step, and only unfreeze, lr_mult, "
+                f"{where} needs at_epoch or at_step, and only unfreeze, lr_mult, "
                 f"head_lr_mult, name (got {sorted(unknown) or 'no start'})."
             )
+        at = f"{where}.at_{unit}"
+        start = _count(start, at, 0)
+        if previous is not None and previous[0] != at.rsplit(".", 1)[1]:
+            raise TunelabError(f"{at}: every stage must use the same unit, but strategy.stages[{i - 1}] uses "
+                               f"{previous[0]}; use at_epoch or at_step throughout.")
+        if previous is not None and start <= previous[1]:
+            raise TunelabError(f"{at}={start} must be later than strategy.stages[{i - 1}].{previous[0]}={previous[1]}: "
+                               "list the stages in the order they start, each after the one before.")
+        previous = (f"at_{unit}", start)
         if i == 0 and start > 0:
             result.append(Stage("head", 0, ("head",), unit=unit))
-        for g in select_groups(groups, spec.get("unfreeze", "all"), f"strategy.stages[{i}].unfreeze"):
-            opened.setdefault(g, float(spec.get("lr_mult", 1.0)))
+        mult = _mult(spec.get("lr_mult", 1.0), f"{where}.lr_mult")
+        for g in select_groups(groups, spec.get("unfreeze", "all"), f"{where}.unfreeze"):
+            opened.setdefault(g, mult)
         if "head_lr_mult" in spec:
-            opened["head"] = float(spec["head_lr_mult"])
+            opened["head"] = _mult(spec["head_lr_mult"], f"{where}.head_lr_mult")
         name = spec.get("name", f"stage{len(result)}")
-        result.append(Stage(name, int(start), tuple(g for g in groups if g in opened), dict(opened), unit=unit))
+        if not isinstance(name, str) or not name:
+            raise TunelabError(f"{where}.name must be a non-empty string, got {_shown(name)}.")
+        result.append(Stage(name, start, tuple(g for g in groups if g in opened), dict(opened), unit=unit,
+                            origin=f"{at}={start}"))
     return result
 
 
@@ -138,24 +197,28 @@ def gradual(
 ) -> list[Stage]:
     """ULMFiT's gradual unfreezing: head first, then ``groups_per_stage`` more groups from the
     top every ``every`` epochs (or steps), until everything trains."""
-    if every < 1 or groups_per_stage < 1 or unit not in UNITS:
-        raise TunelabError(f"strategy.every and strategy.groups_per_stage must be >= 1 and unit one of {UNITS}.")
+    every, groups_per_stage = _count(every, "strategy.every", 1), _count(groups_per_stage, "strategy.groups_per_stage", 1)
+    if unit not in UNITS:
+        raise TunelabError(f"strategy.unit must be one of {', '.join(UNITS)}, got {_shown(unit)}.")
+    lr_mult = _mult(lr_mult, "strategy.lr_mult")
     backbone = _backbone(groups)
     stages = [Stage("head", 0, ("head",), unit=unit)]
     for k in range(groups_per_stage, len(backbone) + groups_per_stage, groups_per_stage):
         opened = tuple(backbone[max(0, len(backbone) - k):]) + ("head",)
         stages.append(Stage(f"top{min(k, len(backbone))}", every * len(stages), opened,
-                            {g: lr_mult for g in opened if g != "head"}, unit=unit))
+                            {g: lr_mult for g in opened if g != "head"}, unit=unit,
+                            origin=f"strategy.every={every} x {len(stages)} stages"))
     return stages
 
 
 def lp_ft(groups: list[str], probe_epochs: int = 2, lr_mult: float = 0.1, probe_lr_mult: float = 1.0) -> list[Stage]:
     """LP-FT (Kumar et al. 2022): linear probe, then fine-tune everything, head included,
     at a lower LR, so the probed head does not distort the pretrained features."""
-    if probe_epochs < 1:
-        raise TunelabError(f"strategy.probe_epochs must be >= 1, got {probe_epochs}.")
+    probe_epochs = _count(probe_epochs, "strategy.probe_epochs", 1)
+    lr_mult, probe_lr_mult = _mult(lr_mult, "strategy.lr_mult"), _mult(probe_lr_mult, "strategy.probe_lr_mult")
     return [Stage("probe", 0, ("head",), {"head": probe_lr_mult}),
-            Stage("finetune", probe_epochs, tuple(groups), {g: lr_mult for g in groups})]
+            Stage("finetune", probe_epochs, tuple(groups), {g: lr_mult for g in groups},
+                  origin=f"strategy.probe_epochs={probe_epochs}")]
 
 
 def bitfit(groups: list[str]) -> list[Stage]:
@@ -167,6 +230,8 @@ def regex(groups: list[str], patterns: list[str], include_head: bool = True) -> 
     """Train the parameters whose names match any of ``patterns`` (re.search), plus the head."""
     if not patterns:
         raise TunelabError("strategy.patterns is empty: give regexes of parameter names to train.")
+    if isinstance(patterns, str) or not isinstance(patterns, SequenceABC) or not all(isinstance(p, str) for p in patterns):
+        raise TunelabError(f"strategy.patterns must be a list of regexes, e.g. ['bias', 'norm'], got {_shown(patterns)}.")
     for p in patterns:
         try:
             re.compile(p)
@@ -194,7 +259,8 @@ def check_stages(stages: list[Stage], groups: list[str], max_epochs: int, param_
         raise TunelabError("stages mix at_epoch and at_step starts; use one unit per schedule.")
     for prev, nxt in zip(stages, stages[1:]):
         if nxt.start <= prev.start:
-            raise TunelabError(f"stages overlap: {nxt.name!r} starts at {nxt.unit} {nxt.start}, not after {prev.name!r} ({prev.unit} {prev.start}).")
+            raise TunelabError(f"stages overlap: {nxt.name!r}{nxt.started_by()} starts at {nxt.unit} {nxt.start}, "
+                               f"not after {prev.name!r}{prev.started_by()} ({prev.unit} {prev.start}).")
     for stage in stages:
         unknown = [g for g in stage.trainable if g not in groups]
         if unknown:
@@ -208,7 +274,7 @@ def check_stages(stages: list[Stage], groups: list[str], max_epochs: int, param_
     last = stages[-1]
     if last.unit == "epoch" and last.start >= max_epochs:
         raise TunelabError(
-            f"stage {last.name!r} starts at epoch {last.start} but trainer.max_epochs={max_epochs}, "
+            f"stage {last.name!r}{last.started_by()} starts at epoch {last.start} but trainer.max_epochs={max_epochs}, "
             f"so it would never run. Raise trainer.max_epochs above {last.start} or start it earlier."
         )
 

@@ -127,8 +127,26 @@ def tracking_uri(cfg: DictConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or str(cfg.logger.tracking_uri)
 
 
+def _init_sqlite_store(uri: str) -> None:
+    """Create / migrate a SQLite store under a file lock: two processes opening a new store at
+    once (two sweeps, parallel trials) otherwise race through MLflow's schema migrations."""
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail before training, not after an hour, when a tracking server is down."""
+    """Fail before training, not after an hour, when a tracking server is down (and set up a
+    local SQLite store safely when it is one)."""
+    if uri.startswith("sqlite:///"):
+        _init_sqlite_store(uri)
     if not uri.startswith(("http://", "https://")):
         return
     try:

@@ -100,6 +100,19 @@ def resolve(source: str, client, folder: Path | None = None) -> Trained:
     return from_checkpoint(source)
 
 
+def lightning_state(path: Path, what: str) -> dict:
+    """The ``state_dict`` of a Lightning checkpoint, read with ``weights_only=True``: a file that
+    holds pickled Python objects beyond tensors is refused (adapters.weights.load_checkpoint)."""
+    from tunelab.adapters.weights import load_checkpoint
+
+    checkpoint = load_checkpoint(path, what)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise TunelabError(f"{what}: {path} is not a Lightning checkpoint (no state_dict); pass the .ckpt "
+                           "tunelab-train wrote in <run>/checkpoints/, a run id (runs:/ID) or models:/NAME/VERSION.")
+    return state
+
+
 def load_adapter(trained: Trained):
     """The adapter the run trained, with its fine-tuned weights (read with ``weights_only=True``)."""
     from tunelab.build import accepted
@@ -108,10 +121,7 @@ def load_adapter(trained: Trained):
     cfg, meta = trained.cfg, trained.meta
     adapter = build(cfg.model, "model", num_outputs=int(meta["num_outputs"]), lora=cfg.get("lora"),
                     **accepted(cfg.model, meta.get("model_kwargs") or {}))
-    try:
-        state = torch.load(trained.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file: say which and why
-        raise TunelabError(f"cannot read checkpoint {trained.checkpoint}: {type(err).__name__}: {err}") from None
+    state = lightning_state(trained.checkpoint, "checkpoint")
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     adapter.model.load_state_dict(weights)
     adapter.model.eval()
@@ -147,10 +157,7 @@ def init_from(adapter, source: str, uri: str) -> dict[str, str]:
     folder = Path(tempfile.mkdtemp(prefix="tunelab-init-"))
     try:
         trained = resolve(source, MlflowClient(uri), folder)
-        try:
-            state = torch.load(trained.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-        except Exception as err:  # noqa: BLE001
-            raise TunelabError(f"init_from={source}: cannot read its checkpoint ({type(err).__name__}: {err})") from None
+        state = lightning_state(trained.checkpoint, f"init_from={source}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     own = adapter.model.state_dict()

@@ -6,8 +6,10 @@ so a pickled object in a colleague's file cannot run code on load.
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -21,23 +23,56 @@ _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _KEY_PREFIXES = ("model.", "module.", "_orig_mod.")
 
 
+TRUSTED = ("Only load checkpoints from trusted sources; to use one you trust, re-save its tensors alone "
+           "(torch.save(state_dict) or .safetensors).")
+
+
+def checkpoint_error(path: str | Path, what: str, err: BaseException) -> TunelabError:
+    """One line for a file ``torch.load(weights_only=True)`` would not read: refused when it holds
+    pickled Python objects (never torch's advice to retry with weights_only=False), else unreadable."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            return TunelabError(
+                f"{what}: refused to load {path}: it contains Python objects beyond tensors ({found.group(1)}), "
+                f"and unpickling them could run code, so tunelab reads checkpoints with weights_only=True. {TRUSTED}")
+        detail = re.search(r"(Unsupported [^\n]*)", text)
+        return TunelabError(
+            f"{what}: cannot read {path}: not a tensor checkpoint the safe loader accepts "
+            f"({detail.group(1).strip() if detail else 'UnpicklingError'}). It is damaged, or holds pickled Python "
+            f"objects beyond tensors, which are refused (weights_only=True). {TRUSTED}")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return TunelabError(f"{what}: cannot read {path}: not a PyTorch checkpoint, or a damaged one "
+                        f"({type(err).__name__}{': ' + first[:200] if first else ''}).")
+
+
+def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU: tensors and plain containers only.
+
+    Checkpoints are untrusted input; a file holding any other pickled object is refused with
+    a :class:`TunelabError` that names it, before any of it is built.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError... on bad files
+        raise checkpoint_error(path, what, err) from None
+
+
 def read_state_dict(path: str | Path, what: str = "model.checkpoint") -> StateDict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise TunelabError(f"{what}: no file at {path}. Give the path of a local .pth/.pt/.ckpt/.safetensors file.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... on bad files
-        raise TunelabError(
-            f"{what}: cannot read {path} as weights ({type(err).__name__}: {str(err).splitlines()[0]}). "
-            "It must be a state dict saved with torch.save or safetensors; files that need "
-            "arbitrary unpickling are refused (weights_only=True)."
-        ) from None
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError
+            raise TunelabError(f"{what}: cannot read {path} as safetensors ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else ''}).") from None
+    else:
+        obj = load_checkpoint(path, what)
     for key in _CONTAINER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -7,6 +7,7 @@ the modality only decides how an item becomes a tensor.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,6 +16,37 @@ import numpy as np
 from tunelab.errors import TunelabError
 
 TASKS = ("classification", "regression")
+log = logging.getLogger(__name__)
+
+
+class ItemError(TunelabError):
+    """One example (an image, a clip) that cannot be read, found while loading it.
+
+    Inside a DataLoader worker, torch re-raises an item's exception in the main process as
+    ``type(err)("Caught ... in DataLoader worker process 0.\nOriginal Traceback ...")``: a
+    traceback inside the message, which the entry points would print. This type cuts such a
+    message back to the original one line (the traceback's last line), so the user reads
+    ``cannot read image x.png: ...`` whether or not workers loaded it.
+    """
+
+    def __init__(self, message: str = ""):
+        message = str(message)
+        if message.startswith("Caught ") and "Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
+def line_of(kind: str, index: int) -> str:
+    """Where a table row is in its file, as an editor shows it (CSV/TSV: after the header line)."""
+    return {"csv": f"line {index + 2}", "tsv": f"line {index + 2}", "jsonl": f"line {index + 1}"}.get(
+        kind, f"row {index + 1}")
+
+
+def first_few(items: Sequence[str], limit: int = 3) -> str:
+    """``a, b, c and 4 more``: enough to find the problem, still one line."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 @dataclass
@@ -113,9 +145,14 @@ def read_frame(path: str, columns: dict[str, str | None], key: str = "data.sourc
                 f"Set data.source.{name}=<column name>."
             )
     used = [c for c in columns.values() if c is not None]
-    frame = frame.dropna(subset=used)
+    empty = frame[used].isna().any(axis=1)
+    frame = frame[~empty]
     if frame.empty:
         raise TunelabError(f"{file} has no rows with values in all of {used}.")
+    if empty.any():  # a documented skip, counted: rows with a missing cell (a short row, an empty label...)
+        lines = [line_of(kind, int(i)) for i in np.flatnonzero(empty.to_numpy())]
+        log.warning("%s: skipped %d of %d rows with an empty %s (%s)", file, len(lines), len(empty),
+                    " or ".join(map(repr, used)), first_few(lines))
     return frame.reset_index(drop=True), file
 
 
@@ -128,5 +165,12 @@ def load_path_table(path: str, path_column: str = "path", label_column: str = "l
     frame, file = read_frame(path, {"path_column": path_column, "label_column": label_column})
     base = Path(root).expanduser() if root else file.parent
     paths = [str(p if Path(p).is_absolute() else base / p) for p in frame[path_column].astype(str)]
+    missing = [p for p in paths if not Path(p).is_file()]  # one stat per row: cheap, and before any training
+    if missing:
+        raise TunelabError(
+            f"data.source.path: {len(missing)} of {len(paths)} files listed in {file} (column {path_column!r}) do not "
+            f"exist: {first_few(missing)}. Fix those rows, or data.source.root if relative paths resolve against "
+            f"the wrong folder (now {base})."
+        )
     labels, classes = encode_labels(frame[label_column], task, f"{file} column {label_column!r}")
     return Table(paths, labels, classes, str(file))
