@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from tunelab.data.datamodule import TaskDataModule
 from tunelab.data.sampling import sample_seed
-from tunelab.data.table import Table, load_path_table
+from tunelab.data.table import ItemError, Table, load_path_table
 from tunelab.errors import TunelabError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -59,8 +59,8 @@ def read_audio(path: str, rate: int) -> np.ndarray:
 
     try:
         samples, source_rate = sf.read(path, dtype="float32", always_2d=True)
-    except (RuntimeError, OSError) as err:
-        raise TunelabError(f"cannot read audio file {path}: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, OSError) as err:  # ItemError: one clean line even from a DataLoader worker
+        raise ItemError(f"cannot read audio file {path}: {str(err).splitlines()[0]}") from None
     mono = samples.mean(axis=1)
     if source_rate != rate:
         g = gcd(int(source_rate), int(rate))
