@@ -97,6 +97,20 @@ def load_backbone(path: str | None, pretrained: bool, config: dict | None, confi
     return model, model_config, "pretrained"
 
 
+class PooledClassifier(nn.Module):
+    """Backbone -> pooled features -> dropout -> new head. Subclasses define ``features``; the
+    split at the head is what the cached-feature path uses (feature_cache.py)."""
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.classify(self.features(inputs))
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(pooled))
+
+    def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
 def new_head(width: int, num_outputs: int, std: float) -> nn.Linear:
     """A new head starts near zero, so first predictions are near uniform (or the mean)."""
     if num_outputs < 1:

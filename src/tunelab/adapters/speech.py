@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from tunelab.adapters.groups import Adapter
-from tunelab.adapters.hf import add_lora, hf_groups, load_backbone, new_head, pool, resolve_checkpoint
+from tunelab.adapters.hf import PooledClassifier, add_lora, hf_groups, load_backbone, new_head, pool, resolve_checkpoint
 from tunelab.errors import TunelabError
 
 SPEECH_TYPES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat")
 
 
-class SpeechModel(nn.Module):
+class SpeechModel(PooledClassifier):
     """Backbone -> mean over real (unpadded) frames -> dropout -> new head."""
 
     def __init__(self, backbone: nn.Module, head: nn.Linear, dropout: float, pass_mask: bool):
@@ -28,12 +28,6 @@ class SpeechModel(nn.Module):
         # Checkpoints with group-norm feature encoders (wav2vec2-base) were trained without an
         # attention mask and must not get one; the mask still decides which frames are pooled.
         self.pass_mask = pass_mask
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.classify(self.features(inputs))
-
-    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(pooled))
 
     def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The mean over real frames that the head reads."""

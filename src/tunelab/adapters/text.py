@@ -11,23 +11,17 @@ import torch
 from torch import nn
 
 from tunelab.adapters.groups import Adapter
-from tunelab.adapters.hf import add_lora, check_pooling, hf_groups, load_backbone, new_head, pool, resolve_checkpoint
+from tunelab.adapters.hf import PooledClassifier, add_lora, check_pooling, hf_groups, load_backbone, new_head, pool, resolve_checkpoint
 from tunelab.errors import TunelabError
 
 
-class TextModel(nn.Module):
+class TextModel(PooledClassifier):
     """Backbone -> pooled sequence -> dropout -> new head. Takes the tokenizer's batch dict."""
 
     def __init__(self, backbone: nn.Module, head: nn.Linear, pooling: str, dropout: float, decoder: bool = False):
         super().__init__()
         self.backbone, self.head, self.pooling, self.decoder = backbone, head, pooling, decoder
         self.dropout = nn.Dropout(dropout)
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.classify(self.features(inputs))
-
-    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(pooled))
 
     def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The pooled sequence the head reads."""
