@@ -44,6 +44,7 @@ class Outage:
     """The state of a remote server during one run: down or not, and what waits to be sent."""
 
     uri: str
+    shown: str = ""  # the URI without its password, for messages
     down: bool = False
     pending: list = field(default_factory=list)  # callables that send one kept batch of metrics
     skipped: list[str] = field(default_factory=list)  # artifacts / tags that could not be sent
@@ -61,7 +62,7 @@ class Outage:
                 raise  # the server is up: a real error (bad value, permissions), not an outage
             if not self.down:
                 log.warning("MLflow server %s stopped answering (%s); training goes on, metrics are kept and "
-                            "sent when it answers again", self.uri, type(err).__name__)
+                            "sent when it answers again", self.shown, type(err).__name__)
             self.down, self.last_probe = True, time.monotonic()
             self._hold(what, keep or send)
 
@@ -82,7 +83,7 @@ class Outage:
         kept, self.pending = self.pending, []
         for send in kept:
             send()
-        log.warning("MLflow server %s answers again; sent %d kept metric batches%s", self.uri, len(kept),
+        log.warning("MLflow server %s answers again; sent %d kept metric batches%s", self.shown, len(kept),
                     f" (not logged meanwhile: {', '.join(self.skipped)})" if self.skipped else "")
         return True
 
@@ -93,6 +94,6 @@ class Outage:
             self.last_probe = 0.0
             if not self._back():
                 raise TunelabError(
-                    f"the MLflow server {self.uri} went down during the run and is still down; nothing is lost: "
+                    f"the MLflow server {self.shown} went down during the run and is still down; nothing is lost: "
                     f"checkpoints, resolved config and metrics.json are in {output_dir}. The MLflow run stays "
                     "RUNNING; log the result later with tunelab-eval <that folder>/checkpoints/last.ckpt.")

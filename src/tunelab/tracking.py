@@ -127,6 +127,17 @@ def tracking_uri(cfg: DictConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or str(cfg.logger.tracking_uri)
 
 
+def shown_uri(uri: str) -> str:
+    """``uri`` with any password replaced by ``***``: what messages and logs may print."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=host))
+
+
 def _init_sqlite_store(uri: str) -> None:
     """Create / migrate a SQLite store under a file lock: two processes opening a new store at
     once (two sweeps, parallel trials) otherwise race through MLflow's schema migrations."""
@@ -156,10 +167,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except OSError as err:
         reason = getattr(err, "reason", err)
         raise TunelabError(
-            f"MLflow tracking server {uri} is unreachable ({reason}). Start it (tunelab-ui --port ...), "
+            f"MLflow tracking server {shown_uri(uri)} is unreachable ({reason}). Start it (tunelab-ui --port ...), "
             "fix MLFLOW_TRACKING_URI, or unset it to log to the local SQLite store."
         ) from None
-    raise TunelabError(f"MLflow tracking server {uri} answered /health with status {response.status}.")
+    raise TunelabError(f"MLflow tracking server {shown_uri(uri)} answered /health with status {response.status}.")
 
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:
@@ -246,8 +257,8 @@ def mlflow_run(cfg: DictConfig, run_name: str | None = None) -> Iterator[Run]:
         else:
             run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     except MlflowException as err:
-        raise TunelabError(f"cannot start an MLflow run at {uri}: {err.message}") from None
-    handle = Run(client, run_id, name, uri, None if local else Outage(uri))
+        raise TunelabError(f"cannot start an MLflow run at {shown_uri(uri)}: {err.message}") from None
+    handle = Run(client, run_id, name, uri, None if local else Outage(uri, shown_uri(uri)))
     if not local:
         bound_retries()
     try:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -68,6 +69,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from tunelab.sweep.job import current_job
     from tunelab.sweep.trial import share_machine
 
+    from tunelab.config import check_targets
+
+    check_targets(cfg)  # every _target_ of the tree, before data, model or MLflow run exist
     _quiet_lightning()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access at run time, ever
     job = current_job()
@@ -118,6 +122,10 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> dict[str, float]:
         try:
             with guard.lightning(), ranks.blame() if ranks is not None else contextlib.nullcontext():
                 trainer.fit(parts.module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        except pickle.UnpicklingError as err:  # ckpt_path holds Python objects: refused, never run
+            from tunelab.adapters.weights import checkpoint_error
+
+            raise checkpoint_error(cfg.ckpt_path, "ckpt_path", err) from None
         except SystemExit:
             if trainer.received_sigterm:  # Lightning stopped at a batch boundary; the checkpoint is saved
                 raise Preempted(preemption.saved) from None
@@ -211,18 +219,20 @@ SHOWN = {"classification": ("val/acc", "test/acc", "test/f1"), "regression": ("v
 
 
 def _report(run, metrics: dict[str, float], seconds: float, task: str, registered: str | None = None) -> None:
+    from tunelab.tracking import shown_uri
+
     shown = {k: metrics[k] for k in SHOWN[task] if k in metrics}
     lines = [
         f"run {run.run_id} FINISHED in {seconds / 60:.1f} min: "
         + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
-        f"MLflow store: {run.tracking_uri} (experiment {run.experiment_name!r})",
+        f"MLflow store: {shown_uri(run.tracking_uri)} (experiment {run.experiment_name!r})",
     ]
     if registered:
         lines.append(f"registered: {registered}  (mlflow.pyfunc.load_model({registered!r}))")
     if run.tracking_uri.startswith("sqlite:///"):
         lines.append(f"open the UI:  tunelab-ui --store {run.tracking_uri[len('sqlite:///'):]}")
     else:
-        lines.append(f"open the UI:  {run.tracking_uri}")
+        lines.append(f"open the UI:  {shown_uri(run.tracking_uri)}")
     print("\n".join(["", *lines]), flush=True)
 
 
@@ -250,6 +260,31 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return metrics.get(objective) if objective else None
 
 
+def _guard_hydra_callbacks() -> None:
+    """Hydra builds ``hydra.callbacks`` itself, before any tunelab code runs, and a config file
+    may add some: hold them to tunelab's allow-list too."""
+    from hydra._internal import callbacks as hydra_callbacks
+    from omegaconf import OmegaConf
+
+    from tunelab.config import check_targets
+
+    original = hydra_callbacks.Callbacks.__init__
+    if getattr(original, "tunelab_guarded", False):
+        return
+
+    def guarded(self, config=None) -> None:
+        if config is not None and OmegaConf.select(config, "hydra.callbacks"):
+            try:
+                check_targets(config.hydra.callbacks, "hydra.callbacks")
+            except TunelabError as err:
+                print(f"tunelab-train: error: {err}", file=sys.stderr)
+                sys.exit(2)
+        original(self, config)
+
+    guarded.tunelab_guarded = True
+    hydra_callbacks.Callbacks.__init__ = guarded
+
+
 def main() -> None:
     from tunelab.preflight import preflight
 
@@ -258,6 +293,7 @@ def main() -> None:
     except TunelabError as err:
         print(f"tunelab-train: error: {err}", file=sys.stderr)
         sys.exit(2)
+    _guard_hydra_callbacks()
     _hydra_main()
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError... on bad files
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, KeyError...
         raise checkpoint_error(path, what, err) from None
 
 
