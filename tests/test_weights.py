@@ -28,6 +28,16 @@ def test_local_checkpoint_loads_backbone_and_replaces_mismatched_head(tmp_path, 
     assert "new 3-output head" in adapter.description
 
 
+def test_a_tunelab_checkpoint_serves_as_model_checkpoint(tmp_path, resnet_state):
+    """A FineTuneModule checkpoint holds model.* plus the module's own buffers (target_mean/std)."""
+    path = tmp_path / "epoch04.ckpt"
+    state = {**{f"model.{k}": v for k, v in resnet_state.items()},
+             "target_mean": torch.tensor(0.0), "target_std": torch.tensor(1.0)}
+    torch.save({"state_dict": state, "epoch": 4}, path)
+    adapter = timm_adapter("resnet18", num_outputs=7, checkpoint=str(path))
+    assert torch.equal(adapter.model.state_dict()["fc.weight"], resnet_state["fc.weight"])  # 7 classes: head kept
+
+
 def test_safetensors_checkpoint_keeps_matching_head(tmp_path, resnet_state):
     path = tmp_path / "resnet18.safetensors"
     save_file({k: v.contiguous() for k, v in resnet_state.items()}, str(path))

@@ -60,6 +60,9 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
         raise checkpoint_error(path, what, err) from None
 
 
+_MODULE_BUFFERS = ("target_mean", "target_std")
+
+
 def read_state_dict(path: str | Path, what: str = "model.checkpoint") -> StateDict:
     path = Path(path).expanduser()
     if not path.is_file():
@@ -80,6 +83,9 @@ def read_state_dict(path: str | Path, what: str = "model.checkpoint") -> StateDi
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise TunelabError(f"{what}: {path} holds no state dict of tensors (found {type(obj).__name__}).")
+    # a tunelab checkpoint also holds the FineTuneModule's own buffers (regression target
+    # statistics) beside model.*: they are not the network's weights
+    obj = {k: v for k, v in obj.items() if k not in _MODULE_BUFFERS} if any(k.startswith("model.") for k in obj) else obj
     for prefix in _KEY_PREFIXES:
         if obj and all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
