@@ -309,6 +309,33 @@ def cached_probe(args, device) -> dict:
             "val_acc": {"cached": cached_acc, "uncached": plain_acc}}
 
 
+def summarize(folder: Path) -> str:
+    """The Markdown table docs/performance.md quotes, from every JSON in ``folder``."""
+    lines = ["| model | device | mode | precision | layout | strategy | trainable | raw /s | tunelab /s | tunelab/raw "
+             "| speedup raw | speedup tunelab | of raw's | peak MB raw / tunelab |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    probes = []
+    for path in sorted(folder.glob("*.json")):
+        r = json.loads(path.read_text())
+        if "cached_probe" in r:
+            probes.append((path.name, r["cached_probe"]))
+        if "cached_probe" in r and len(r["rows"]) == 1:
+            continue  # a probe-only file: its one row is a smoke measurement
+        for row in r["rows"]:
+            up = r["freeze_speedups"].get(row["strategy"])
+            cells = [r["model"], r["device"].split(",")[0] if "cpu" in r["device"] else r["device"], r["mode"],
+                     r["precision"], "channels_last" if r["channels_last"] else "NCHW", row["strategy"],
+                     f"{row['trainable_params']:,}", f"{row['raw_samples_per_s']:.1f}", f"{row['tunelab_samples_per_s']:.1f}",
+                     f"**{row['ratio']:.3f}**", f"{up['raw']:.2f}x" if up else "1", f"{up['tunelab']:.2f}x" if up else "1",
+                     f"**{up['fraction_of_raw']:.2f}**" if up else "-", f"{row['raw_peak_mb']:.0f} / {row['tunelab_peak_mb']:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    for name, c in probes:
+        lines.append(f"\ncached probe ({name}): {c['epochs']} epochs, cached {c['cached_s']} s vs uncached {c['uncached_s']} s "
+                     f"= **{c['speedup']}x**; head weights differ by {c['head_max_abs_diff']:.1e}; val/acc "
+                     f"{c['val_acc']['cached']:.4f} vs {c['val_acc']['uncached']:.4f}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -330,7 +357,11 @@ def main(argv=None) -> int:
     parser.add_argument("--probe-epochs", type=int, default=10)
     parser.add_argument("--probe-overrides", nargs="*", default=[], help="Hydra overrides for the probe's run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--summarize", type=Path, metavar="FOLDER", help="print the Markdown table of FOLDER's JSON files and exit")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     args.precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
