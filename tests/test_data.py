@@ -81,7 +81,9 @@ def test_empty_folder_and_corrupt_image(tmp_path, image_folder):
     with pytest.raises(TunelabError, match="empty"):
         load_image_folder(str(tmp_path / "empty"))
     (image_folder / "class_0" / "0.png").write_bytes(b"not a png")
-    table = load_image_folder(str(image_folder))
+    with pytest.raises(TunelabError, match="cannot be read as images"):  # checked when the data is scanned
+        load_image_folder(str(image_folder))
+    table = load_image_folder(str(image_folder), verify=False)  # else when the image is first loaded
     with pytest.raises(TunelabError, match="cannot read image"):
         load_image(table.items[0])
 

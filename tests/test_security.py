@@ -314,9 +314,6 @@ def test_a_prefix_declared_in_tunelab_allowed_targets_is_built(tmp_path, monkeyp
     assert marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="config.check_targets compares the target STRING with the allowed prefixes; "
-                   "tunelab.config.Path.touch resolves to pathlib.Path.touch (a module's imports are attributes), so "
-                   "a config can write any file. Fix: also check the resolved object's __module__/__qualname__.")
 def test_allow_list_judges_what_a_target_resolves_to(tmp_path):
     """A target spelled under an allowed prefix but resolving elsewhere (tunelab.config imports
     pathlib.Path) must be refused too; otherwise a config writes files (e.g. a .pth in

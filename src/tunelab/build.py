@@ -62,11 +62,22 @@ def _full_epochs(limit) -> bool:
     return limit is None or (isinstance(limit, float) and limit == 1.0)  # Lightning: int 1 = one batch
 
 
+def _check_train_fraction(limit, datamodule) -> None:
+    """A fraction of the training batches that rounds to none would stop Lightning mid-fit."""
+    if not isinstance(limit, float) or not 0 < limit < 1 or not hasattr(datamodule, "split_sizes"):
+        return
+    batches = -(-datamodule.split_sizes()["train"] // datamodule.batch_size)
+    if int(batches * limit) == 0:
+        raise TunelabError(f"trainer.limit_train_batches={limit} of {batches} training batches is none; "
+                           f"use at least {1 / batches:.3g} or a number of batches (e.g. 1).")
+
+
 def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Parts:
     """Read the data first (it decides ``num_classes``), then the model, then the schedule.
     ``datamodule`` replaces ``cfg.data`` (the benchmark feeds synthetic batches)."""
     check_config(cfg)
     datamodule = datamodule or build(cfg.data, "data").scan()
+    _check_train_fraction(cfg.trainer.get("limit_train_batches"), datamodule)
     adapter = build(cfg.model, "model", num_outputs=datamodule.num_outputs, lora=cfg.get("lora"),
                     **accepted(cfg.model, datamodule.model_kwargs))
     if adapter.modality != datamodule.modality:

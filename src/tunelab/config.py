@@ -57,14 +57,37 @@ def _is_allowed(target: str, prefixes: tuple[str, ...]) -> bool:
     return any(target == p or target.startswith(p + ".") for p in prefixes)
 
 
+def _defined_in_allowed(target: str, prefixes: tuple[str, ...]) -> bool:
+    """Where the object a target names is really defined: ``tunelab.config.Path.touch`` is
+    spelled under tunelab but is ``pathlib.Path.touch`` (a module's imports are its attributes)."""
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+    except Exception:  # noqa: BLE001 - no such object: build() reports that properly
+        return True
+    module = getattr(obj, "__module__", None) if isinstance(obj, type) or callable(obj) else None
+    module = module or type(obj).__module__
+    if any(module == p or module.startswith(p + ".") for p in prefixes):
+        return True
+    for p in prefixes:  # entries naming one object (lightning.pytorch.Trainer)
+        try:
+            if get_object(p) is obj:
+                return True
+        except Exception:  # noqa: BLE001 - a package prefix is no object
+            continue
+    return False
+
+
 def check_targets(node: Any, path: str = "") -> None:
-    """Refuse any ``_target_`` outside the allowed modules, anywhere in the tree."""
+    """Refuse any ``_target_`` outside the allowed modules, anywhere in the tree, by its name
+    and by where the object it names is defined."""
     prefixes = allowed_prefixes()
     if isinstance(node, DictConfig):
         target = node._get_node("_target_") if "_target_" in node else None
         if target is not None:
             value = str(target._value())
-            if not _is_allowed(value, prefixes):
+            if not _is_allowed(value, prefixes) or not _defined_in_allowed(value, prefixes):
                 raise TunelabError(
                     f"{path or '<root>'}._target_={value!r} is outside the allowed modules "
                     f"({', '.join(prefixes)}). If you trust this config, allow it with "
@@ -137,7 +160,7 @@ def number(low: float, high: float | None = None, low_open: bool = False, high_o
         if not _is_number(v) or (v <= low if low_open else v < low):
             return False
         return high is None or (v < high if high_open else v <= high)
-    return ok, f"a number {_interval(low, high, low_open, high_open)}" + (" or null" if null else "")
+    return ok, _interval(low, high, low_open, high_open) + (" or null" if null else "")  # check_config adds "a number"
 
 
 def choice(*options, null: bool = False):
@@ -145,7 +168,7 @@ def choice(*options, null: bool = False):
         return (null and v is None) or any(v is o if isinstance(o, bool) else (not isinstance(v, bool) and v == o)
                                            for o in options)
     names = [str(o).lower() if isinstance(o, bool) else str(o) for o in options] + (["null"] if null else [])
-    return ok, "one of " + ", ".join(names)
+    return ok, names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def either(*rules):
@@ -162,7 +185,7 @@ def mapping(values=None, null: bool = True):
         if null and v is None:
             return True
         return isinstance(v, DictConfig) and (values is None or all(values[0](v[k]) for k in v))
-    desc = "a mapping" + (f" of names to {values[1]}" if values else "") + (" (e.g. {a: 1}) or null" if null else "")
+    desc = "a mapping" + (f" of names to numbers {values[1]}" if values else "") + (" (e.g. {a: 1}) or null" if null else "")
     return ok, desc
 
 
@@ -172,7 +195,10 @@ def string_list():
 
 
 BOOL = choice(True, False)
-BATCHES = either(integer(0), number(0, 1), choice(None))
+BATCHES = (either(integer(0), number(0, 1), choice(None))[0], "null, a number of batches (an integer >= 0) or a fraction in [0, 1]")
+# 0 training batches trains nothing, yet the run would end FINISHED: refused (0 val batches skips validation)
+TRAIN_BATCHES = (either(integer(1), number(0, 1, low_open=True), choice(None))[0],
+                 "null, a number of batches (an integer >= 1) or a fraction in (0, 1]")
 SEED = integer(0, 2**32 - 1)
 POSITIVE = number(0, low_open=True)
 FRACTION = number(0, 1, high_open=True)
@@ -195,7 +221,7 @@ RULES: dict[str, tuple] = {
     "trainer.log_every_n_steps": integer(1),
     "trainer.accumulate_grad_batches": integer(1),
     "trainer.gradient_clip_val": number(0, null=True),
-    "trainer.limit_train_batches": BATCHES,
+    "trainer.limit_train_batches": TRAIN_BATCHES,
     "trainer.limit_val_batches": BATCHES,
     "trainer.limit_test_batches": BATCHES,
     "data.batch_size": integer(1),
@@ -245,6 +271,12 @@ RULES: dict[str, tuple] = {
     "scheduler.monitor": text(),
     "regularizer.alpha": number(0),
     "regularizer.beta": number(0),
+    "lora": mapping(),
+    "lora.r": integer(1),
+    "lora.alpha": POSITIVE,
+    "lora.dropout": FRACTION,
+    "lora.target_modules": (lambda v: v is None or string_list()[0](v),
+                            "null or a non-empty list of module-name suffixes, e.g. [qkv, proj]"),
     "retention.enabled": BOOL,
     "retention.samples": integer(1),
 }
@@ -257,6 +289,8 @@ _MODULE_FILLED = {"self", "adapter", "num_outputs", "task", "target_stats", "opt
 def _shown(value: Any) -> str:
     if isinstance(value, (DictConfig, ListConfig)):
         value = OmegaConf.to_container(value)
+    if isinstance(value, bool):
+        return str(value).lower()  # as typed on the command line
     return "null" if value is None else repr(value)
 
 
@@ -295,12 +329,12 @@ def check_settings(node: Any, key: str) -> None:
     if isinstance(target, str) and _is_allowed(target, allowed_prefixes()):
         known = _settings(target)
         if known is not None and not known[1]:
-            unknown = sorted(str(k) for k in node.keys() if not str(k).startswith("_") and str(k) not in known[0])
+            unknown = sorted(str(k) for k in node if not str(k).startswith("_") and str(k) not in known[0])
             if unknown:
                 takes = ", ".join(sorted(n for n in known[0] if n != "self")) or "no settings"
                 raise TunelabError(f"{key}.{unknown[0]} is not a setting of {target} (it takes {takes}); "
                                    f"remove it or fix its spelling.")
-    for child in node.keys():
+    for child in node:
         check_settings(node._get_node(child), f"{key}.{child}")
 
 
@@ -308,7 +342,18 @@ def check_config(cfg: DictConfig) -> None:
     """Cheap checks of values no type catches, before anything is built or read."""
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-    for top in cfg.keys():  # an interpolation that cannot resolve (${nope}) fails here, naming its key
+    for group in REQUIRED_GROUPS:  # first: without them, interpolations such as ${data.objective} fail
+        node = cfg._get_node(group) if group in cfg else None
+        if not isinstance(node, DictConfig) or node._is_none() or "_target_" not in node:
+            if node is None or node._is_none():
+                given = "null"
+            elif isinstance(node, DictConfig):  # ~data with debug=smoke leaves data.batch_size & co.
+                given = f"only {', '.join(map(str, node))} (no _target_)"
+            else:
+                given = repr(node._value())
+            raise TunelabError(f"{group} must be a config choice ({_choices(group)}), got {given}; "
+                               f"pick one with {group}=<choice>.")
+    for top in cfg:  # an interpolation that cannot resolve (${nope}) fails here, naming its key
         try:
             node = cfg._get_node(top)
             OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else cfg.get(top)
@@ -317,27 +362,31 @@ def check_config(cfg: DictConfig) -> None:
             if isinstance(err, MissingMandatoryValue) or "HydraConfig" in message:
                 continue  # ???: build() names it; ${hydra:...} only resolves inside a Hydra job
             raise TunelabError(f"{getattr(err, 'full_key', None) or top}: cannot resolve its value: {message}.") from None
-    for group in REQUIRED_GROUPS:
-        if not isinstance(cfg.get(group), DictConfig):
-            raise TunelabError(f"{group} must be a config choice ({_choices(group)}), got {_shown(cfg.get(group))}; "
-                               f"pick one with {group}=<choice>.")
     for key, (ok, expected) in RULES.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)  # also _ABSENT when ??? (build() reports it)
         if value is _ABSENT:
             continue
         if not ok(value):
+            if expected.startswith((">", "in ")) and not _is_number(value):  # a number rule given no number
+                expected = f"a {'finite ' if isinstance(value, float) else ''}number {expected}"
             raise TunelabError(f"{key} must be {expected}, got {_shown(value)}.")
     module = cfg.get("module")
     if module is not None:
         if not isinstance(module, DictConfig):
             raise TunelabError(f"module must be a mapping of settings, got {_shown(module)}.")
-        from tunelab.module import BATCHNORM_MODES, FineTuneModule  # noqa: F401 - BATCHNORM_MODES checked there
 
         known = _settings("tunelab.module.FineTuneModule")
         allowed = (known[0] if known else set()) - _MODULE_FILLED
-        unknown = sorted(str(k) for k in module.keys() if str(k) not in allowed)
+        unknown = sorted(str(k) for k in module if str(k) not in allowed)
         if known and unknown:
             raise TunelabError(f"module.{unknown[0]} is not a module setting (settings: {', '.join(sorted(allowed))}); "
                                "remove it or fix its spelling.")
     for group in ("model", "data", "strategy", "optimizer", "scheduler", "regularizer", "trainer", "callbacks"):
         check_settings(cfg.get(group), group)
+    lora = cfg.get("lora")
+    if isinstance(lora, DictConfig):  # keyword arguments of inject_lora (model and default_targets come from the model)
+        allowed = ("target_modules", "r", "alpha", "dropout")
+        unknown = sorted(str(k) for k in lora if str(k) not in allowed)
+        if unknown:
+            raise TunelabError(f"lora.{unknown[0]} is not a LoRA setting (settings: {', '.join(allowed)}); "
+                               "remove it or fix its spelling.")

@@ -47,7 +47,23 @@ def check_writable(folder: Path, setting: str, min_free_mb: float | None = None)
                            f"for checkpoints; free some space or {fix} (TUNELAB_MIN_FREE_MB sets the threshold).")
 
 
+REQUIRED_GROUPS = ("model", "data", "strategy", "optimizer", "trainer", "logger", "paths")
+
+
+def check_required_groups(argv: list[str]) -> None:
+    """``optimizer=null`` would reach Hydra as a bare ValueError with a traceback."""
+    from tunelab.config import conf_dir
+
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in REQUIRED_GROUPS and value.strip().lower() in ("null", "none", ""):
+            group = key.lstrip("+~")
+            choices = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+            raise TunelabError(f"{group}={value}: a run needs a {group}; pick one of {', '.join(choices)}.")
+
+
 def preflight(argv: list[str]) -> None:
+    check_required_groups(argv)
     if any(a in ("-h", "--help", "--hydra-help", "--info", "-i", "--cfg", "-c") or a.startswith("--cfg") for a in argv):
         return  # nothing will be written
     check_writable(*output_root(argv))

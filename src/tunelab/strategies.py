@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence as SequenceABC
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 from tunelab.errors import TunelabError
 
@@ -93,7 +92,7 @@ def select_groups(groups: list[str], unfreeze, key: str) -> tuple[str, ...]:
         if not chosen:
             raise TunelabError(f"{key}: regex {unfreeze!r} matches no layer group of {groups}.")
         return chosen
-    if not isinstance(unfreeze, SequenceABC) or not unfreeze or not all(isinstance(g, str) for g in unfreeze):
+    if not isinstance(unfreeze, Sequence) or not unfreeze or not all(isinstance(g, str) for g in unfreeze):
         raise TunelabError(f"{key} must be 'all', a count of top groups, a regex or a non-empty list of group "
                            f"names, got {_shown(unfreeze)}.")
     unknown = [g for g in unfreeze if g not in groups]
@@ -149,7 +148,7 @@ def milestones(groups: list[str], stages: list[dict]) -> list[Stage]:
     """
     if not stages:
         raise TunelabError("strategy.stages is empty: give at least one {at_epoch, unfreeze, lr_mult}.")
-    if isinstance(stages, (str, Mapping)) or not isinstance(stages, SequenceABC):
+    if isinstance(stages, (str, Mapping)) or not isinstance(stages, Sequence):
         raise TunelabError(f"strategy.stages must be a list of {{at_epoch, unfreeze, lr_mult}}, got {_shown(stages)}.")
     result: list[Stage] = []
     opened: dict[str, float] = {"head": 1.0}
@@ -207,7 +206,7 @@ def gradual(
         opened = tuple(backbone[max(0, len(backbone) - k):]) + ("head",)
         stages.append(Stage(f"top{min(k, len(backbone))}", every * len(stages), opened,
                             {g: lr_mult for g in opened if g != "head"}, unit=unit,
-                            origin=f"strategy.every={every} x {len(stages)} stages"))
+                            origin=f"strategy.every={every}, strategy.groups_per_stage={groups_per_stage}"))
     return stages
 
 
@@ -230,7 +229,7 @@ def regex(groups: list[str], patterns: list[str], include_head: bool = True) -> 
     """Train the parameters whose names match any of ``patterns`` (re.search), plus the head."""
     if not patterns:
         raise TunelabError("strategy.patterns is empty: give regexes of parameter names to train.")
-    if isinstance(patterns, str) or not isinstance(patterns, SequenceABC) or not all(isinstance(p, str) for p in patterns):
+    if isinstance(patterns, str) or not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
         raise TunelabError(f"strategy.patterns must be a list of regexes, e.g. ['bias', 'norm'], got {_shown(patterns)}.")
     for p in patterns:
         try:

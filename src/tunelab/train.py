@@ -69,9 +69,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from tunelab.sweep.job import current_job
     from tunelab.sweep.trial import share_machine
 
-    from tunelab.config import check_targets
+    from tunelab.config import check_config, check_targets
 
     check_targets(cfg)  # every _target_ of the tree, before data, model or MLflow run exist
+    check_config(cfg)  # values no type catches (seed, LRs, epochs...), before anything reads them
     _quiet_lightning()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access at run time, ever
     job = current_job()

@@ -163,8 +163,12 @@ class TaskDataModule(L.LightningDataModule):
                                "targets, or give class indices / names.")
         found = int(table.labels.max()) + 1
         if self.requested_classes is not None and found > self.requested_classes:
+            first = int(np.flatnonzero(table.labels >= self.requested_classes)[0])
+            item = table.items[first]
+            shown = str(item) if os.path.exists(str(item)) or len(str(item)) <= 60 else f"{str(item)[:57]}..."
+            example = f", first at {shown!r}" if isinstance(item, (str, os.PathLike)) else ""  # a path or a text
             raise TunelabError(
-                f"data.num_classes={self.requested_classes} but {table.origin} has labels up to {found - 1} "
+                f"data.num_classes={self.requested_classes} but {table.origin} has labels up to {found - 1}{example} "
                 f"({found} classes: {', '.join(table.classes[:12])}{'...' if found > 12 else ''}). "
                 f"Set data.num_classes={found}, or null to infer it from the data."
             )

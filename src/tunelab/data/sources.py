@@ -39,11 +39,11 @@ def load_image(item) -> Image.Image:
         with Image.open(item) as img:
             return img.convert("RGB")
     except UNREADABLE as err:  # ItemError: one clean line even from inside a DataLoader worker
-        raise ItemError(f"cannot read image {item}: {' '.join(str(err).split()) or type(err).__name__}; "
-                        "remove or replace the file.") from None
+        reason = " ".join(str(err).replace(repr(str(item)), "").split()) or type(err).__name__
+        raise ItemError(f"cannot read image {item}: {reason}; remove or replace the file.") from None
 
 
-def check_images(paths: Sequence[str], origin: str, verify: bool | str = "auto") -> None:
+def check_images(paths: Sequence[str], origin: str, verify: bool | str = "auto") -> None:  # origin: "under /x"
     """Open every image file (header, and PIL's ``verify``: PNG checksums, JPEG markers) so that a
     corrupt or non-image file fails the run before training, naming the files. ``verify``:
     true, false, or auto (only when there are at most ``VERIFY_LIMIT`` files)."""
@@ -51,8 +51,8 @@ def check_images(paths: Sequence[str], origin: str, verify: bool | str = "auto")
         raise TunelabError(f"data.source.verify must be auto, true or false, got {verify!r}.")
     if verify is False or (verify == "auto" and len(paths) > VERIFY_LIMIT):
         if verify == "auto":
-            log.info("%s: %d images, not checked before training (more than %d; data.source.verify=true checks "
-                     "them); an unreadable one fails the run when it is first loaded", origin, len(paths), VERIFY_LIMIT)
+            log.info("%d images %s not opened before training (more than %d; +data.source.verify=true opens "
+                     "them): an unreadable one fails the run when it is first loaded", len(paths), origin, VERIFY_LIMIT)
         return
     bad = []
     for path in paths:
@@ -60,9 +60,10 @@ def check_images(paths: Sequence[str], origin: str, verify: bool | str = "auto")
             with Image.open(path) as img:
                 img.verify()
         except UNREADABLE as err:
-            bad.append(f"{path} ({' '.join(str(err).split()) or type(err).__name__})")
+            reason = " ".join(str(err).replace(repr(str(path)), "").split()) or type(err).__name__
+            bad.append(f"{path} ({reason})")
     if bad:
-        raise TunelabError(f"{len(bad)} of {len(paths)} image files under {origin} cannot be read as images: "
+        raise TunelabError(f"{len(bad)} of {len(paths)} image files {origin} cannot be read as images: "
                            f"{first_few(bad, 2)}. Remove or replace them.")
 
 
@@ -120,8 +121,9 @@ def load_image_folder(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, v
         classes, class_to_idx = find_classes(str(base))
         samples = make_dataset(str(base), class_to_idx, extensions=tuple(e.lower() for e in extensions))
     except (FileNotFoundError, RuntimeError) as err:
-        raise TunelabError(f"data.source.root={base}: {err}") from None
-    check_images([p for p, _ in samples], str(base), verify)
+        raise TunelabError(f"data.source.root={base}: {' '.join(str(err).split())} (expected: one sub-folder per "
+                           "class, holding that class's images).") from None
+    check_images([p for p, _ in samples], f"under {base}", verify)
     return Table(
         items=[p for p, _ in samples], labels=np.array([y for _, y in samples], dtype=np.int64),
         classes=list(classes), origin=str(base),
@@ -133,5 +135,5 @@ def load_image_csv(path: str, path_column: str = "path", label_column: str = "la
     """A CSV / TSV / JSONL / Parquet table of image paths and labels (the table reader audio uses,
     data/table.py); every listed file must exist and, as for folders, open as an image."""
     table = load_path_table(path, path_column, label_column, root, task)
-    check_images(table.items, table.origin, verify)
+    check_images(table.items, f"listed in {table.origin}", verify)
     return table
