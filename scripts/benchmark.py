@@ -191,7 +191,7 @@ def raw_loop(model, batch, trainable: set[str], args, device, steps: int) -> tup
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **({"fused": True} if device.type == "cuda" else {}))
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=args.fused)
     step_model = torch.compile(model) if args.compile else model  # compiled after the freeze
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
     with PeakMemory(device) as memory:
@@ -238,7 +238,8 @@ def run_strategies(args, device) -> dict:
     common = [*model_overrides(args.model), "retention.enabled=false", "trainer.max_epochs=1",
               f"trainer.accelerator={accelerator}", f"trainer.precision={args.precision}", "++trainer.limit_val_batches=0",
               "++trainer.enable_progress_bar=false", "callbacks=none", f"perf.compile={args.compile}",
-              f"perf.channels_last={args.channels_last}", f"data.image_size={args.image_size}"]
+              f"perf.channels_last={args.channels_last}", f"data.image_size={args.image_size}",
+              f"perf.fused_optimizer={args.fused}"]
     steps = args.warmup + args.steps
     strategies = args.strategies.split(",")
     if strategies[0] != "full":
@@ -349,6 +350,7 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default=None, help="32-true or bf16-mixed (default: bf16-mixed on GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both loops (tunelab recompiles per stage)")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--no-fused", dest="fused", action="store_false", help="AdamW's foreach step instead of the fused one")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per loop and strategy; the best counts")
@@ -377,7 +379,7 @@ def main(argv=None) -> int:
           f"{', channels_last' if args.channels_last else ''}; {args.steps} timed steps after {args.warmup}", flush=True)
     result = {"model": args.model, "device": machine, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "batch_size": args.batch_size, "image_size": args.image_size, "seq_len": args.seq_len, "mode": mode,
-              "precision": args.precision, "channels_last": args.channels_last, "steps": args.steps,
+              "precision": args.precision, "channels_last": args.channels_last, "fused_adamw": args.fused, "steps": args.steps,
               "warmup": args.warmup, "repeats": args.repeats, "targets": TARGETS, **run_strategies(args, device)}
     if args.cached_probe:
         result["cached_probe"] = cached_probe(args, device)
