@@ -294,7 +294,7 @@ def _shown(value: Any) -> str:
     return "null" if value is None else repr(value)
 
 
-def _choices(group: str) -> str:
+def group_choices(group: str) -> str:
     folder = conf_dir() / group
     return ", ".join(sorted(f.stem for f in folder.glob("*.yaml"))) if folder.is_dir() else "?"
 
@@ -351,7 +351,7 @@ def check_config(cfg: DictConfig) -> None:
                 given = f"only {', '.join(map(str, node))} (no _target_)"
             else:
                 given = repr(node._value())
-            raise TunelabError(f"{group} must be a config choice ({_choices(group)}), got {given}; "
+            raise TunelabError(f"{group} must be a config choice ({group_choices(group)}), got {given}; "
                                f"pick one with {group}=<choice>.")
     for top in cfg:  # an interpolation that cannot resolve (${nope}) fails here, naming its key
         try:

@@ -46,11 +46,11 @@ def head_only_epochs(stages: list[Stage], max_epochs: int) -> range | None:
     """The epochs of the first epoch-based stage that trains the head alone."""
     for i, stage in enumerate(stages):
         if stage.unit == "epoch" and tuple(stage.trainable) == ("head",) and not stage.patterns:
-            end = stages[i + 1].start if i + 1 < len(stages) else max_epochs
             nxt = stages[i + 1] if i + 1 < len(stages) else None
             if nxt is not None and nxt.unit != "epoch":
                 return None  # ends mid-epoch: the loaders cannot switch there
-            return range(stage.start, min(end, max_epochs)) if stage.start < min(end, max_epochs) else None
+            end = min(nxt.start, max_epochs) if nxt is not None else max_epochs
+            return range(stage.start, end) if stage.start < end else None
     return None
 
 
@@ -81,7 +81,6 @@ def plan_cache(setting, stages: list[Stage], adapter, datamodule, max_epochs: in
     if setting is False:
         return CachePlan(None, "perf.cache_features=false")
     epochs = head_only_epochs(stages, max_epochs)
-    reason = None
     if epochs is None:
         reason = "no epoch-based stage trains the head alone"
     elif adapter.features is None or adapter.classify is None:
@@ -124,7 +123,6 @@ class FeatureCache(L.Callback):
         self.cached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.module = None
         self.user_reload = 0
-        self.seconds = 0.0
 
     def active(self, epoch: int) -> bool:
         return self.plan.epochs is not None and epoch in self.plan.epochs
@@ -177,8 +175,6 @@ class FeatureCache(L.Callback):
 
     @torch.no_grad()  # not inference_mode: its tensors could not be saved for the head's backward
     def _compute(self, datamodule) -> None:
-        from tunelab.evaluation import to_device
-
         module, started = self.module, time.perf_counter()
         was_training = module.training
         model = module.model.eval()
@@ -191,24 +187,26 @@ class FeatureCache(L.Callback):
                                     collate_fn=datamodule.collate)
                 feats, targets = [], []
                 for x, y in loader:
-                    x = to_device(x, module.device)
-                    x = to_channels_last(x) if module.channels_last else x  # as forward() feeds it
-                    feats.append(self.adapter.features(model, x).float().cpu())
+                    feats.append(self.adapter.features(model, self._prepared(x)).float().cpu())
                     targets.append(y)
                 self.cached[split] = torch.cat(feats), torch.cat(targets)
             self._check(model, datamodule)
         finally:
             module.train(was_training)
-        self.seconds = time.perf_counter() - started
         sizes = ", ".join(f"{len(t):,} {s}" for s, (_, t) in self.cached.items())
         log.info("feature cache: %s backbone features (%d-d) computed once in %.1f s; the head trains on them",
-                 sizes, self.cached["train"][0].shape[1], self.seconds)
+                 sizes, self.cached["train"][0].shape[1], time.perf_counter() - started)
+
+    def _prepared(self, x):
+        """A model input on the module's device, laid out as ``FineTuneModule.forward`` feeds it."""
+        from tunelab.evaluation import to_device
+
+        x = to_device(x, self.module.device)
+        return to_channels_last(x) if self.module.channels_last else x
 
     def _check(self, model: nn.Module, datamodule) -> None:
         """classify(features(x)) must be model(x): a wrong split would train a different head."""
-        from tunelab.evaluation import to_device
-
-        x = to_device(datamodule.first_inputs("val", 4), self.module.device)
+        x = self._prepared(datamodule.first_inputs("val", 4))
         direct = model(x).float()
         split = self.adapter.classify(model, self.adapter.features(model, x)).float()
         if not torch.allclose(direct, split, atol=1e-4, rtol=1e-3):

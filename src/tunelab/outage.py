@@ -50,10 +50,10 @@ class Outage:
     skipped: list[str] = field(default_factory=list)  # artifacts / tags that could not be sent
     last_probe: float = 0.0
 
-    def guarded(self, what: str, send, keep=None) -> None:
-        """Call ``send()``; while the server is down, keep (``keep``) or list (``what``) it instead."""
+    def guarded(self, what: str, send) -> None:
+        """Call ``send()``; while the server is down, keep it (metrics) or list ``what`` instead."""
         if self.down and not self._back():
-            self._hold(what, keep or send)
+            self._hold(what, send)
             return
         try:
             send()
@@ -64,11 +64,11 @@ class Outage:
                 log.warning("MLflow server %s stopped answering (%s); training goes on, metrics are kept and "
                             "sent when it answers again", self.shown, type(err).__name__)
             self.down, self.last_probe = True, time.monotonic()
-            self._hold(what, keep or send)
+            self._hold(what, send)
 
-    def _hold(self, what: str, keep) -> None:
+    def _hold(self, what: str, send) -> None:
         if what == "metrics":
-            self.pending.append(keep)
+            self.pending.append(send)
         else:
             self.skipped.append(what)
 

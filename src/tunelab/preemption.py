@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "preempted.ckpt"
 TAG_CHECKPOINT = "tunelab.preempted_checkpoint"
 TAG_RECIPE = "tunelab.recipe_hash"
-RESUME_CHOICES = ("auto", "never")
 
 
 class PreemptionCheckpoint(L.Callback):

@@ -52,14 +52,13 @@ REQUIRED_GROUPS = ("model", "data", "strategy", "optimizer", "trainer", "logger"
 
 def check_required_groups(argv: list[str]) -> None:
     """``optimizer=null`` would reach Hydra as a bare ValueError with a traceback."""
-    from tunelab.config import conf_dir
+    from tunelab.config import group_choices
 
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key.lstrip("+~") in REQUIRED_GROUPS and value.strip().lower() in ("null", "none", ""):
             group = key.lstrip("+~")
-            choices = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
-            raise TunelabError(f"{group}={value}: a run needs a {group}; pick one of {', '.join(choices)}.")
+            raise TunelabError(f"{group}={value}: a run needs a {group}; pick one of {group_choices(group)}.")
 
 
 def preflight(argv: list[str]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from tunelab.config import build, conf_dir
+from tunelab.config import build, check_config, check_targets, conf_dir
 from tunelab.errors import Preempted, TunelabError
 
 # torch, Lightning and MLflow are imported inside train(): `tunelab-train --help` and
@@ -68,8 +68,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from tunelab.preemption import SigtermGuard, resolve_resume
     from tunelab.sweep.job import current_job
     from tunelab.sweep.trial import share_machine
-
-    from tunelab.config import check_config, check_targets
 
     check_targets(cfg)  # every _target_ of the tree, before data, model or MLflow run exist
     check_config(cfg)  # values no type catches (seed, LRs, epochs...), before anything reads them
@@ -244,10 +242,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except TunelabError as err:
-        print(f"tunelab-train: error: {err}", file=sys.stderr)
         if current_job() is not None:
+            print(f"tunelab-train: error: {err}", file=sys.stderr)
             raise  # one failed trial: Hydra records it and the sweeper decides whether to go on
-        sys.exit(2)
+        _exit_with(err)
     except Preempted as err:
         saved = f"checkpoint {err.checkpoint}" if err.checkpoint else "no checkpoint yet (stopped before training)"
         print(f"tunelab-train: pre-empted (SIGTERM); the MLflow run is KILLED and resumable, {saved}. "
@@ -261,13 +259,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return metrics.get(objective) if objective else None
 
 
+def _exit_with(err: TunelabError) -> None:
+    """The one way a user error ends tunelab-train: one line, exit status 2, no traceback."""
+    print(f"tunelab-train: error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _guard_hydra_callbacks() -> None:
     """Hydra builds ``hydra.callbacks`` itself, before any tunelab code runs, and a config file
     may add some: hold them to tunelab's allow-list too."""
     from hydra._internal import callbacks as hydra_callbacks
     from omegaconf import OmegaConf
-
-    from tunelab.config import check_targets
 
     original = hydra_callbacks.Callbacks.__init__
     if getattr(original, "tunelab_guarded", False):
@@ -278,8 +280,7 @@ def _guard_hydra_callbacks() -> None:
             try:
                 check_targets(config.hydra.callbacks, "hydra.callbacks")
             except TunelabError as err:
-                print(f"tunelab-train: error: {err}", file=sys.stderr)
-                sys.exit(2)
+                _exit_with(err)
         original(self, config)
 
     guarded.tunelab_guarded = True
@@ -292,8 +293,7 @@ def main() -> None:
     try:
         preflight(sys.argv[1:])
     except TunelabError as err:
-        print(f"tunelab-train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit_with(err)
     _guard_hydra_callbacks()
     _hydra_main()
 

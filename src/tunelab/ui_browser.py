@@ -25,11 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from tunelab.outage import healthy
 from tunelab.ui import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -77,7 +77,7 @@ def start_ui(store: Path, port: int | None = None, timeout: float = 90.0, *, cre
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             deadline = time.monotonic() + timeout
-            while not _healthy(url):
+            while not healthy(url):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
                     raise RuntimeError(f"tunelab-ui did not come up on {url} "
@@ -86,14 +86,6 @@ def start_ui(store: Path, port: int | None = None, timeout: float = 90.0, *, cre
             yield url
         finally:
             _stop(proc)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
