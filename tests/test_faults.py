@@ -211,3 +211,43 @@ def test_two_sweeps_writing_to_one_store_at_once_lose_and_duplicate_nothing(tmp_
         mine = [r for r in children if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
         assert len(mine) == 3
     assert len(list(tmp_path.glob("outputs/multiruns/*"))) == 2
+
+
+def test_sigterm_outside_a_trainer_call_raises_at_once_and_inside_waits_for_lightning():
+    """Setup and logging have no batch boundary to stop at: SIGTERM there ends the run at once
+    (KILLED by mlflow_run); inside fit/test Lightning's own handler stops at the next batch."""
+    import os
+    import signal
+
+    from tunelab.errors import Preempted
+    from tunelab.preemption import SigtermGuard
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with SigtermGuard().installed() as guard:
+        with guard.lightning():
+            os.kill(os.getpid(), signal.SIGTERM)  # ignored here: Lightning's handler decides
+        with pytest.raises(Preempted):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is previous  # the process's own handler comes back
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["resume=sometimes"], "resume must be auto or null, got 'sometimes'"),
+    (["resume=auto", "ckpt_path=/tmp/x.ckpt"], "resume=auto and ckpt_path are both set; give one."),
+])
+def test_resume_settings_that_cannot_work_are_refused(cfg_factory, overrides, message):
+    from tunelab.errors import TunelabError
+    from tunelab.preemption import resolve_resume
+
+    with pytest.raises(TunelabError, match=message.replace("(", r"\(")):
+        resolve_resume(cfg_factory(*TINY[1:], *overrides))
+
+
+def test_an_output_root_that_is_a_file_is_refused(tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.preflight import check_writable
+
+    blocker = tmp_path / "outputs"
+    blocker.write_text("not a folder")
+    with pytest.raises(TunelabError, match=r"outputs is a file; choose another folder \(TUNELAB_HOME\)"):
+        check_writable(blocker / "runs", "TUNELAB_HOME")

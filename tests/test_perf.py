@@ -169,3 +169,27 @@ def test_fused_adamw_matches_the_default_implementation(cfg_factory):
 def test_bad_perf_settings_are_rejected_before_training(cfg_factory, override, message):
     with pytest.raises(TunelabError, match=message):
         build_parts(cfg_factory(*TINY, "perf.compile=true", override))
+
+
+def test_a_head_split_that_does_not_reproduce_the_model_is_refused(cfg_factory):
+    """The cache checks classify(features(x)) == model(x) before use: a wrong split would
+    silently train a different head."""
+    from tunelab.feature_cache import FeatureCache
+
+    parts = build_parts(cfg_factory(*TINY, "strategy=linear_probe", "perf.cache_features=true"))
+    cache = FeatureCache(parts.cache_plan, parts.adapter)
+    cache.module = parts.module
+    parts.adapter.classify = lambda model, f: model.get_classifier()(f) + 1.0
+    with pytest.raises(TunelabError, match="head split does not reproduce its output"):
+        cache._check(parts.module.model.eval(), parts.datamodule)
+
+
+def test_fused_optimizer_true_needs_an_optimizer_with_a_fused_kernel():
+    import functools
+
+    from tunelab.perf import fused_kwargs
+
+    with pytest.raises(TunelabError, match="has no fused kernel"):
+        fused_kwargs(functools.partial(torch.optim.LBFGS, lr=0.1), True, torch.device("cpu"))
+    assert fused_kwargs(functools.partial(torch.optim.AdamW, lr=0.1), "auto", torch.device("cpu")) == {"fused": True}
+    assert fused_kwargs(functools.partial(torch.optim.AdamW, lr=0.1), False, torch.device("cpu")) == {}
