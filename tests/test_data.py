@@ -47,6 +47,43 @@ def test_max_train_samples_subsets_train_only():
     assert dm.split_sizes() == {"train": 100, "val": 500, "test": 1000}
 
 
+def test_samples_per_class_keeps_k_of_each_class_and_seeds_pick_different_ones():
+    def train_labels(seed, **kw):
+        dm = ImageDataModule(load_mnist5k, seed=seed, num_workers=0, **kw).scan()
+        table, idx = dm.splits["train"]
+        return idx, table.labels[idx]
+
+    idx, labels = train_labels(0, samples_per_class=5)
+    assert np.array_equal(np.bincount(labels), [5] * 10)
+    assert np.array_equal(idx, train_labels(0, samples_per_class=5)[0])
+    assert not np.array_equal(idx, train_labels(1, samples_per_class=5)[0])
+    # the first 5 of each class are also among the first 20 (nested few-shot sets per seed)
+    assert set(idx) <= set(train_labels(0, samples_per_class=20)[0])
+    # combined with max_train_samples: the cap applies to the few-shot set
+    assert len(train_labels(0, samples_per_class=5, max_train_samples=30)[0]) == 30
+    with pytest.raises(TunelabError, match="samples_per_class needs a classification task"):
+        ImageDataModule(load_mnist5k, task="regression", samples_per_class=5)
+
+
+def test_min_epoch_samples_repeats_a_small_train_set_with_fresh_order_and_augmentation_per_pass():
+    from tunelab.data.sampling import EpochSampler
+
+    sampler = EpochSampler(10, seed=0, min_samples=25)
+    keys = list(sampler)
+    assert len(sampler) == len(keys) == 30  # three passes of the 10 examples
+    passes = [[i for p, i in keys if p == k] for k in range(3)]
+    assert all(sorted(p) == list(range(10)) for p in passes) and passes[0] != passes[1]
+    sampler.set_epoch(1)
+    assert {p for p, _ in sampler} == {3, 4, 5}  # every pass of every epoch draws its own augmentation
+    # without repeats the keys are what they always were: (epoch, index)
+    plain = EpochSampler(10, seed=0)
+    plain.set_epoch(2)
+    assert {p for p, _ in plain} == {2} and len(plain) == 10
+    dm = ImageDataModule(load_mnist5k, samples_per_class=1, min_epoch_samples=64, batch_size=16,
+                         image_size=32, num_workers=0).scan()
+    assert len(dm.train_dataloader()) == 5  # 70 samples (7 passes of 10) in batches of 16
+
+
 def test_image_folder_and_csv(image_folder):
     table = load_image_folder(str(image_folder))
     assert table.classes == ["class_0", "class_1", "class_2"] and len(table) == 18

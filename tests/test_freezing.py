@@ -98,3 +98,15 @@ def test_resume_lands_in_the_stage_of_its_epoch(cfg_factory, tmp_path):
     assert parts.module.group_lrs()["blocks.0"] == pytest.approx(0.5e-3)
     assert trainer.global_step == 4  # 2 steps before the stop + 2 after the resume
     assert torch.load(last, weights_only=True)["tunelab"]["stage_index"] == 0
+
+
+@pytest.mark.parametrize("overrides, mode", [
+    ([], "eval"),                                                  # pretrained: keep ImageNet statistics
+    (["model.pretrained=false"], "train"),                         # random init: nothing worth keeping
+    (["model.pretrained=false", "model.checkpoint=/w.pth"], "eval"),  # weights from a file are pretrained
+    (["model.pretrained=false", "module.batchnorm=frozen_eval"], "frozen_eval"),  # an explicit choice wins
+])
+def test_batchnorm_auto_follows_whether_the_weights_are_pretrained(cfg_factory, overrides, mode):
+    from tunelab.build import batchnorm_mode
+
+    assert batchnorm_mode(cfg_factory(*overrides)) == mode

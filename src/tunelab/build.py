@@ -37,6 +37,17 @@ class Parts:
 EXAMPLES = {"image": "model=efficientnet_lite0", "text": "model=minilm", "audio": "model=wav2vec2_tiny"}
 
 
+def batchnorm_mode(cfg: DictConfig) -> str:
+    """module.batchnorm, with ``auto`` resolved: ``eval`` keeps pretrained running statistics
+    (the Keras recipe), but a randomly initialised model has none worth keeping (mean 0, var 1
+    would leave its activations unnormalised), so it normalises with batch statistics."""
+    mode = str((cfg.get("module") or {}).get("batchnorm", "auto"))
+    if mode != "auto":
+        return mode
+    random_init = not cfg.model.get("pretrained", True) and not cfg.model.get("checkpoint") and not cfg.get("init_from")
+    return "train" if random_init else "eval"
+
+
 def accepted(node: DictConfig, kwargs: dict) -> dict:
     """The ``kwargs`` that ``node``'s target takes: an image size means nothing to a text model,
     and the modality check below then gives the real error."""
@@ -106,7 +117,7 @@ def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Pa
         scheduler=build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
         regularizer=build_regularizer(cfg, adapter),
         perf=perf,
-        **cfg.get("module", {}),
+        **{**cfg.get("module", {}), "batchnorm": batchnorm_mode(cfg)},
     )
     plan = plan_cache(perf.get("cache_features", "auto"), stages, adapter, datamodule, int(cfg.trainer.max_epochs),
                       module.batchnorm, full_epochs=_full_epochs(cfg.trainer.get("limit_train_batches")))

@@ -228,6 +228,8 @@ RULES: dict[str, tuple] = {
     "data.eval_batch_size": integer(1, null=True),
     "data.image_size": integer(8, 4096, null=True),
     "data.max_train_samples": integer(1, null=True),
+    "data.samples_per_class": integer(1, null=True),
+    "data.min_epoch_samples": integer(1, null=True),
     "data.num_classes": integer(2, null=True),
     "data.val_fraction": FRACTION,
     "data.test_fraction": FRACTION,

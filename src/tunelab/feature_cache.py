@@ -20,7 +20,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
-from tunelab.data.sampling import EpochSampler
 from tunelab.errors import TunelabError
 from tunelab.perf import to_channels_last
 from tunelab.strategies import Stage
@@ -168,7 +167,7 @@ class FeatureCache(L.Callback):
         return DataLoader(
             _Features(features, targets),
             batch_size=datamodule.batch_size if training else datamodule.eval_batch_size,
-            sampler=EpochSampler(len(targets), datamodule.seed) if training else None,
+            sampler=datamodule.train_sampler(len(targets)) if training else None,
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(datamodule.seed),  # as the image loaders: no global draw
         )

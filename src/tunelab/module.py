@@ -101,7 +101,7 @@ class FineTuneModule(L.LightningModule):
     ):
         super().__init__()
         if batchnorm not in BATCHNORM_MODES:
-            raise TunelabError(f"module.batchnorm must be one of {', '.join(BATCHNORM_MODES)}, got {batchnorm!r}.")
+            raise TunelabError(f"module.batchnorm must be one of auto, {', '.join(BATCHNORM_MODES)}, got {batchnorm!r}.")
         self.model = adapter.model
         self.groups = adapter.groups
         self.stages = stages

@@ -134,6 +134,10 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> dict[str, float]:
         if trainer.interrupted:
             raise KeyboardInterrupt("training interrupted")
         run.log_lr_history(parts.module.lr_history, parts.module.stage_log)
+        # the last stage's trainable set (what a run tunes in the end), for comparing strategies
+        weights = list(parts.adapter.model.parameters())
+        run.log_metrics({"params/trainable": float(sum(p.numel() for p in weights if p.requires_grad)),
+                         "params/total": float(sum(p.numel() for p in weights))})
         checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
         best = checkpoint.best_model_path if checkpoint else ""
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # last epoch's

@@ -7,6 +7,7 @@ and how a batch is assembled (``collate``). The image one lives here; text and a
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable
 
@@ -20,6 +21,8 @@ from tunelab.data.sampling import EpochSampler, sample_seed, seeded_call
 from tunelab.data.sources import load_image
 from tunelab.data.table import Table, check_task
 from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
 
 
 class _Images(Dataset):
@@ -102,6 +105,8 @@ class TaskDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         max_train_samples: int | None = None,
+        samples_per_class: int | None = None,
+        min_epoch_samples: int | None = None,
         seed: int = 0,
         num_workers: int | str = "auto",
         objective: str | None = None,
@@ -119,6 +124,10 @@ class TaskDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_train_samples, self.seed = max_train_samples, seed
+        self.samples_per_class, self.min_epoch_samples = samples_per_class, min_epoch_samples
+        if samples_per_class and task != "classification":
+            raise TunelabError("data.samples_per_class needs a classification task; use data.max_train_samples "
+                               "for regression.")
         self.num_workers = resolve_workers(num_workers)
         self.table: Table | None = None
         self.splits: dict[str, tuple[Table, np.ndarray]] = {}
@@ -142,16 +151,29 @@ class TaskDataModule(L.LightningDataModule):
         else:
             test, val, train = stratified_split(strata, (self.test_fraction, self.val_fraction), self.seed)
             self.splits = {"train": (table, train), "val": (table, val), "test": (table, test)}
-        if self.max_train_samples:
-            train_table, train = self.splits["train"]
-            keep = np.random.default_rng(self.seed).permutation(len(train))[: self.max_train_samples]
-            self.splits["train"] = (train_table, train[keep])
+        self.splits["train"] = self._subset(*self.splits["train"])
         empty = [name for name, (_, idx) in self.splits.items() if len(idx) == 0]
         if empty:
             raise TunelabError(f"{table.origin}: {len(table)} examples leave the {', '.join(empty)} split(s) empty; "
                                "add data or change data.val_fraction / data.test_fraction.")
         self.table = table
         return self
+
+    def _subset(self, table: Table, train: np.ndarray) -> tuple[Table, np.ndarray]:
+        """The training examples kept by data.samples_per_class (the first k of each class in a
+        seeded shuffle: a few-shot set) and then data.max_train_samples (a seeded random subset)."""
+        if self.samples_per_class:
+            order = train[np.random.default_rng(self.seed).permutation(len(train))]
+            labels = table.labels[order]
+            picked = [order[labels == c][: self.samples_per_class] for c in np.unique(labels)]
+            short = {table.classes[c]: len(p) for c, p in zip(np.unique(labels), picked) if len(p) < self.samples_per_class}
+            if short:
+                log.warning("data.samples_per_class=%d: %d class(es) have fewer training examples: %s",
+                            self.samples_per_class, len(short), short)
+            train = np.sort(np.concatenate(picked))
+        if self.max_train_samples:
+            train = train[np.random.default_rng(self.seed).permutation(len(train))[: self.max_train_samples]]
+        return table, train
 
     def _check_labels(self, table: Table) -> None:
         if self.task == "regression":
@@ -232,7 +254,7 @@ class TaskDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if training else self.eval_batch_size,
-            sampler=EpochSampler(len(dataset), self.seed) if training else None,
+            sampler=self.train_sampler(len(dataset)) if training else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -242,6 +264,10 @@ class TaskDataModule(L.LightningDataModule):
             # RNG stream that dropout draws from (so resumed runs match uninterrupted ones)
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def train_sampler(self, size: int) -> EpochSampler:
+        """The training order (also used by the feature cache, so cached epochs see the same batches)."""
+        return EpochSampler(size, self.seed, min_samples=self.min_epoch_samples)
 
     def first_inputs(self, split: str, count: int):
         """The first ``count`` model inputs of a split, collated as training collates them."""

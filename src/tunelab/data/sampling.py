@@ -21,26 +21,37 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class EpochSampler(Sampler):
-    """Yields ``(epoch, index)``: a permutation seeded by (seed, epoch), optionally skipping a prefix."""
+    """Yields ``(pass, index)``: a permutation seeded by (seed, pass), optionally skipping a prefix.
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
+    ``min_samples`` repeats a small training set, reshuffled each time, until an epoch holds at
+    least that many samples: 10 labelled images otherwise make a one-step epoch, and every
+    epoch-based setting (a strategy's head epochs, validation, checkpoints) would follow suit.
+    Each repeat is its own pass, so a repeated image draws a new augmentation.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, min_samples: int | None = None):
         self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.passes = max(1, -(-(min_samples or 0) // max(size, 1)))  # ceil division
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return self.size * self.passes
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        else:
-            order = list(range(self.size))
+        keys = []
+        for repeat in range(self.passes):
+            seen = self.epoch * self.passes + repeat  # == epoch without repeats
+            if self.shuffle:
+                order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + seen)).tolist()
+            else:
+                order = list(range(self.size))
+            keys += [(seen, i) for i in order]
         start = self.skip() if callable(self.skip) else self.skip
         self.skip = 0  # a skip applies to one pass only
-        return iter([(self.epoch, i) for i in order[start:]])
+        return iter(keys[start:])
 
 
 def seeded_call(seed: int, fn, *args):

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Run a fine-tuning experiment from experiments/, then tabulate and plot it from MLflow.
+
+    .venv/bin/python scripts/experiments.py strategy_shootout            # run the sweep, write the report
+    .venv/bin/python scripts/experiments.py strategy_shootout --no-run   # only re-read the finished runs
+    .venv/bin/python scripts/experiments.py few_shot trainer.max_epochs=2  # extra overrides for every run
+
+Each experiment is one or more override files (experiments/<part>.yaml) run as
+``tunelab-train experiment=<part>``; their runs carry the tag ``tunelab.experiment=<part>``.
+The report reads the latest sweep of every part back from MLflow (never from log files) and
+writes experiments/<name>/results.md and experiments/<name>/<name>.png. results.md is exactly
+what this script prints, including the notes that hold each claim against the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from experiment_reports import REPORTS, Experiment  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_sweep(part: str, overrides: list[str]) -> None:
+    command = [str(ROOT / ".venv" / "bin" / "tunelab-train"), f"experiment={part}", *overrides]
+    print("+", " ".join(command), flush=True)
+    done = subprocess.run(command, cwd=ROOT)
+    if done.returncode != 0:  # a failed trial still leaves the others in MLflow: report what finished
+        print(f"warning: {' '.join(command)} exited {done.returncode}; reporting the runs that finished",
+              file=sys.stderr)
+
+
+def latest_sweep(client: MlflowClient, part: str) -> list:
+    """The child runs of the most recent sweep of ``part`` (finished, failed and pruned alike)."""
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, f"tags.`tunelab.experiment` = '{part}'", max_results=5000) if ids else []
+    if not runs:
+        sys.exit(f"no runs tagged tunelab.experiment={part} in {client.tracking_uri}: run without --no-run first")
+    by_parent: dict[str, list] = {}
+    for run in runs:
+        by_parent.setdefault(run.data.tags.get("mlflow.parentRunId", ""), []).append(run)
+    newest = max(by_parent.values(), key=lambda group: min(r.info.start_time for r in group))
+    return sorted(newest, key=lambda r: r.info.start_time)
+
+
+def header(experiment: Experiment, runs: dict[str, list], tracking_uri: str) -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    count = sum(len(r) for r in runs.values())
+    started = min(r.info.start_time for group in runs.values() for r in group) / 1000
+    ended = max((r.info.end_time or r.info.start_time) for group in runs.values() for r in group) / 1000
+    when = datetime.fromtimestamp(started, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"# {experiment.title}\n\n"
+            f"Command: `.venv/bin/python scripts/experiments.py {experiment.name}` "
+            f"(override files: {', '.join(f'`experiments/{p}.yaml`' for p in experiment.parts)}).\n"
+            f"{count} runs read back from MLflow (`{tracking_uri}`), started {when}, "
+            f"{(ended - started) / 60:.0f} min of wall time on {os.cpu_count()} CPU cores "
+            f"({platform.processor() or platform.machine()}), tunelab commit {commit or 'unknown'}.\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="experiments: " + ", ".join(REPORTS))
+    parser.add_argument("name", choices=sorted(REPORTS), help="the experiment to run and report")
+    parser.add_argument("--no-run", action="store_true", help="only read the finished runs from MLflow")
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments",
+                        help="write <out>/<name>/results.md and <name>.png (default: experiments/)")
+    args, overrides = parser.parse_known_args()
+    experiment = REPORTS[args.name]
+    if not args.no_run:
+        for part in experiment.parts:
+            run_sweep(part, overrides)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'outputs' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    runs = {part: latest_sweep(client, part) for part in experiment.parts}
+    folder = args.out / experiment.name
+    folder.mkdir(parents=True, exist_ok=True)
+    body = experiment.report(runs, folder / f"{experiment.name}.png")
+    markdown = header(experiment, runs, uri) + "\n" + body + f"\n![{experiment.name}]({experiment.name}.png)\n"
+    print(markdown)
+    (folder / "results.md").write_text(markdown)
+    print(f"wrote {folder / 'results.md'} and {folder / (experiment.name + '.png')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
