@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from experiment_reports import REPORTS, Experiment  # noqa: E402
+import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,7 @@ def main() -> None:
         for part in experiment.parts:
             run_sweep(part, overrides)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'outputs' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)  # the reports read metric histories from the same store
     client = MlflowClient(uri)
     runs = {part: latest_sweep(client, part) for part in experiment.parts}
     folder = args.out / experiment.name

@@ -1,0 +1,362 @@
+"""Tables, plots and verdicts of the experiments in experiments/, from their MLflow runs.
+
+One function per experiment takes ``{part: [runs of its latest sweep]}`` and a PNG path, draws the
+plot and returns the Markdown body. The verdicts are computed from the numbers: a difference
+counts only when it exceeds two standard errors over the seeds; otherwise it is reported as
+within seed noise, whichever way the claim goes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tunelab.plots import figure, save  # noqa: E402
+
+NAN = float("nan")
+
+
+@dataclass
+class Experiment:
+    name: str
+    title: str
+    parts: list[str]
+    report: Callable[[dict[str, list], Path], str]
+
+
+# -- reading runs ---------------------------------------------------------------------------
+def setting(run, key: str) -> str:
+    """A swept value as the sweep set it (tag ``sweep.<key>``), else the logged config param."""
+    value = run.data.tags.get(f"sweep.{key}", run.data.params.get(key, ""))
+    return "null" if value in ("None", "") else value
+
+
+def metric(run, name: str) -> float:
+    return float(run.data.metrics.get(name, NAN))
+
+
+def finished(runs: list) -> list:
+    return [r for r in runs if r.info.status == "FINISHED"]
+
+
+def history(run, key: str) -> list[float]:
+    """Every logged value of a metric, in step order (the run's metrics hold only the last);
+    read from the store scripts/experiments.py points mlflow at."""
+    from mlflow.tracking import MlflowClient
+
+    return [m.value for m in sorted(MlflowClient().get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+
+def ood_accuracy(run) -> float:
+    """Mean accuracy over the shifted test copies (data.ood)."""
+    values = [v for k, v in run.data.metrics.items() if k.startswith("ood/") and k.endswith("/acc")]
+    return mean(values) if values else NAN
+
+
+# -- statistics -----------------------------------------------------------------------------
+@dataclass
+class Stat:
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        return mean(self.values) if self.values else NAN
+
+    @property
+    def std(self) -> float:
+        return stdev(self.values) if len(self.values) > 1 else 0.0
+
+    @property
+    def se(self) -> float:
+        return self.std / math.sqrt(len(self.values)) if self.values else NAN
+
+    def show(self, digits: int = 3) -> str:
+        if not self.values:
+            return "(no run)"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+def stat(runs: list, value: Callable) -> Stat:
+    return Stat([v for v in (value(r) for r in runs) if not math.isnan(v)])
+
+
+def compare(a: Stat, b: Stat, a_name: str, b_name: str, what: str, higher_is_better: bool = True) -> tuple[int, str]:
+    """(+1 a better / -1 b better / 0 within noise, a sentence saying so with the numbers)."""
+    if not a.values or not b.values:
+        return 0, f"{a_name} vs {b_name} on {what}: not measured (no finished run)"
+    diff = a.mean - b.mean
+    se = math.sqrt(a.se ** 2 + b.se ** 2)
+    sign = 0 if abs(diff) <= 2 * se else (1 if (diff > 0) == higher_is_better else -1)
+    numbers = f"{a_name} {a.mean:.3f} vs {b_name} {b.mean:.3f}, difference {diff:+.3f}, 2 SE {2 * se:.3f}"
+    words = {1: f"{a_name} is better on {what}", -1: f"{b_name} is better on {what}",
+             0: f"no clear difference on {what} (within seed noise)"}[sign]
+    return sign, f"{words} ({numbers})"
+
+
+def verdict(supported: bool | None) -> str:
+    return {True: "**supported**", False: "**contradicted**", None: "**not shown** (within seed noise)"}[supported]
+
+
+def outcome(sign: int) -> bool | None:
+    return None if sign == 0 else sign > 0
+
+
+def seeds(runs: list) -> str:
+    values = sorted({setting(r, "seed") for r in runs}, key=lambda v: (len(v), v))
+    return f"seed{'s' if len(values) > 1 else ''} {', '.join(values)}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def group(runs: list, key: Callable) -> dict:
+    out: dict = {}
+    for run in runs:
+        out.setdefault(key(run), []).append(run)
+    return out
+
+
+def errorbar(ax, xs, stats: list[Stat], label: str, **kw) -> None:
+    ax.errorbar(xs, [s.mean for s in stats], yerr=[s.std for s in stats], capsize=3, marker="o", label=label, **kw)
+
+
+# -- 1. pretrained vs scratch ----------------------------------------------------------------
+def pretrained_vs_scratch(parts: dict[str, list], png: Path) -> str:
+    images = finished(parts["pretrained_vs_scratch"])
+    sizes = sorted(group(images, lambda r: setting(r, "data.max_train_samples")),
+                   key=lambda s: math.inf if s == "null" else int(s))
+    cell = group(images, lambda r: (setting(r, "data.max_train_samples"), setting(r, "model.pretrained")))
+    acc = lambda r: metric(r, "test/acc")  # noqa: E731
+    rows, notes, curves = [], [], {"true": [], "false": []}
+    signs = []
+    for size in sizes:
+        pre, scratch = stat(cell.get((size, "true"), []), acc), stat(cell.get((size, "false"), []), acc)
+        curves["true"].append(pre)
+        curves["false"].append(scratch)
+        label = "all (3,500)" if size == "null" else size
+        sign, sentence = compare(pre, scratch, "pretrained", "scratch", "test accuracy")
+        signs.append((label, sign, pre.mean - scratch.mean))
+        minutes = stat(cell.get((size, "true"), []) + cell.get((size, "false"), []), lambda r: metric(r, "time/fit_seconds") / 60)
+        rows.append([f"EfficientNet-Lite0, MNIST-5k, {label} images", pre.show(), scratch.show(),
+                     f"{pre.mean - scratch.mean:+.3f}", str(len(pre.values) + len(scratch.values)), f"{minutes.mean:.1f}"])
+        notes.append(f"- {label} images: {sentence}.")
+    text = finished(parts.get("pretrained_vs_scratch_text", []))
+    by_init = group(text, lambda r: setting(r, "model.pretrained"))
+    text_stats = {}
+    for name, key in (("test/acc", "test accuracy"), ("test/f1", "macro-F1")):
+        pre, scratch = stat(by_init.get("true", []), lambda r: metric(r, name)), stat(by_init.get("false", []), lambda r: metric(r, name))
+        text_stats[name] = (pre, scratch)
+        sign, sentence = compare(pre, scratch, "pretrained", "scratch", key)
+        signs.append((f"drug reviews ({key})", sign, pre.mean - scratch.mean))
+        minutes = stat(text, lambda r: metric(r, "time/fit_seconds") / 60)
+        rows.append([f"MiniLM-L6, drug reviews (540 texts), {key}", pre.show(), scratch.show(),
+                     f"{pre.mean - scratch.mean:+.3f}", str(len(pre.values) + len(scratch.values)), f"{minutes.mean:.1f}"])
+        notes.append(f"- drug reviews, {key}: {sentence}.")
+    body = table(["task, training data", "pretrained (mean ± std)", "from scratch", "gap", "runs", "min/run"], rows)
+    wins = [s for _, s, _ in signs if s != 0]
+    claim_a = None if not wins else all(s > 0 for s in wins)
+    image_gaps = [(label, gap) for label, _, gap in signs[:len(sizes)]]
+    shrinking = all(a[1] >= b[1] for a, b in zip(image_gaps, image_gaps[1:])) if len(image_gaps) > 1 else None
+    body += (f"\nScores are test-split metrics, mean ± sample standard deviation over {seeds(images + text)} "
+             "(each seed also draws its own training subset).\n\n**Notes**\n\n"
+             f"- Claim \"a pretrained model beats training from scratch\": {verdict(claim_a)} "
+             f"({sum(s > 0 for s in wins)} of {len(signs)} comparisons favour pretrained beyond 2 SE, "
+             f"{sum(s < 0 for s in wins)} favour scratch).\n"
+             f"- Claim \"the gap is largest when data is scarce\" (images): {verdict(shrinking)}; gaps by size: "
+             + ", ".join(f"{label} {gap:+.3f}" for label, gap in image_gaps) + ".\n"
+             + "\n".join(notes) + "\n")
+    fig, (ax, bx) = figure((10, 4), ncols=2)
+    xs = [3500 if s == "null" else int(s) for s in sizes]
+    errorbar(ax, xs, curves["true"], "ImageNet-pretrained")
+    errorbar(ax, xs, curves["false"], "random init")
+    ax.set(xscale="log", xlabel="training images (MNIST-5k)", ylabel="test accuracy", title="EfficientNet-Lite0")
+    ax.legend()
+    for i, (name, (pre, scratch)) in enumerate(text_stats.items()):
+        bx.bar([i - 0.2], [pre.mean], 0.4, yerr=[pre.std], capsize=3, color="C0", label="pretrained" if i == 0 else None)
+        bx.bar([i + 0.2], [scratch.mean], 0.4, yerr=[scratch.std], capsize=3, color="C1", label="random init" if i == 0 else None)
+    bx.set(xticks=range(len(text_stats)), xticklabels=["test accuracy", "test macro-F1"], title="MiniLM-L6, drug reviews")
+    bx.legend()
+    save(fig, png)
+    return body
+
+
+# -- 2. strategy shootout --------------------------------------------------------------------
+SHOOTOUT = ["full", "linear_probe", "freeze_unfreeze", "gradual", "lp_ft", "bitfit", "lora", "full_llrd", "full_l2sp"]
+
+
+def strategy_shootout(parts: dict[str, list], png: Path) -> str:
+    runs = group(finished(parts["strategy_shootout"]), lambda r: setting(r, "strategy"))
+    columns = {
+        "test acc": lambda r: metric(r, "test/acc"),
+        "OOD acc (4 shifts)": ood_accuracy,
+        "backbone drift": lambda r: metric(r, "retention/drift/backbone"),
+        "CKA to pretrained": lambda r: metric(r, "retention/cka"),
+        "ImageNet top-1 (4 photos)": lambda r: metric(r, "retention/imagenet_top1"),
+    }
+    stats = {name: {col: stat(runs.get(name, []), fn) for col, fn in columns.items()} for name in SHOOTOUT}
+    rows = []
+    for name in SHOOTOUT:
+        s, group_runs = stats[name], runs.get(name, [])
+        trainable = stat(group_runs, lambda r: metric(r, "params/trainable")).mean
+        seconds = stat(group_runs, lambda r: metric(r, "time/fit_seconds"))
+        rows.append([name, *(s[col].show() for col in columns),
+                     f"{trainable / 1e6:.2f} M" if not math.isnan(trainable) else "?", f"{seconds.mean:.0f}", str(len(group_runs))])
+    body = table(["strategy", *columns, "trainable params", "seconds/run", "runs"], rows)
+    full = stats["full"]
+    notes = []
+    # small data: freezing lower layers / lower LRs for them vs plain full fine-tuning
+    small = [compare(stats[n]["test acc"], full["test acc"], n, "full", "test accuracy") for n in ("freeze_unfreeze", "gradual", "full_llrd")]
+    notes.append(f"- Claim \"freezing lower layers and lowering their LRs helps on small data\" (500 images): "
+                 f"{verdict(_vote(small))}. " + "; ".join(s for _, s in small) + ".")
+    ood = [compare(stats[n]["OOD acc (4 shifts)"], full["OOD acc (4 shifts)"], n, "full", "OOD accuracy") for n in ("gradual", "lp_ft")]
+    notes.append(f"- Claim \"gradual unfreezing and LP-FT keep more OOD accuracy than full fine-tuning\": "
+                 f"{verdict(_vote(ood))}. " + "; ".join(s for _, s in ood) + ".")
+    forgetting = [compare(stats["full_l2sp"]["backbone drift"], full["backbone drift"], "full_l2sp", "full", "weight drift",
+                          higher_is_better=False),
+                  compare(stats["full_l2sp"]["CKA to pretrained"], full["CKA to pretrained"], "full_l2sp", "full", "CKA")]
+    notes.append(f"- Claim \"L2-SP reduces forgetting\": {verdict(_vote(forgetting))}. " + "; ".join(s for _, s in forgetting) + ".")
+    body += (f"\nMean ± sample standard deviation over {seeds(parts['strategy_shootout'])}. OOD acc is the mean over the rotated, noised, "
+             "blurred and low-contrast copies of the test split. Drift is ||w - w0|| / ||w0|| over the backbone; "
+             "CKA compares the features the head reads, before vs after, on 256 test images; ImageNet top-1 reads "
+             "four scikit-image photos through the original ImageNet head (a coarse 0/0.25/.../1 signal). "
+             "Trainable parameters are those of the last stage.\n\n**Notes**\n\n" + "\n".join(notes) + "\n")
+    fig, (ax, bx) = figure((11, 4.5), ncols=2)
+    for i, name in enumerate(SHOOTOUT):
+        s = stats[name]
+        ax.errorbar(s["test acc"].mean, s["OOD acc (4 shifts)"].mean, xerr=s["test acc"].std,
+                    yerr=s["OOD acc (4 shifts)"].std, marker="o", capsize=2, color=f"C{i}", label=name)
+        bx.bar(i, s["backbone drift"].mean, yerr=s["backbone drift"].std, capsize=2, color=f"C{i}")
+    ax.set(xlabel="test accuracy", ylabel="OOD accuracy (mean of 4 shifts)", title="in- vs out-of-distribution")
+    ax.legend(fontsize=7)
+    bx.set(xticks=range(len(SHOOTOUT)), ylabel="backbone weight drift", title="forgetting (lower keeps more)")
+    bx.set_xticklabels(SHOOTOUT, rotation=45, ha="right")
+    save(fig, png)
+    return body
+
+
+def _vote(comparisons: list[tuple[int, str]]) -> bool | None:
+    """Supported when every clear difference favours the claim, contradicted when every clear
+    one goes against it, not shown when none is clear or they disagree."""
+    signs = {s for s, _ in comparisons if s != 0}
+    return None if len(signs) != 1 else signs.pop() > 0
+
+
+# -- 3. learning rate and schedule -----------------------------------------------------------
+def lr_and_schedule(parts: dict[str, list], png: Path) -> str:
+    trials = [r for r in parts["lr_and_schedule"] if r.info.status in ("FINISHED", "KILLED")]
+    pruned = [r for r in trials if r.data.tags.get("tunelab.trial_state") == "PRUNED"]
+    complete = [r for r in trials if r.info.status == "FINISHED"]
+    max_epochs = int(float(complete[0].data.params.get("trainer.max_epochs", 4))) if complete else 4
+    curves = {r.info.run_id: history(r, "val/acc") for r in trials}  # one point per validated epoch
+    best_val = lambda r: max(curves[r.info.run_id], default=NAN)  # noqa: E731
+    epochs = {r.info.run_id: len(curves[r.info.run_id]) for r in trials}
+    seconds = {r.info.run_id: (r.info.end_time - r.info.start_time) / 1000 for r in trials if r.info.end_time}
+    ranked = sorted(trials, key=lambda r: -best_val(r) if not math.isnan(best_val(r)) else 0)
+    rows = [[str(i + 1), f"{float(setting(r, 'optimizer.lr')):.2e}", setting(r, "scheduler"), setting(r, "module.layer_decay"),
+             f"{metric(r, 'val/acc'):.3f}", f"{metric(r, 'test/acc'):.3f}" if r in complete else "",
+             f"{epochs[r.info.run_id]}/{max_epochs}", "pruned" if r in pruned else "complete"]
+            for i, r in enumerate(ranked)]
+    body = table(["rank", "lr", "scheduler", "layer decay", "val acc (best)", "test acc", "epochs", "trial"], rows)
+    trained = sum(epochs.values())
+    per_epoch = mean(seconds[r.info.run_id] / max_epochs for r in complete if r.info.run_id in seconds) if complete else NAN
+    saved_epochs = len(trials) * max_epochs - trained
+    spent = sum(seconds.values())
+    best = ranked[0] if ranked else None
+    by_scheduler = group(complete, lambda r: setting(r, "scheduler"))
+    by_decay = group(complete, lambda r: setting(r, "module.layer_decay"))
+    best_of = lambda g: {k: max(best_val(r) for r in v) for k, v in sorted(g.items())}  # noqa: E731
+    sched_best, decay_best = best_of(by_scheduler), best_of(by_decay)
+    lrs = sorted(complete, key=lambda r: float(setting(r, "optimizer.lr")))
+    body += (f"\n{len(trials)} trials (Optuna TPE), {len(complete)} complete, {len(pruned)} pruned by the median pruner. "
+             f"Every trial's val acc is its best epoch's.\n\n**Pruning**: {trained} of {len(trials) * max_epochs} epochs "
+             f"trained ({saved_epochs} saved, {saved_epochs / max(1, len(trials) * max_epochs):.0%}); the search took "
+             f"{spent / 60:.1f} min, about {saved_epochs * per_epoch / 60:.1f} min less than without pruning "
+             f"({per_epoch:.1f} s per epoch of a complete trial, start-up included).\n\n")
+    if best is not None:
+        body += (f"**Best**: lr {float(setting(best, 'optimizer.lr')):.2e}, scheduler {setting(best, 'scheduler')}, "
+                 f"layer decay {setting(best, 'module.layer_decay')}: val acc {best_val(best):.3f}, "
+                 f"test acc {metric(best, 'test/acc'):.3f}.\n\n")
+    notes = []
+    if complete:
+        constant = sched_best.get("constant", NAN)
+        decaying = max((v for k, v in sched_best.items() if k != "constant"), default=NAN)
+        schedule_claim = ("not tested (no complete trial on each side)" if math.isnan(constant) or math.isnan(decaying)
+                          else verdict(None if abs(decaying - constant) < 0.01 else decaying > constant))
+        accs = [best_val(r) for r in complete]
+        lrs = sorted(float(setting(r, "optimizer.lr")) for r in complete)
+        notes = [
+            "- Best val acc by scheduler (complete trials): " + ", ".join(f"{k} {v:.3f}" for k, v in sched_best.items())
+            + f". Claim \"a warmup/decaying schedule beats a constant LR\": {schedule_claim} (differences under 0.01 "
+            "counted as noise).",
+            "- Best val acc by layer decay: " + ", ".join(f"{k} {v:.3f}" for k, v in decay_best.items()) + ".",
+            f"- Learning rate: complete trials span {lrs[0]:.1e} .. {lrs[-1]:.1e} and val acc {min(accs):.3f} .. "
+            f"{max(accs):.3f}; the plot shows accuracy against LR for every trial.",
+        ]
+    body += ("**Notes** (a TPE search is not a balanced grid: it spends its trials near the best LR, so the "
+             "per-setting bests below compare unequal numbers of trials, and single runs, not seeds)\n\n"
+             + "\n".join(notes) + "\n")
+    fig, ax = figure((7, 4.5))
+    for i, (name, group_runs) in enumerate(sorted(group(trials, lambda r: setting(r, "scheduler")).items())):
+        for state, marker in (("complete", "o"), ("pruned", "x")):
+            chosen = [r for r in group_runs if (r in pruned) == (state == "pruned")]
+            ax.scatter([float(setting(r, "optimizer.lr")) for r in chosen], [best_val(r) for r in chosen],
+                       marker=marker, color=f"C{i}", label=f"{name} ({state})" if chosen else None)
+    ax.set(xscale="log", xlabel="learning rate", ylabel="best val accuracy", title="Optuna trials (x = pruned)")
+    ax.legend(fontsize=7)
+    save(fig, png)
+    return body
+
+
+# -- 4. few shot -----------------------------------------------------------------------------
+FEW_SHOT = ["linear_probe", "full", "lp_ft"]
+
+
+def few_shot(parts: dict[str, list], png: Path) -> str:
+    runs = finished(parts["few_shot"])
+    cell = group(runs, lambda r: (int(setting(r, "data.samples_per_class")), setting(r, "strategy")))
+    shots = sorted({k for k, _ in cell})
+    stats = {(k, s): stat(cell.get((k, s), []), lambda r: metric(r, "test/acc")) for k in shots for s in FEW_SHOT}
+    rows = []
+    for k in shots:
+        best = max(FEW_SHOT, key=lambda s: -math.inf if math.isnan(stats[(k, s)].mean) else stats[(k, s)].mean)
+        rows.append([f"{k} ({k * 10} images)", *(("**" + stats[(k, s)].show() + "**") if s == best else stats[(k, s)].show()
+                                                  for s in FEW_SHOT)])
+    body = table(["labelled per class", *FEW_SHOT], rows)
+    fewest, most = shots[0], shots[-1]
+    probe_first = [compare(stats[(fewest, "linear_probe")], stats[(fewest, s)], "linear_probe", s, f"test accuracy at {fewest}/class")
+                   for s in ("full", "lp_ft")]
+    lp_ft_last = [compare(stats[(most, "lp_ft")], stats[(most, s)], "lp_ft", s, f"test accuracy at {most}/class")
+                  for s in ("full", "linear_probe")]
+    body += (f"\nTest accuracy, mean ± sample standard deviation over {seeds(runs)}; each seed "
+             "draws its own labelled images. Bold: the best mean in the row.\n\n**Notes**\n\n"
+             f"- Claim \"with the fewest labels a linear probe is the safe choice\": {verdict(_vote(probe_first))}. "
+             + "; ".join(s for _, s in probe_first) + ".\n"
+             f"- Claim \"LP-FT is best once there are more labels\": {verdict(_vote(lp_ft_last))}. "
+             + "; ".join(s for _, s in lp_ft_last) + ".\n")
+    fig, ax = figure((6.5, 4.5))
+    for s in FEW_SHOT:
+        errorbar(ax, shots, [stats[(k, s)] for k in shots], s)
+    ax.set(xscale="log", xlabel="labelled images per class", ylabel="test accuracy", title="few-shot MNIST-5k, EfficientNet-Lite0")
+    ax.set_xticks(shots, [str(k) for k in shots])
+    ax.legend()
+    save(fig, png)
+    return body
+
+
+REPORTS = {e.name: e for e in [
+    Experiment("pretrained_vs_scratch", "Pretrained vs trained from scratch",
+               ["pretrained_vs_scratch", "pretrained_vs_scratch_text"], pretrained_vs_scratch),
+    Experiment("strategy_shootout", "Nine fine-tuning strategies on the same data and budget",
+               ["strategy_shootout"], strategy_shootout),
+    Experiment("lr_and_schedule", "Learning rate, schedule and layer decay (Optuna, pruned)",
+               ["lr_and_schedule"], lr_and_schedule),
+    Experiment("few_shot", "Accuracy against labelled examples per class", ["few_shot"], few_shot),
+]}
