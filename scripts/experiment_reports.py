@@ -261,7 +261,7 @@ def lr_and_schedule(parts: dict[str, list], png: Path) -> str:
     seconds = {r.info.run_id: (r.info.end_time - r.info.start_time) / 1000 for r in trials if r.info.end_time}
     ranked = sorted(trials, key=lambda r: -best_val(r) if not math.isnan(best_val(r)) else 0)
     rows = [[str(i + 1), f"{float(setting(r, 'optimizer.lr')):.2e}", setting(r, "scheduler"), setting(r, "module.layer_decay"),
-             f"{metric(r, 'val/acc'):.3f}", f"{metric(r, 'test/acc'):.3f}" if r in complete else "",
+             f"{best_val(r):.3f}", f"{metric(r, 'test/acc'):.3f}" if r in complete else "",
              f"{epochs[r.info.run_id]}/{max_epochs}", "pruned" if r in pruned else "complete"]
             for i, r in enumerate(ranked)]
     body = table(["rank", "lr", "scheduler", "layer decay", "val acc (best)", "test acc", "epochs", "trial"], rows)
@@ -289,13 +289,13 @@ def lr_and_schedule(parts: dict[str, list], png: Path) -> str:
         constant = sched_best.get("constant", NAN)
         decaying = max((v for k, v in sched_best.items() if k != "constant"), default=NAN)
         schedule_claim = ("not tested (no complete trial on each side)" if math.isnan(constant) or math.isnan(decaying)
-                          else verdict(None if abs(decaying - constant) < 0.01 else decaying > constant))
+                          else verdict(None if abs(decaying - constant) < 0.01 else decaying > constant)
+                          + " (differences under 0.01 counted as noise)")
         accs = [best_val(r) for r in complete]
         lrs = sorted(float(setting(r, "optimizer.lr")) for r in complete)
         notes = [
             "- Best val acc by scheduler (complete trials): " + ", ".join(f"{k} {v:.3f}" for k, v in sched_best.items())
-            + f". Claim \"a warmup/decaying schedule beats a constant LR\": {schedule_claim} (differences under 0.01 "
-            "counted as noise).",
+            + f". Claim \"a warmup/decaying schedule beats a constant LR\": {schedule_claim}.",
             "- Best val acc by layer decay: " + ", ".join(f"{k} {v:.3f}" for k, v in decay_best.items()) + ".",
             f"- Learning rate: complete trials span {lrs[0]:.1e} .. {lrs[-1]:.1e} and val acc {min(accs):.3f} .. "
             f"{max(accs):.3f}; the plot shows accuracy against LR for every trial.",

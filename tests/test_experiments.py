@@ -76,3 +76,31 @@ def test_report_without_runs_says_how_to_get_them(tmp_path):
                              "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True)
     assert report.returncode != 0 and "run without --no-run first" in report.stderr
     assert not (tmp_path / "few_shot" / "results.md").exists()
+
+
+@pytest.mark.slow
+def test_lr_and_schedule_report_counts_pruned_epochs_from_the_runs(tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    sweep = [TRAIN, "experiment=lr_and_schedule", "debug=smoke", "trainer.max_epochs=3", "data.image_size=32",
+             f"paths.log_dir={tmp_path}", "hydra.sweeper.n_trials=5", "hydra.sweeper.pruner.n_startup_trials=1",
+             "hydra.sweeper.pruner.n_warmup_steps=0"]
+    done = subprocess.run(sweep, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = subprocess.run([sys.executable, str(REPO / "scripts" / "experiments.py"), "lr_and_schedule", "--no-run",
+                             "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    written = (tmp_path / "lr_and_schedule" / "results.md").read_text()
+    client = MlflowClient(store)
+    runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if r.data.tags.get("tunelab.experiment") == "lr_and_schedule"]
+    assert len(runs) == 5
+    epochs = sum(len(client.get_metric_history(r.info.run_id, "val/acc")) for r in runs)
+    pruned = sum(r.data.tags.get("tunelab.trial_state") == "PRUNED" for r in runs)
+    assert f"{pruned} pruned by the median pruner" in written
+    assert f"**Pruning**: {epochs} of 15 epochs trained ({15 - epochs} saved" in written
+    complete = [r for r in runs if r.info.status == "FINISHED"]
+    assert all(len(client.get_metric_history(r.info.run_id, "val/acc")) == 3 for r in complete)
+    rows = [line for line in written.splitlines() if re.match(r"\| \d+ \| \d", line)]
+    assert len(rows) == 5 and all(row.split("|")[3].strip() in {"warmup_cosine", "constant", "linear", "one_cycle"} for row in rows)
+    assert (tmp_path / "lr_and_schedule" / "lr_and_schedule.png").exists()
