@@ -103,4 +103,7 @@ def test_lr_and_schedule_report_counts_pruned_epochs_from_the_runs(tmp_path):
     assert all(len(client.get_metric_history(r.info.run_id, "val/acc")) == 3 for r in complete)
     rows = [line for line in written.splitlines() if re.match(r"\| \d+ \| \d", line)]
     assert len(rows) == 5 and all(row.split("|")[3].strip() in {"warmup_cosine", "constant", "linear", "one_cycle"} for row in rows)
+    best = max(max(m.value for m in client.get_metric_history(r.info.run_id, "val/acc")) for r in runs)
+    assert rows[0].split("|")[5].strip() == f"{best:.3f}"  # ranked by each trial's best epoch, not its last
+    assert f"val acc {best:.3f}" in written.split("**Best**")[1]
     assert (tmp_path / "lr_and_schedule" / "lr_and_schedule.png").exists()
