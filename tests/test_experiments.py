@@ -20,6 +20,28 @@ from experiment_reports import REPORTS  # noqa: E402
 TRAIN = str(REPO / ".venv" / "bin" / "tunelab-train")
 
 
+def _sweep_and_report(tmp_path, name: str, overrides: list[str]) -> tuple[str, MlflowClient]:
+    """Run experiment ``name`` shrunk by ``overrides`` into a fresh store, then its report:
+    (the written results.md, a client on the store)."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    sweep = [TRAIN, f"experiment={name}", "debug=smoke", "data.image_size=32", f"paths.log_dir={tmp_path}", *overrides]
+    done = subprocess.run(sweep, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = subprocess.run([sys.executable, str(REPO / "scripts" / "experiments.py"), name, "--no-run",
+                             "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    written = (tmp_path / name / "results.md").read_text()
+    assert report.stdout.strip() == written.strip()  # the committed table is what the script printed
+    assert (tmp_path / name / f"{name}.png").stat().st_size > 10_000
+    return written, MlflowClient(store)
+
+
+def _tagged(client: MlflowClient, part: str) -> list:
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return [r for r in runs if r.data.tags.get("tunelab.experiment") == part]
+
+
 def test_every_part_of_every_experiment_is_an_override_file_with_its_command_in_the_header():
     for experiment in REPORTS.values():
         for part in experiment.parts:
@@ -37,25 +59,13 @@ def test_experiment_files_compose_to_a_sweep(part):
 
 @pytest.mark.slow
 def test_report_reads_the_sweep_back_from_mlflow_and_writes_table_and_plot(tmp_path):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
-    sweep = [TRAIN, "experiment=few_shot", "debug=smoke", "trainer.max_epochs=4", "data.image_size=32",
-             f"paths.log_dir={tmp_path}", "data.samples_per_class=1,2", "strategy=linear_probe,lp_ft", "seed=1,2"]
-    done = subprocess.run(sweep, cwd=REPO, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = subprocess.run([sys.executable, str(REPO / "scripts" / "experiments.py"), "few_shot", "--no-run",
-                             "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True)
-    assert report.returncode == 0, report.stderr
-    written = (tmp_path / "few_shot" / "results.md").read_text()
-    assert report.stdout.strip() == written.strip()  # the committed table is what the script printed
-    assert (tmp_path / "few_shot" / "few_shot.png").stat().st_size > 10_000
+    written, client = _sweep_and_report(tmp_path, "few_shot", ["trainer.max_epochs=4", "data.samples_per_class=1,2",
+                                                               "strategy=linear_probe,lp_ft", "seed=1,2"])
     assert "8 runs read back from MLflow" in written
 
     # every cell is the mean of the matching runs' test/acc in the store
-    client = MlflowClient(store)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.status = 'FINISHED'")
-    children = [r for r in runs if r.data.tags.get("tunelab.experiment") == "few_shot"]
-    assert len(children) == 8
+    children = _tagged(client, "few_shot")
+    assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
     for shots in (1, 2):
         row = next(line for line in written.splitlines() if line.startswith(f"| {shots} ({shots * 10} images)"))
         cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
@@ -80,20 +90,10 @@ def test_report_without_runs_says_how_to_get_them(tmp_path):
 
 @pytest.mark.slow
 def test_lr_and_schedule_report_counts_pruned_epochs_from_the_runs(tmp_path):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
-    sweep = [TRAIN, "experiment=lr_and_schedule", "debug=smoke", "trainer.max_epochs=3", "data.image_size=32",
-             f"paths.log_dir={tmp_path}", "hydra.sweeper.n_trials=5", "hydra.sweeper.pruner.n_startup_trials=1",
-             "hydra.sweeper.pruner.n_warmup_steps=0"]
-    done = subprocess.run(sweep, cwd=REPO, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = subprocess.run([sys.executable, str(REPO / "scripts" / "experiments.py"), "lr_and_schedule", "--no-run",
-                             "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True)
-    assert report.returncode == 0, report.stderr
-    written = (tmp_path / "lr_and_schedule" / "results.md").read_text()
-    client = MlflowClient(store)
-    runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-            if r.data.tags.get("tunelab.experiment") == "lr_and_schedule"]
+    written, client = _sweep_and_report(tmp_path, "lr_and_schedule", [
+        "trainer.max_epochs=3", "hydra.sweeper.n_trials=5", "hydra.sweeper.pruner.n_startup_trials=1",
+        "hydra.sweeper.pruner.n_warmup_steps=0"])
+    runs = _tagged(client, "lr_and_schedule")
     assert len(runs) == 5
     epochs = sum(len(client.get_metric_history(r.info.run_id, "val/acc")) for r in runs)
     pruned = sum(r.data.tags.get("tunelab.trial_state") == "PRUNED" for r in runs)
@@ -106,4 +106,3 @@ def test_lr_and_schedule_report_counts_pruned_epochs_from_the_runs(tmp_path):
     best = max(max(m.value for m in client.get_metric_history(r.info.run_id, "val/acc")) for r in runs)
     assert rows[0].split("|")[5].strip() == f"{best:.3f}"  # ranked by each trial's best epoch, not its last
     assert f"val acc {best:.3f}" in written.split("**Best**")[1]
-    assert (tmp_path / "lr_and_schedule" / "lr_and_schedule.png").exists()
