@@ -99,8 +99,12 @@ def compare(a: Stat, b: Stat, a_name: str, b_name: str, what: str, higher_is_bet
     return sign, f"{words} ({numbers})"
 
 
-def verdict(supported: bool | None) -> str:
-    return {True: "**supported**", False: "**contradicted**", None: "**not shown** (within seed noise)"}[supported]
+MIXED = "mixed"
+
+
+def verdict(supported: bool | None | str) -> str:
+    return {True: "**supported**", False: "**contradicted**", None: "**not shown** (within seed noise)",
+            MIXED: "**mixed** (clear differences in both directions)"}[supported]
 
 
 def outcome(sign: int) -> bool | None:
@@ -232,7 +236,8 @@ def strategy_shootout(parts: dict[str, list], png: Path) -> str:
              "blurred and low-contrast copies of the test split. Drift is ||w - w0|| / ||w0|| over the backbone; "
              "CKA compares the features the head reads, before vs after, on 256 test images; ImageNet top-1 reads "
              "four scikit-image photos through the original ImageNet head (a coarse 0/0.25/.../1 signal). "
-             "Trainable parameters are those of the last stage.\n\n**Notes**\n\n" + "\n".join(notes) + "\n")
+             "Trainable parameters are those of the last stage. Every strategy runs at the same base LR and step "
+             "budget; nothing was tuned per strategy.\n\n**Notes**\n\n" + "\n".join(notes) + "\n")
     fig, (ax, bx) = figure((11, 4.5), ncols=2)
     for i, name in enumerate(SHOOTOUT):
         s = stats[name]
@@ -247,11 +252,13 @@ def strategy_shootout(parts: dict[str, list], png: Path) -> str:
     return body
 
 
-def _vote(comparisons: list[tuple[int, str]]) -> bool | None:
+def _vote(comparisons: list[tuple[int, str]]) -> bool | None | str:
     """Supported when every clear difference favours the claim, contradicted when every clear
-    one goes against it, not shown when none is clear or they disagree."""
+    one goes against it, not shown when none is clear, mixed when clear ones disagree."""
     signs = {s for s, _ in comparisons if s != 0}
-    return None if len(signs) != 1 else signs.pop() > 0
+    if len(signs) == 2:
+        return MIXED
+    return None if not signs else signs.pop() > 0
 
 
 # -- 3. learning rate and schedule -----------------------------------------------------------
@@ -341,7 +348,9 @@ def few_shot(parts: dict[str, list], png: Path) -> str:
     lp_ft_last = [compare(stats[(most, "lp_ft")], stats[(most, s)], "lp_ft", s, f"test accuracy at {most}/class")
                   for s in ("full", "linear_probe")]
     body += (f"\nTest accuracy, mean ± sample standard deviation over {seeds(runs)}; each seed "
-             "draws its own labelled images. Bold: the best mean in the row.\n\n**Notes**\n\n"
+             "draws its own labelled images. Bold: the best mean in the row. All three strategies share one base LR "
+             "and step budget (nothing tuned per strategy), so the probe's head trains for as many steps at the same "
+             "LR as full fine-tuning's.\n\n**Notes**\n\n"
              f"- Claim \"with the fewest labels a linear probe is the safe choice\": {verdict(_vote(probe_first))}. "
              + "; ".join(s for _, s in probe_first) + ".\n"
              f"- Claim \"LP-FT is best once there are more labels\": {verdict(_vote(lp_ft_last))}. "
