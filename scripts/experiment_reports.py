@@ -252,6 +252,15 @@ def strategy_shootout(parts: dict[str, list], png: Path) -> str:
     return body
 
 
+def _by_margin(claimed: float, other: float, margin: float = 0.01) -> str:
+    """A verdict between two single best trials: differences under ``margin`` count as noise."""
+    if math.isnan(claimed) or math.isnan(other):
+        return "not tested (no complete trial on each side)"
+    if abs(claimed - other) < margin:
+        return f"**not shown** (bests within {margin})"
+    return verdict(claimed > other) + f" (bests {claimed:.3f} vs {other:.3f}; single trials, differences under {margin} count as noise)"
+
+
 def _vote(comparisons: list[tuple[int, str]]) -> bool | None | str:
     """Supported when every clear difference favours the claim, contradicted when every clear
     one goes against it, not shown when none is clear, mixed when clear ones disagree."""
@@ -300,17 +309,20 @@ def lr_and_schedule(parts: dict[str, list], png: Path) -> str:
     if complete:
         constant = sched_best.get("constant", NAN)
         decaying = max((v for k, v in sched_best.items() if k != "constant"), default=NAN)
-        schedule_claim = ("not tested (no complete trial on each side)" if math.isnan(constant) or math.isnan(decaying)
-                          else verdict(None if abs(decaying - constant) < 0.01 else decaying > constant)
-                          + " (differences under 0.01 counted as noise)")
+        decayed = max((v for k, v in decay_best.items() if float(k) < 1), default=NAN)
         accs = [best_val(r) for r in complete]
         lrs = sorted(float(setting(r, "optimizer.lr")) for r in complete)
+        lr_spread = max(accs) - min(accs)
+        schedule_spread = max(sched_best.values()) - min(sched_best.values())
         notes = [
             "- Best val acc by scheduler (complete trials): " + ", ".join(f"{k} {v:.3f}" for k, v in sched_best.items())
-            + f". Claim \"a warmup/decaying schedule beats a constant LR\": {schedule_claim}.",
-            "- Best val acc by layer decay: " + ", ".join(f"{k} {v:.3f}" for k, v in decay_best.items()) + ".",
+            + f". Claim \"a warmup/decaying schedule beats a constant LR\": {_by_margin(decaying, constant)}.",
+            "- Best val acc by layer decay: " + ", ".join(f"{k} {v:.3f}" for k, v in decay_best.items())
+            + f". Claim \"lower LRs for lower layers help\" (best with decay < 1 vs best with 1.0): "
+            f"{_by_margin(decayed, decay_best.get('1.0', NAN))}.",
             f"- Learning rate: complete trials span {lrs[0]:.1e} .. {lrs[-1]:.1e} and val acc {min(accs):.3f} .. "
-            f"{max(accs):.3f}; the plot shows accuracy against LR for every trial.",
+            f"{max(accs):.3f} (spread {lr_spread:.3f}), against a spread of {schedule_spread:.3f} between the "
+            f"schedulers' bests. Claim \"the LR matters more than the schedule\": {verdict(lr_spread > schedule_spread)}.",
         ]
     body += ("**Notes** (a TPE search is not a balanced grid: it spends its trials near the best LR, so the "
              "per-setting bests below compare unequal numbers of trials, and single runs, not seeds)\n\n"
