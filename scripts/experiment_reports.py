@@ -34,7 +34,7 @@ class Experiment:
 def setting(run, key: str) -> str:
     """A swept value as the sweep set it (tag ``sweep.<key>``), else the logged config param."""
     value = run.data.tags.get(f"sweep.{key}", run.data.params.get(key, ""))
-    return "null" if value in ("None", "") else value
+    return {"None": "null", "": "null", "True": "true", "False": "false"}.get(value, value)
 
 
 def metric(run, name: str) -> float:
@@ -150,8 +150,9 @@ def pretrained_vs_scratch(parts: dict[str, list], png: Path) -> str:
         counts = [everything if size == "null" else int(size) for size in sizes]
         curves[data_name] = (counts, [stat(cell.get((z, "true"), []), acc) for z in sizes],
                              [stat(cell.get((z, "false"), []), acc) for z in sizes])
-        gaps = []
+        gaps, gap_se = [], []
         for size, count, pre, scratch in zip(sizes, counts, *curves[data_name][1:]):
+            gap_se.append(math.sqrt(pre.se ** 2 + scratch.se ** 2))
             label = f"{count:,}" + (" (all)" if size == "null" else "")
             sign, sentence = compare(pre, scratch, "pretrained", "scratch", "test accuracy")
             signs.append(sign)
@@ -160,9 +161,12 @@ def pretrained_vs_scratch(parts: dict[str, list], png: Path) -> str:
             rows.append([f"EfficientNet-Lite0, {data_name}, {label} images", pre.show(), scratch.show(),
                          f"{pre.mean - scratch.mean:+.3f}", str(len(both)), f"{minutes(both):.1f}"])
             notes.append(f"- {data_name}, {label} images: {sentence}.")
-        shrinking = all(a[1] >= b[1] for a, b in zip(gaps, gaps[1:])) if len(gaps) > 1 else None
-        gap_claims.append(f"- Claim \"the gap is largest when data is scarce\" ({data_name}): {verdict(shrinking)}; "
-                          "gaps by size: " + ", ".join(f"{label} {gap:+.3f}" for label, gap in gaps) + ".")
+        # the gap with the fewest images against the gap with the most, beyond 2 SE of their difference
+        change, se = gaps[0][1] - gaps[-1][1], math.sqrt(gap_se[0] ** 2 + gap_se[-1] ** 2)
+        shrinking = None if len(gaps) < 2 or math.isnan(change) or abs(change) <= 2 * se else change > 0
+        gap_claims.append(f"- Claim \"the gap is largest when data is scarce\" ({data_name}, fewest vs most images): "
+                          f"{verdict(shrinking)}; gaps by size: " + ", ".join(f"{label} {gap:+.3f}" for label, gap in gaps)
+                          + f" (difference {change:+.3f}, 2 SE {2 * se:.3f}).")
     text = finished(parts.get("pretrained_vs_scratch_text", []))
     by_init = group(text, lambda r: setting(r, "model.pretrained"))
     text_stats = {}
@@ -173,7 +177,7 @@ def pretrained_vs_scratch(parts: dict[str, list], png: Path) -> str:
         signs.append(sign)
         rows.append([f"MiniLM-L6, drug reviews (541 texts), {key}", pre.show(), scratch.show(),
                      f"{pre.mean - scratch.mean:+.3f}", str(len(pre.values) + len(scratch.values)), f"{minutes(text):.1f}"])
-        notes.append(f"- drug reviews, {key}: {sentence}.")
+        notes.append(f"- drug reviews: {sentence}.")
     body = table(["task, training data", "pretrained (mean ± std)", "from scratch", "gap", "runs", "min/run"], rows)
     wins = [s for s in signs if s != 0]
     claim = None if not wins else (all(s > 0 for s in wins) or (MIXED if any(s > 0 for s in wins) else False))

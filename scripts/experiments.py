@@ -54,17 +54,18 @@ def latest_sweep(client: MlflowClient, part: str) -> list:
 
 
 def header(experiment: Experiment, runs: dict[str, list], tracking_uri: str) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     count = sum(len(r) for r in runs.values())
-    started = min(r.info.start_time for group in runs.values() for r in group) / 1000
-    ended = max((r.info.end_time or r.info.start_time) for group in runs.values() for r in group) / 1000
+    every = [r for group in runs.values() for r in group]
+    started = min(r.info.start_time for r in every) / 1000
+    busy = sum(((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000 for r in every)
     when = datetime.fromtimestamp(started, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    commits = sorted({r.data.tags.get("mlflow.source.git.commit", "")[:7] or "unknown" for r in every})
     return (f"# {experiment.title}\n\n"
             f"Command: `.venv/bin/python scripts/experiments.py {experiment.name}` "
             f"(override files: {', '.join(f'`experiments/{p}.yaml`' for p in experiment.parts)}).\n"
             f"{count} runs read back from MLflow (`{tracking_uri}`), started {when}, "
-            f"{(ended - started) / 60:.0f} min of wall time on {os.cpu_count()} CPU cores "
-            f"({platform.processor() or platform.machine()}), tunelab commit {commit or 'unknown'}.\n")
+            f"{busy / 60:.0f} min of run time (summed over the runs) on {os.cpu_count()} CPU cores "
+            f"({platform.processor() or platform.machine()}), trained at tunelab commit {', '.join(commits)}.\n")
 
 
 def main() -> None:
