@@ -12,7 +12,7 @@ path: the composed Hydra config, ``build_parts`` (FineTuneModule with its layer-
 groups and LR schedule) and a Lightning Trainer with the stage callback. It prints samples/s,
 the ratio tunelab/raw, the freezing speedups and peak memory, and writes the same as JSON into
 ``benchmarks/results/``. Both loops share the model architecture, the frozen set, BatchNorm
-handling (tunelab's default ``module.batchnorm=eval``), precision, layout and compilation: the
+handling (``module.batchnorm=eval``, tunelab's default for pretrained weights), precision, layout and compilation: the
 ratio is the framework's overhead, nothing else. Random weights are fine for speed.
 """
 
@@ -173,7 +173,9 @@ def compose(overrides: list[str]):
 
     scratch = tempfile.mkdtemp(prefix="tunelab-bench-")  # nothing is written there: no logger, no checkpoints
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=[f"paths.output_dir={scratch}", *overrides])
+        # module.batchnorm=eval: the raw loop mirrors it, and random-weight models would get
+        # batch statistics under the default (auto), which the raw loop does not model
+        cfg = hydra_compose("train", overrides=[f"paths.output_dir={scratch}", "module.batchnorm=eval", *overrides])
     with open_dict(cfg):
         cfg.pop("hydra", None)
     return cfg
@@ -184,7 +186,7 @@ def raw_loop(model, batch, trainable: set[str], args, device, steps: int) -> tup
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
     model.to(device).train()
-    for m in model.modules():  # tunelab's default module.batchnorm=eval, mirrored
+    for m in model.modules():  # module.batchnorm=eval (set in compose()), mirrored
         if isinstance(m, _BatchNorm):
             m.eval()
     x, y = batch
