@@ -9,15 +9,12 @@ within seed noise, whichever way the claim goes.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from tunelab.plots import figure, save  # noqa: E402
+from tunelab.plots import figure, save
 
 NAN = float("nan")
 
@@ -86,12 +83,15 @@ def stat(runs: list, value: Callable) -> Stat:
     return Stat([v for v in (value(r) for r in runs) if not math.isnan(v)])
 
 
+def se_of_difference(a: Stat, b: Stat) -> float:
+    return math.sqrt(a.se ** 2 + b.se ** 2)
+
+
 def compare(a: Stat, b: Stat, a_name: str, b_name: str, what: str, higher_is_better: bool = True) -> tuple[int, str]:
     """(+1 a better / -1 b better / 0 within noise, a sentence saying so with the numbers)."""
     if not a.values or not b.values:
         return 0, f"{a_name} vs {b_name} on {what}: not measured (no finished run)"
-    diff = a.mean - b.mean
-    se = math.sqrt(a.se ** 2 + b.se ** 2)
+    diff, se = a.mean - b.mean, se_of_difference(a, b)
     sign = 0 if abs(diff) <= 2 * se else (1 if (diff > 0) == higher_is_better else -1)
     numbers = f"{a_name} {a.mean:.3f} vs {b_name} {b.mean:.3f}, difference {diff:+.3f}, 2 SE {2 * se:.3f}"
     words = {1: f"{a_name} is better on {what}", -1: f"{b_name} is better on {what}",
@@ -105,10 +105,6 @@ MIXED = "mixed"
 def verdict(supported: bool | None | str) -> str:
     return {True: "**supported**", False: "**contradicted**", None: "**not shown** (within seed noise)",
             MIXED: "**mixed** (clear differences in both directions)"}[supported]
-
-
-def outcome(sign: int) -> bool | None:
-    return None if sign == 0 else sign > 0
 
 
 def seeds(runs: list) -> str:
@@ -139,23 +135,23 @@ IMAGE_PARTS = {"pretrained_vs_scratch": ("MNIST-5k", 3500), "pretrained_vs_scrat
 def pretrained_vs_scratch(parts: dict[str, list], png: Path) -> str:
     acc = lambda r: metric(r, "test/acc")  # noqa: E731
     minutes = lambda runs: stat(runs, lambda r: metric(r, "time/fit_seconds") / 60).mean  # noqa: E731
-    rows, notes, signs, curves = [], [], [], {}
+    rows, notes, comparisons, curves = [], [], [], {}
     gap_claims = []
-    for part, (data_name, everything) in IMAGE_PARTS.items():
+    for part, (data_name, full_size) in IMAGE_PARTS.items():
         images = finished(parts.get(part, []))
         if not images:
             continue
         cell = group(images, lambda r: (setting(r, "data.max_train_samples"), setting(r, "model.pretrained")))
         sizes = sorted({size for size, _ in cell}, key=lambda s: math.inf if s == "null" else int(s))
-        counts = [everything if size == "null" else int(size) for size in sizes]
+        counts = [full_size if size == "null" else int(size) for size in sizes]
         curves[data_name] = (counts, [stat(cell.get((z, "true"), []), acc) for z in sizes],
                              [stat(cell.get((z, "false"), []), acc) for z in sizes])
         gaps, gap_se = [], []
         for size, count, pre, scratch in zip(sizes, counts, *curves[data_name][1:]):
-            gap_se.append(math.sqrt(pre.se ** 2 + scratch.se ** 2))
+            gap_se.append(se_of_difference(pre, scratch))
             label = f"{count:,}" + (" (all)" if size == "null" else "")
             sign, sentence = compare(pre, scratch, "pretrained", "scratch", "test accuracy")
-            signs.append(sign)
+            comparisons.append((sign, sentence))
             gaps.append((label, pre.mean - scratch.mean))
             both = cell.get((size, "true"), []) + cell.get((size, "false"), [])
             rows.append([f"EfficientNet-Lite0, {data_name}, {label} images", pre.show(), scratch.show(),
@@ -174,21 +170,20 @@ def pretrained_vs_scratch(parts: dict[str, list], png: Path) -> str:
         pre, scratch = (stat(by_init.get(flag, []), lambda r: metric(r, name)) for flag in ("true", "false"))
         text_stats[key] = (pre, scratch)
         sign, sentence = compare(pre, scratch, "pretrained", "scratch", key)
-        signs.append(sign)
+        comparisons.append((sign, sentence))
         rows.append([f"MiniLM-L6, drug reviews (541 texts), {key}", pre.show(), scratch.show(),
                      f"{pre.mean - scratch.mean:+.3f}", str(len(pre.values) + len(scratch.values)), f"{minutes(text):.1f}"])
         notes.append(f"- drug reviews: {sentence}.")
     body = table(["task, training data", "pretrained (mean ± std)", "from scratch", "gap", "runs", "min/run"], rows)
-    wins = [s for s in signs if s != 0]
-    claim = None if not wins else (all(s > 0 for s in wins) or (MIXED if any(s > 0 for s in wins) else False))
+    signs = [sign for sign, _ in comparisons]
     everything = [r for runs in parts.values() for r in runs]
     body += (f"\nScores are test-split metrics, mean ± sample standard deviation over {seeds(everything)} "
              "(each seed also draws its own training subset). Both arms share one recipe; BatchNorm uses the "
              "pretrained statistics for the pretrained model and batch statistics for the random one "
              "(module.batchnorm=auto).\n\n**Notes**\n\n"
-             f"- Claim \"a pretrained model beats training from scratch\": {verdict(claim)} "
-             f"({sum(s > 0 for s in wins)} of {len(signs)} comparisons favour pretrained beyond 2 SE, "
-             f"{sum(s < 0 for s in wins)} favour scratch).\n" + "\n".join(gap_claims + notes) + "\n")
+             f"- Claim \"a pretrained model beats training from scratch\": {verdict(_vote(comparisons))} "
+             f"({signs.count(1)} of {len(signs)} comparisons favour pretrained beyond 2 SE, "
+             f"{signs.count(-1)} favour scratch).\n" + "\n".join(gap_claims + notes) + "\n")
     fig, axes = figure((5 * (len(curves) + 1), 4), ncols=len(curves) + 1)
     for ax, (data_name, (counts, pre, scratch)) in zip(axes, curves.items()):
         errorbar(ax, counts, pre, "ImageNet-pretrained")

@@ -165,8 +165,9 @@ class TaskDataModule(L.LightningDataModule):
         if self.samples_per_class:
             order = train[np.random.default_rng(self.seed).permutation(len(train))]
             labels = table.labels[order]
-            picked = [order[labels == c][: self.samples_per_class] for c in np.unique(labels)]
-            short = {table.classes[c]: len(p) for c, p in zip(np.unique(labels), picked) if len(p) < self.samples_per_class}
+            classes = np.unique(labels)
+            picked = [order[labels == c][: self.samples_per_class] for c in classes]
+            short = {table.classes[c]: len(p) for c, p in zip(classes, picked) if len(p) < self.samples_per_class}
             if short:
                 log.warning("data.samples_per_class=%d: %d class(es) have fewer training examples: %s",
                             self.samples_per_class, len(short), short)

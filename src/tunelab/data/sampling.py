@@ -50,7 +50,7 @@ class EpochSampler(Sampler):
                 order = list(range(self.size))
             keys += [(seen, i) for i in order]
         start = self.skip() if callable(self.skip) else self.skip
-        self.skip = 0  # a skip applies to one pass only
+        self.skip = 0  # a skip applies to one iteration (the resumed epoch) only
         return iter(keys[start:])
 
 
