@@ -92,6 +92,8 @@ def test_cli_schedule_past_the_last_epoch_names_both_settings(tmp_path):
     (["module.layer_decay=abc"], r"^module\.layer_decay must be a number in \(0, 1\], got 'abc'\.$"),
     (["module.stage_rewarmup=null"], r"^module\.stage_rewarmup must be an integer >= 0, got null\.$"),
     (["data.max_train_samples=abc"], r"^data\.max_train_samples must be an integer >= 1 or null, got 'abc'\.$"),
+    (["data.samples_per_class=0"], r"^data\.samples_per_class must be an integer >= 1 or null, got 0\.$"),
+    (["data.min_epoch_samples=abc"], r"^data\.min_epoch_samples must be an integer >= 1 or null, got 'abc'\.$"),
     (["perf.compile=yes"], r"^perf\.compile must be true or false, got 'yes'\.$"),
     # zero training batches: the run used to end FINISHED, with nothing trained
     (["trainer.limit_train_batches=0"], (r"^trainer\.limit_train_batches must be null, a number of batches "

@@ -30,7 +30,8 @@ IMAGE_BASE = [*BASE, "data.image_size=32", "data.max_train_samples=64"]
 
 KEYS = [  # settings of the default choices (and of every data / model choice used below)
     "optimizer.lr", "optimizer.weight_decay", "trainer.max_epochs", "trainer.limit_train_batches",
-    "data.batch_size", "data.eval_batch_size", "data.max_train_samples", "data.num_classes",
+    "data.batch_size", "data.eval_batch_size", "data.max_train_samples", "data.samples_per_class",
+    "data.min_epoch_samples", "data.num_classes",
     "data.val_fraction", "data.test_fraction", "data.num_workers", "data.task", "data.objective", "data.seed",
     "module.layer_decay", "module.batchnorm", "module.label_smoothing", "module.stage_rewarmup",
     "module.group_lr_mults", "perf.cache_features", "perf.compile", "perf.channels_last", "seed",

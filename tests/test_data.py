@@ -65,6 +65,15 @@ def test_samples_per_class_keeps_k_of_each_class_and_seeds_pick_different_ones()
         ImageDataModule(load_mnist5k, task="regression", samples_per_class=5)
 
 
+def test_samples_per_class_warns_about_classes_with_fewer_examples(image_folder, caplog):
+    dm = ImageDataModule(lambda: load_image_folder(str(image_folder)), samples_per_class=50, num_workers=0)
+    with caplog.at_level("WARNING", logger="tunelab.data.datamodule"):
+        dm.scan()
+    table, idx = dm.splits["train"]
+    assert len(idx) == sum(np.bincount(table.labels[idx]))  # every class keeps all it has
+    assert "data.samples_per_class=50: 3 class(es) have fewer training examples" in caplog.text
+
+
 def test_min_epoch_samples_repeats_a_small_train_set_with_fresh_order_and_augmentation_per_pass():
     from tunelab.data.sampling import EpochSampler
 

@@ -197,3 +197,19 @@ def test_lp_ft_bitfit_regex_lora_selection():
     (adapters,) = lora(GROUPS)
     assert adapters.trains("blocks.0", "blocks.0.attn.qkv.lora_A.default.weight")
     assert not adapters.trains("blocks.0", "blocks.0.attn.qkv.base_layer.weight")
+
+
+def test_full_llrd_and_full_l2sp_compose_into_full_with_their_extra(cfg_factory):
+    from tunelab.build import build_parts
+    from tunelab.regularizers import L2SP
+
+    tiny = ["model.arch=test_efficientnet", "model.pretrained=false", "data.image_size=32", "data.max_train_samples=32",
+            "retention.enabled=false"]
+    llrd = build_parts(cfg_factory(*tiny, "strategy=full_llrd"))
+    names = llrd.adapter.group_names  # bottom to head
+    assert [llrd.module.layer_scale[g] for g in names] == pytest.approx([0.7 ** (len(names) - 1 - i)
+                                                                          for i in range(len(names))])
+    assert llrd.module.regularizer is None and [s.trainable for s in llrd.stages] == [tuple(llrd.adapter.group_names)]
+    l2sp = build_parts(cfg_factory(*tiny, "strategy=full_l2sp"))
+    assert isinstance(l2sp.module.regularizer, L2SP) and set(l2sp.module.layer_scale.values()) == {1.0}
+    assert l2sp.stages[0].trainable == llrd.stages[0].trainable
