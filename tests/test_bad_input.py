@@ -74,7 +74,9 @@ def test_cli_wrong_type_is_one_line_before_any_run(tmp_path):
 
 
 def test_cli_schedule_past_the_last_epoch_names_both_settings(tmp_path):
-    fails_on_cli(tmp_path, [*IMAGE, "strategy=freeze_unfreeze", "strategy.head_epochs=9", "trainer.max_epochs=3"],
+    # compress_stages=false: debug=smoke would otherwise squeeze the schedule into the run
+    fails_on_cli(tmp_path, [*IMAGE, "strategy=freeze_unfreeze", "strategy.head_epochs=9", "trainer.max_epochs=3",
+                            "compress_stages=false"],
                  "stage 'unfreeze' (set by strategy.head_epochs=9) starts at epoch 9 but trainer.max_epochs=3, "
                  "so it would never run. Raise trainer.max_epochs above 9")
 
@@ -121,13 +123,13 @@ def test_cli_schedule_past_the_last_epoch_names_both_settings(tmp_path):
      r"^strategy\.stages\[1\]\.at_epoch=1 must be later than strategy\.stages\[0\]\.at_epoch=2: list the stages"),
     (["strategy=milestones", "trainer.max_epochs=5", "strategy.stages=[{at_epoch: 1}, {at_epoch: 1}]"],
      r"^strategy\.stages\[1\]\.at_epoch=1 must be later than strategy\.stages\[0\]\.at_epoch=1"),
-    (["strategy=milestones", "trainer.max_epochs=3"],  # the shipped stages open at epochs 1, 2 and 3
+    (["strategy=milestones", "trainer.max_epochs=3", "compress_stages=false"],  # the shipped stages open at epochs 1, 2, 3
      r"^stage 'stage3' \(set by strategy\.stages\[2\]\.at_epoch=3\) starts at epoch 3 but trainer\.max_epochs=3"),
     (["strategy=milestones", "trainer.max_epochs=5", "strategy.stages=[{at_epoch: 0}, {at_step: 10}]"],
      r"^strategy\.stages\[1\]\.at_step: every stage must use the same unit, but strategy\.stages\[0\] uses at_epoch"),
     (["strategy=milestones", "strategy.stages=[{at_epoch: abc}]"],
      r"^strategy\.stages\[0\]\.at_epoch must be an integer >= 0, got 'abc'\.$"),
-    (["strategy=lp_ft", "strategy.probe_epochs=4", "trainer.max_epochs=4"],
+    (["strategy=lp_ft", "strategy.probe_epochs=4", "trainer.max_epochs=4", "compress_stages=false"],
      r"^stage 'finetune' \(set by strategy\.probe_epochs=4\) starts at epoch 4 but trainer\.max_epochs=4"),
     # a scheduler setting its own code used to reject with a ValueError
     (["scheduler=plateau", "scheduler.factor=2"], r"^scheduler\.factor must be in \(0, 1\), got 2\.$"),

@@ -80,14 +80,14 @@ def test_bad_config_fails_before_any_run(cfg_factory):
     cfg = cfg_factory("optimizer.lr=0")
     with pytest.raises(TunelabError, match="optimizer.lr must be > 0"):
         train(cfg)
-    cfg = cfg_factory("strategy.head_epochs=5")
+    cfg = cfg_factory("strategy.head_epochs=5", "compress_stages=false")  # smoke would squeeze it in
     with pytest.raises(TunelabError, match="trainer.max_epochs=2"):
         train(cfg)
     assert not os.path.exists(cfg.paths.log_dir + "/mlflow.db"), "no half-made run is left behind"
 
 
 def test_step_stage_past_the_end_is_rejected_before_the_first_step(cfg_factory):
-    cfg = cfg_factory("strategy=gradual", "strategy.unit=step", "strategy.every=50")
+    cfg = cfg_factory("strategy=gradual", "strategy.unit=step", "strategy.every=50", "compress_stages=false")
     with pytest.raises(TunelabError, match=r"starts at step \d+ but the run has only 4 optimizer steps"):
         train(cfg)
     _, run = only_run(cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from tunelab.adapters import Adapter
 from tunelab.config import build, check_config, check_targets
@@ -14,7 +14,7 @@ from tunelab.module import FineTuneModule
 from tunelab.stage_report import stage_table
 from tunelab.errors import TunelabError
 from tunelab.feature_cache import CachePlan, plan_cache
-from tunelab.strategies import Stage, check_stages, keep_frozen
+from tunelab.strategies import Stage, check_stages, compress, keep_frozen
 
 
 @dataclass
@@ -27,11 +27,20 @@ class Parts:
     pretrained: object = None  # a frozen copy of the model before training (retention.enabled)
     lineage: dict = None  # tags naming the model this run started from (init_from)
     cache_plan: CachePlan = None  # which epochs train the head on cached backbone features
+    notes: tuple[str, ...] = ()  # what tunelab changed in the plan (a compressed smoke schedule)
 
     def stage_table(self) -> str:
         sizes = {n: p.numel() for n, p in self.adapter.model.named_parameters()}
         table = stage_table(self.stages, self.adapter.groups, sizes, self.base_lr, self.module.layer_scale)
-        return table + (f"\n{self.cache_plan.describe()}" if self.cache_plan else "")
+        extra = [self.cache_plan.describe()] if self.cache_plan else []
+        return "\n".join([table, *extra, *self.notes])
+
+    def describe(self, strategy: str) -> str:
+        """What the run will train, on what, when: printed at its start and by --check."""
+        dm = self.datamodule
+        kind = f"{dm.num_classes} classes" if dm.task == "classification" else "regression"
+        return (f"model: {self.adapter.description}\ndata: {dm.name}, {kind}, splits {dm.split_sizes()}\n"
+                f"stages (strategy {strategy}):\n{self.stage_table()}")
 
 
 EXAMPLES = {"image": "model=efficientnet_lite0", "text": "model=minilm", "audio": "model=wav2vec2_tiny"}
@@ -105,6 +114,7 @@ def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Pa
     datamodule.set_model_data_config(adapter.data_config)
     perf = dict(cfg.get("perf") or {})
     stages = keep_frozen(build(cfg.strategy, "strategy")(adapter.group_names), adapter.frozen_groups)
+    stages, notes = _fit_schedule(cfg, stages, datamodule)
     check_stages(stages, adapter.group_names, int(cfg.trainer.max_epochs),
                  {g.name: list(g.param_names) for g in adapter.groups})
     module = FineTuneModule(
@@ -126,4 +136,41 @@ def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Pa
         from tunelab.retention import snapshot
 
         pretrained = snapshot(adapter.model)
-    return Parts(datamodule, adapter, stages, module, float(cfg.optimizer.lr), pretrained, lineage, plan)
+    return Parts(datamodule, adapter, stages, module, float(cfg.optimizer.lr), pretrained, lineage, plan, notes)
+
+
+def steps_per_epoch(cfg: DictConfig, datamodule) -> int:
+    """Optimizer steps in one training epoch, as Lightning will count them."""
+    batches = -(-datamodule.split_sizes()["train"] // datamodule.batch_size)
+    limit = cfg.trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = max(1, int(batches * limit))
+    return max(1, -(-batches // int(cfg.trainer.get("accumulate_grad_batches") or 1)))
+
+
+def _fit_schedule(cfg: DictConfig, stages: list[Stage], datamodule) -> tuple[list[Stage], tuple[str, ...]]:
+    """``compress_stages`` (debug=smoke): a schedule longer than the run is squeezed to one
+    optimizer step per stage, and trainer.max_epochs raised as far as that needs."""
+    if not cfg.get("compress_stages"):
+        return stages, ()
+    epochs = int(cfg.trainer.max_epochs)
+    squeezed, needed = compress(stages, epochs, steps_per_epoch(cfg, datamodule), "compressed by debug=smoke")
+    if squeezed is stages:
+        return stages, ()
+    with open_dict(cfg):
+        cfg.trainer.max_epochs = needed
+    was = stages[-1]
+    return squeezed, (f"debug=smoke compressed the schedule (its last stage starts at {was.unit} {was.start}, "
+                      f"beyond trainer.max_epochs={epochs}): each stage now starts one optimizer step after the "
+                      f"one before, over {needed} epoch(s).",)
+
+
+def plan_parts(cfg: DictConfig) -> str:
+    """build_parts without the retention copy: the plan --check prints."""
+    with open_dict(cfg):
+        if cfg.get("retention"):
+            cfg.retention.enabled = False
+    parts = build_parts(cfg)
+    return parts.describe(cfg.strategy._target_.rsplit(".", 1)[-1])

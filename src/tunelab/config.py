@@ -322,6 +322,29 @@ def _settings(target: str) -> tuple[set[str], bool] | None:
         return None
 
 
+def check_kwargs(given: Any, func: Any, key: str, filled: tuple[str, ...] = ()) -> dict:
+    """``given`` as a plain dict whose keys ``func`` takes: a dict splatted into a library call
+    (``data.augment`` into timm's ``create_transform``...) would otherwise fail at its first call,
+    after the run exists, as a TypeError from deep inside the library. ``filled`` are the
+    arguments tunelab passes itself."""
+    import inspect
+
+    plain = OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else dict(given or {})
+    params = inspect.signature(func).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return plain  # takes anything: the library decides
+    takes = sorted(n for n, p in params.items() if n not in filled and p.kind != p.VAR_POSITIONAL)
+    unknown = sorted(str(k) for k in plain if str(k) not in takes)
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], takes, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        where = f"{func.__module__}.{func.__qualname__}"
+        raise TunelabError(f"{key}.{unknown[0]} is not an option of {where}{hint}; it takes {', '.join(takes)}.")
+    return plain
+
+
 def check_settings(node: Any, key: str) -> None:
     """Every key of a ``_target_`` node is a parameter of its target: a misspelt ``+strategy.head_epoch=2``
     would otherwise fail deep inside training (a partial is only called then)."""

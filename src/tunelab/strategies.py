@@ -278,6 +278,22 @@ def check_stages(stages: list[Stage], groups: list[str], max_epochs: int, param_
         )
 
 
+def fits(stages: list[Stage], max_epochs: int, steps_per_epoch: int) -> bool:
+    """Whether the last stage starts within the run (check_stages says why when it does not)."""
+    last = stages[-1]
+    return last.start < (max_epochs if last.unit == "epoch" else max_epochs * steps_per_epoch)
+
+
+def compress(stages: list[Stage], max_epochs: int, steps_per_epoch: int, why: str) -> tuple[list[Stage], int]:
+    """A schedule that does not fit a short run, squeezed so every stage still runs: stage i
+    starts at optimizer step i, and the run gets as many epochs as that needs. What a smoke run
+    must exercise is each stage change, not each stage's length."""
+    if fits(stages, max_epochs, steps_per_epoch):
+        return stages, max_epochs
+    squeezed = [replace(s, start=i, unit="step", origin=f"{why}; was {s.unit} {s.start}") for i, s in enumerate(stages)]
+    return squeezed, max(max_epochs, math.ceil(len(stages) / steps_per_epoch))
+
+
 def stage_at(stages: list[Stage], epoch: int, step: int) -> int:
     """Index of the stage in force at ``epoch`` / optimizer ``step``."""
     return max(i for i, s in enumerate(stages) if s.start <= (step if s.unit == "step" else epoch))

@@ -10,12 +10,14 @@ import pickle
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from tunelab.config import build, check_config, check_targets, conf_dir
+from tunelab.plan import validate
+from tunelab.config import build, check_targets, conf_dir
 from tunelab.errors import Preempted, TunelabError
 
 # torch, Lightning and MLflow are imported inside train(): `tunelab-train --help` and
@@ -24,13 +26,21 @@ from tunelab.errors import Preempted, TunelabError
 log = logging.getLogger("tunelab")
 
 
+# Lightning's start-up lines that say nothing about this run (adverts, hardware it does not use,
+# how it counts steps)
+LIGHTNING_NOISE = ("litlogger", "TPU available", "HPU available", "to estimate number of stepping batches")
+
+
 def _quiet_lightning() -> None:
     """One copy of each Lightning message, without adverts, through Hydra's handlers."""
     if logging.getLogger().handlers:  # Hydra set up console + file logging
         logging.getLogger("lightning").handlers.clear()  # its own console handler doubles every line
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage()
+        lambda record: not any(noise in record.getMessage() for noise in LIGHTNING_NOISE)
     )
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
+    # Slurm's tools being installed says nothing about this run; tunelab launches its own ranks.
+    warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system but is not used.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")  # inside Lightning
     # tunelab's samplers resume mid-epoch exactly (data/sampling.py), which Lightning cannot see.
@@ -59,18 +69,37 @@ def _callbacks(cfg: DictConfig, parts, job=None) -> list:
         from tunelab.sweep.trial import OptunaPruning, optuna_trial
 
         extra.append(OptunaPruning(optuna_trial(job), str(cfg.objective)))
+    if cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
+        from tunelab.progress import ObjectiveProgressBar
+
+        extra.append(ObjectiveProgressBar(cfg.get("objective")))
     return [*core_callbacks(parts), *extra]
+
+
+@dataclass
+class RunResult:
+    """What one training job produced: its MLflow run and the metrics it ended with."""
+
+    run_id: str | None
+    metrics: dict[str, float]
+    tracking_uri: str | None = None
+    output_dir: str | None = None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test on the best checkpoint, and record everything in one MLflow run."""
+    return run_job(cfg).metrics
+
+
+def run_job(cfg: DictConfig) -> RunResult:
+    """train(), returning the MLflow run id as well (the notebook API's fit())."""
     from tunelab.distributed import local_world_size, rank_processes
     from tunelab.preemption import SigtermGuard, resolve_resume
     from tunelab.sweep.job import current_job
     from tunelab.sweep.trial import share_machine
 
-    check_targets(cfg)  # every _target_ of the tree, before data, model or MLflow run exist
-    check_config(cfg)  # values no type catches (seed, LRs, epochs...), before anything reads them
+    # every _target_ of the tree, values no type catches and unknown keys: before data, model or run exist
+    validate(cfg, _choices())
     _quiet_lightning()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access at run time, ever
     job = current_job()
@@ -81,7 +110,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return _fit_and_test(cfg, job, ranks, guard)
 
 
-def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> dict[str, float]:
+def _choices() -> dict | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None
+
+
+def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -96,10 +131,7 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> dict[str, float]:
     parts = build_parts(cfg)
     dm, table = parts.datamodule, parts.stage_table()
     if rank == 0:
-        log.info("model: %s", parts.adapter.description)
-        kind = f"{dm.num_classes} classes" if dm.task == "classification" else "regression"
-        log.info("data: %s, %s, splits %s", dm.name, kind, dm.split_sizes())
-        log.info("stages (strategy %s):\n%s", cfg.strategy._target_.rsplit(".", 1)[-1], table)
+        log.info("%s", parts.describe(cfg.strategy._target_.rsplit(".", 1)[-1]))
 
     start = time.monotonic()
     # One MLflow run per job, whatever the number of ranks: only global rank 0 logs.
@@ -134,6 +166,7 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> dict[str, float]:
         if trainer.interrupted:
             raise KeyboardInterrupt("training interrupted")
         run.log_lr_history(parts.module.lr_history, parts.module.stage_log)
+        _log_stage_starts(trainer, parts.module)
         # the last stage's trainable set (what a run tunes in the end), for comparing strategies
         weights = list(parts.adapter.model.parameters())
         run.log_metrics({"params/trainable": float(sum(p.numel() for p in weights if p.requires_grad)),
@@ -157,10 +190,13 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> dict[str, float]:
         if rank == 0 and dm.ood_names():  # shifted copies of the test split: how much is lost
             from tunelab.evaluation import shifted_splits
 
+            log.info("testing on shifted copies of the test split: %s", ", ".join(dm.ood_names()))
+
             shifted = shifted_splits(parts.module, dm, metrics, _batch_limit(cfg.trainer.get("limit_test_batches")))
             metrics.update(shifted)
             run.log_metrics(shifted)
         if rank == 0 and parts.pretrained is not None:  # what fine-tuning cost the pretrained model
+            log.info("measuring retention: weight drift and CKA against the pretrained model (retention.enabled)")
             retained = _retention(cfg, parts)
             metrics.update(retained)
             run.log_metrics(retained)
@@ -176,7 +212,16 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> dict[str, float]:
         registered = _register(cfg, run, job) if best else None
     if rank == 0:
         _report(run, metrics, time.monotonic() - start, dm.task, registered)
-    return metrics
+    return RunResult(run.run_id, metrics, run.tracking_uri if rank == 0 else None, str(cfg.paths.output_dir))
+
+
+def _log_stage_starts(trainer, module) -> None:
+    """The ``stage`` metric at every stage's first step, not only at epoch ends: a stage shorter
+    than an epoch (a compressed smoke schedule, step-based stages) shows up in its history too."""
+    names = [s.name for s in module.stages]
+    for step, name in module.stage_log:
+        if trainer.logger:
+            trainer.logger.log_metrics({"stage": float(names.index(name))}, step=step)
 
 
 def _last_checkpoint(cfg: DictConfig) -> str | None:
@@ -221,6 +266,21 @@ def _register(cfg: DictConfig, run, job) -> str | None:
 SHOWN = {"classification": ("val/acc", "test/acc", "test/f1"), "regression": ("val/mse", "test/mse", "test/mae", "test/r2")}
 
 
+def _summary(metrics: dict[str, float], task: str) -> list[str]:
+    """The rest of the verdict in a few lines: every test metric, each shifted split's score and
+    drop, and what fine-tuning cost the pretrained model."""
+    main = "acc" if task == "classification" else "mse"
+    test = [f"{k[5:]} {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("test/") and "_class/" not in k]
+    ood = sorted({k.split("/")[1] for k in metrics if k.startswith("ood/")})
+    change = "acc_drop" if task == "classification" else "mse_rise"
+    shifted = [f"{n} {metrics[f'ood/{n}/{main}']:.4f} ({change.replace('_', ' ')} {metrics.get(f'ood/{n}/{change}', float('nan')):+.4f})"
+               for n in ood if f"ood/{n}/{main}" in metrics]
+    kept = [f"{k[10:]} {v:.4f}" for k, v in sorted(metrics.items())
+            if k.startswith("retention/") and not k.startswith("retention/drift/") or k == "retention/drift/backbone"]
+    return [f"  {label}: {', '.join(items)}" for label, items in
+            (("test", test), ("shifted test splits", shifted), ("retention", kept)) if items]
+
+
 def _report(run, metrics: dict[str, float], seconds: float, task: str, registered: str | None = None) -> None:
     from tunelab.tracking import shown_uri
 
@@ -228,6 +288,7 @@ def _report(run, metrics: dict[str, float], seconds: float, task: str, registere
     lines = [
         f"run {run.run_id} FINISHED in {seconds / 60:.1f} min: "
         + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
+        *_summary(metrics, task),
         f"MLflow store: {shown_uri(run.tracking_uri)} (experiment {run.experiment_name!r})",
     ]
     if registered:
@@ -294,6 +355,10 @@ def _guard_hydra_callbacks() -> None:
 def main() -> None:
     from tunelab.preflight import preflight
 
+    if "--check" in sys.argv[1:]:  # compose and validate every run of the command, train nothing
+        from tunelab.plan import main_check
+
+        sys.exit(main_check(sys.argv[1:]))
     try:
         preflight(sys.argv[1:])
     except TunelabError as err:

@@ -61,6 +61,20 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
+def _check_known(model_config, given: dict, key: str) -> None:
+    """transformers stores any unknown keyword on a config without complaint, so a misspelt
+    size or dropout would silently change nothing."""
+    known = set(type(model_config)().to_dict())
+    unknown = sorted(k for k in given if k not in known)
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise TunelabError(f"{key}.{unknown[0]} is not a setting of {type(model_config).__name__}{hint}; "
+                           "remove it or fix its spelling.")
+
+
 def load_backbone(path: str | None, pretrained: bool, config: dict | None, config_overrides: dict | None):
     """``AutoModel`` from ``path`` (weights when ``pretrained``, else random init from its
     config), or a random model from an inline ``config`` (``model_type`` plus sizes)."""
@@ -79,11 +93,14 @@ def load_backbone(path: str | None, pretrained: bool, config: dict | None, confi
         spec = plain(config)
         try:  # a bad size (hidden not divisible by heads...) surfaces only when the model is built
             model_config = AutoConfig.for_model(spec.pop("model_type"), **spec, **overrides)
+            _check_known(model_config, spec, "model.config")
+            _check_known(model_config, overrides, "model.config_overrides")
             return AutoModel.from_config(model_config), model_config, "random init"
         except (ValueError, TypeError) as err:
             raise TunelabError(f"model.config: {str(err).splitlines()[0]}") from None
     try:
         model_config = AutoConfig.from_pretrained(path, **overrides)
+        _check_known(model_config, overrides, "model.config_overrides")
         if not pretrained:
             return AutoModel.from_config(model_config), model_config, "random init"
         model, info = AutoModel.from_pretrained(path, config=model_config, output_loading_info=True)

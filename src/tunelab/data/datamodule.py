@@ -17,6 +17,7 @@ import torch
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from tunelab.config import check_kwargs
 from tunelab.data.sampling import EpochSampler, sample_seed, seeded_call
 from tunelab.data.sources import load_image
 from tunelab.data.table import Table, check_task
@@ -298,6 +299,10 @@ class TaskDataModule(L.LightningDataModule):
         return self._loader("test", training=False)
 
 
+# create_transform arguments the module sets itself from the model's data config
+AUGMENT_FILLED = ("is_training", "input_size", "mean", "std", "interpolation")
+
+
 class ImageDataModule(TaskDataModule):
     """Images through timm transforms, normalised as the pretrained model expects."""
 
@@ -307,7 +312,8 @@ class ImageDataModule(TaskDataModule):
                  augment: dict | None = None, ood: dict | None = None, **kwargs):
         super().__init__(source, name=name, **kwargs)
         self.image_size = image_size
-        self.augment = dict(augment) if augment else None
+        # checked now, not at the first training batch (after the run exists)
+        self.augment = check_kwargs(augment, create_transform, "data.augment", AUGMENT_FILLED) if augment else None
         self.ood = {str(k): dict(v) for k, v in (ood or {}).items()}
 
     @property
