@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent setup: a virtualenv in the repo (.venv, reused when present), torch and
-# torchvision from this machine's local wheels through pip, then tunelab with [dev] extras.
+# torchvision (the package index's CUDA build, ~6.9 GB in the venv) through pip, then tunelab with [dev] extras.
 # A stamp of pyproject.toml + this script skips the pip work when nothing changed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,7 +17,7 @@ stamp="$VENV/.tunelab-setup"
 want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   export PIP_DISABLE_PIP_VERSION_CHECK=1
-  echo "[setup] installing ${TORCH_PINS[*]} (local wheels, ~2 min the first time)"
+  echo "[setup] installing ${TORCH_PINS[*]} (a CUDA build of several GB: ~4 min the first time)"
   "$VENV/bin/pip" install -q "${TORCH_PINS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -c "import torch, torchvision" \
     || { echo "[setup] error: torch/torchvision did not install; see the pip output above" >&2; exit 1; }

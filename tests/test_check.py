@@ -191,3 +191,27 @@ def test_repo_has_no_unknown_top_level_keys_in_shipped_files():
     for exp in sorted((REPO / "experiments").glob("*.yaml")):
         runs, _ = combinations([f"experiment={exp.stem}"])  # its sweep axes do not add keys: one job is enough
         assert f"experiment={exp.stem}" in check_run(runs[0], deep=False)
+
+
+def test_slurm_tools_installed_are_not_announced(tmp_path, monkeypatch):
+    """Lightning warns that `srun` exists but is unused whenever Slurm's tools are installed;
+    tunelab starts its own ranks, so the hint only misleads (a positive control proves it fires)."""
+    import warnings
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from tunelab.train import _quiet_lightning
+
+    (tmp_path / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with warnings.catch_warnings(record=True) as before:
+        warnings.simplefilter("always")
+        SLURMEnvironment._validate_srun_used()
+    assert any("srun" in str(w.message) for w in before), "positive control: Lightning no longer warns"
+    with warnings.catch_warnings(record=True) as after:
+        warnings.simplefilter("always")
+        _quiet_lightning()
+        SLURMEnvironment._validate_srun_used()
+    assert not [w for w in after if "srun" in str(w.message)]

@@ -3,7 +3,7 @@
 A Stage says from which epoch (or optimizer step) which groups train, which extra
 parameters train by name pattern, and at what LR multiplier. The StageCallback applies
 them; the optimizer holds every group from step 0, so a stage change only flips
-``requires_grad`` and multipliers (see DESIGN.md and docs/fine-tuning.md).
+``requires_grad`` and multipliers (see docs/fine-tuning.md).
 A new strategy is a new function here plus a YAML file in ``conf/strategy/``.
 """
 
