@@ -33,7 +33,7 @@ def test_eval_of_a_run_reproduces_the_test_metrics_logged_at_training(trained_sm
     cfg, run, client = trained_smoke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(cfg))
     metrics = eval_cli.evaluate(eval_cli.parse_args([f"runs:/{run.info.run_id}"]))
-    for key in ("test/acc", "test/f1", "test/precision", "test/recall"):
+    for key in ("test/acc", "test/f1", "test/precision", "test/recall", "test/auroc"):
         assert metrics[key] == pytest.approx(run.data.metrics[key], abs=1e-4), key
     assert 0.0 <= metrics["test/ece"] <= 1.0 and "test/auroc" in metrics
     assert sum(k.startswith("test/f1_class/") for k in metrics) == 10

@@ -29,8 +29,10 @@ def test_smoke_run_is_fully_tracked(cfg_factory):
         assert key in run.data.metrics, key
         assert 0.0 <= run.data.metrics[key] or key.endswith("loss")
     assert metrics["test/acc"] == pytest.approx(run.data.metrics["test/acc"])
-    # one value per epoch for epoch-level metrics; the stage index steps from 0 to 1
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "stage")] == [0.0, 1.0]
+    # the stage index at each epoch end and at each stage's first step: 0 from step 0, then 1
+    history = sorted(client.get_metric_history(run.info.run_id, "stage"), key=lambda m: (m.step, m.timestamp))
+    assert history[0].step == 0 and [v for i, v in enumerate(m.value for m in history)
+                                      if i == 0 or v != history[i - 1].value] == [0.0, 1.0]
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2
     params = run.data.params
     assert params["model.arch"] == "tf_efficientnet_lite0" and params["strategy.head_epochs"] == "1"

@@ -6,6 +6,7 @@ so a number means the same thing wherever it was computed.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 from torchmetrics.functional.regression import mean_absolute_error, mean_squared_error, r2_score
+
+log = logging.getLogger("tunelab")
 
 
 @dataclass
@@ -51,7 +54,41 @@ def predict(module, loader, device: str | torch.device = "cpu", max_batches: int
     return Outputs(torch.cat(scores), torch.cat(targets))
 
 
-def classification_report(out: Outputs) -> dict[str, float]:
+def macro_auroc(probs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[torch.Tensor | None, list[int]]:
+    """Macro one-vs-rest AUROC of softmax ``probs`` over the classes that have samples, and the
+    classes left out (value None when fewer than two classes have samples).
+
+    The one rule behind ``val/auroc`` and ``test/auroc`` at training, ``tunelab-eval`` and the
+    OOD report. A class without samples has no positives, so its one-vs-rest AUROC is undefined;
+    torchmetrics scores it 0, sklearn NaN or an error. Averaging over the classes present instead keeps
+    the metric for the small or truncated splits where it is missing (a 1000-class val split
+    rarely holds every class), and stays the same set, so comparable, across a run's epochs."""
+    present = torch.bincount(targets.long(), minlength=num_classes) > 0
+    missing = (~present).nonzero().flatten().tolist()
+    if int(present.sum()) < 2:  # no class has both positives and negatives
+        return None, missing
+    # Class c's one-vs-rest AUROC reads only column c and (target == c): keeping the present
+    # columns and renumbering their targets is exact, and spares torchmetrics' warning per empty class.
+    index = present.long().cumsum(0) - 1
+    value = multiclass_auroc(probs[:, present].float(), index[targets.long()], int(present.sum()), average="macro")
+    return value, missing
+
+
+def auroc_note(name: str, num_classes: int, missing: list[int], logged: bool) -> str | None:
+    """The one line saying what ``name`` covers when classes have no samples (None when all do)."""
+    if not missing:
+        return None
+    kept = num_classes - len(missing)
+    if not logged:
+        return (f"{name} not logged: {kept} of {num_classes} classes {'has' if kept == 1 else 'have'} samples in "
+                "this split; one-vs-rest AUROC needs at least two")
+    listed = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+    which = f"class {listed} has" if len(missing) == 1 else f"classes {listed} have"
+    return f"{name} over {kept} of {num_classes} classes: {which} no samples in this split"
+
+
+def classification_report(out: Outputs, prefix: str = "") -> dict[str, float]:
+    """``prefix`` (e.g. ``test/``) only names the metric in the AUROC note."""
     logits, y = out.scores, out.targets.long()
     n = logits.shape[1]
     probs = torch.softmax(logits, dim=1)
@@ -62,8 +99,12 @@ def classification_report(out: Outputs) -> dict[str, float]:
         "f1": multiclass_f1_score(logits, y, n, average="macro"),
         "ece": multiclass_calibration_error(probs, y, n, n_bins=15, norm="l1"),
     }
-    if len(torch.unique(y)) == n:  # AUROC needs every class present
-        report["auroc"] = multiclass_auroc(probs, y, n, average="macro")
+    auroc, missing = macro_auroc(probs, y, n)
+    note = auroc_note(f"{prefix}auroc", n, missing, logged=auroc is not None)
+    if note:
+        log.warning(note)
+    if auroc is not None:
+        report["auroc"] = auroc
     per_class = multiclass_f1_score(logits, y, n, average=None)
     for name, value in zip(out.classes or [str(i) for i in range(n)], per_class):
         report[f"f1_class/{_safe(name)}"] = value
@@ -78,8 +119,8 @@ def regression_report(out: Outputs) -> dict[str, float]:
     return {k: float(v) for k, v in report.items()}
 
 
-def report(out: Outputs, task: str) -> dict[str, float]:
-    return classification_report(out) if task == "classification" else regression_report(out)
+def report(out: Outputs, task: str, prefix: str = "") -> dict[str, float]:
+    return classification_report(out, prefix) if task == "classification" else regression_report(out)
 
 
 def _safe(name: str) -> str:
@@ -137,7 +178,7 @@ def shifted_splits(module, dm, reference: dict[str, float], max_batches: int | N
     for name in dm.ood_names():
         out = predict(module, dm.ood_loader(name), device, max_batches)
         out.classes = dm.classes if dm.task == "classification" else []
-        found = {k: v for k, v in report(out, dm.task).items() if "f1_class/" not in k}
+        found = {k: v for k, v in report(out, dm.task, f"ood/{name}/").items() if "f1_class/" not in k}
         results.update({f"ood/{name}/{k}": v for k, v in found.items()})
         if dm.task == "classification" and "test/acc" in reference:  # accuracy lost under the shift
             results[f"ood/{name}/acc_drop"] = reference["test/acc"] - found["acc"]

@@ -1,6 +1,6 @@
 """FineTuneModule: loss, metrics and an optimizer with one param group per layer group.
 
-Classification (cross-entropy; accuracy, precision, recall, F1) or regression (MSE on
+Classification (cross-entropy; accuracy, precision, recall, F1, AUROC) or regression (MSE on
 standardised targets; MSE, MAE, R² in the data's units), for any adapter's model.
 
 Every layer group is in the optimizer from step 0 (split only into decay / no-decay);
@@ -15,6 +15,7 @@ where ``shape`` is the scheduler, ``rewarmup`` restarts a linear warmup at each 
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import lightning as L
@@ -25,13 +26,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
-    MulticlassConfusionMatrix,
+    MulticlassAUROC, MulticlassConfusionMatrix,
     MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall,
 )
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
+from torchmetrics.utilities import dim_zero_cat
 
 from tunelab.adapters import Adapter
 from tunelab.errors import TunelabError
+from tunelab.evaluation import auroc_note, macro_auroc
 from tunelab.perf import compile_model, compile_options, fused_kwargs, to_channels_last
 from tunelab.schedules import constant
 from tunelab.strategies import Stage
@@ -43,6 +46,8 @@ from tunelab.strategies import Stage
 #                update them); trainable layers normalise with batch statistics.
 #   train:       plain PyTorch behaviour; frozen layers' statistics drift too.
 BATCHNORM_MODES = ("eval", "frozen_eval", "train")
+
+log = logging.getLogger("tunelab")
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
@@ -58,6 +63,26 @@ def classification_metrics(num_classes: int) -> MetricCollection:
         "recall": MulticlassRecall(num_classes, average="macro"),
         "f1": MulticlassF1Score(num_classes, average="macro"),
     })
+
+
+class SoftmaxAUROC(MulticlassAUROC):
+    """Macro one-vs-rest AUROC fed logits, with evaluation.macro_auroc's rule for classes
+    without samples, so training and ``tunelab-eval`` give one number on the same data.
+
+    Stores every prediction (N × C floats; fine for val/test) and, under DDP, gathers them
+    from all ranks in ``compute()`` like any torchmetrics list state. ``compute()`` returns
+    ``(value or None, missing classes)``, not a tensor: it is logged by hand, not by log_dict."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes, average="macro", thresholds=None)
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        # Softmax here: torchmetrics applies it only when some value lies outside [0, 1],
+        # so small logits (a fresh head) would otherwise be ranked raw.
+        super().update(logits.float().softmax(dim=1), target)
+
+    def compute(self) -> tuple[torch.Tensor | None, list[int]]:
+        return macro_auroc(dim_zero_cat(self.preds), dim_zero_cat(self.target), self.num_classes)
 
 
 def regression_metrics() -> MetricCollection:
@@ -141,6 +166,10 @@ class FineTuneModule(L.LightningModule):
         self.test_metrics = task_metrics(task, num_outputs).clone(prefix="test/")
         # Kept across the test epoch (never logged as a scalar): train() plots it after testing.
         self.test_confusion = MulticlassConfusionMatrix(num_outputs) if task == "classification" else None
+        # Outside the collections: computed at epoch end, and not logged when undefined (_log_auroc).
+        self.auroc = (nn.ModuleDict({s: SoftmaxAUROC(num_outputs) for s in ("val", "test")})
+                      if task == "classification" else None)
+        self._auroc_noted: set[str] = set()  # splits whose missing classes were already reported
 
     def forward(self, x) -> torch.Tensor:
         """Logits (classification) or predictions in the targets' units (regression).
@@ -273,7 +302,28 @@ class FineTuneModule(L.LightningModule):
         self.log(f"{prefix}/loss", self._loss(logits, y), prog_bar=prefix == "val", batch_size=n, sync_dist=True)
         metrics(logits, y)
         self.log_dict(metrics, prog_bar=False, batch_size=n)
+        if self.auroc is not None:
+            self.auroc[prefix].update(logits, y)
         return logits, y
+
+    def _log_auroc(self, split: str) -> None:
+        """Log ``<split>/auroc`` over the epoch's predictions, then free them.
+
+        A class without samples in the split (a small split, limit_val_batches) has no defined
+        one-vs-rest AUROC: the value covers the classes present and one warning per split says
+        which are missing, rather than dropping the metric for every run with a short split.
+        With fewer than two classes present nothing is defined: not logged, and the warning says so."""
+        metric = self.auroc[split]
+        if not self.trainer.sanity_checking and metric.update_count:  # sanity batches are not the split
+            value, missing = metric.compute()  # gathered over DDP ranks: the same on every rank
+            note = auroc_note(f"{split}/auroc", metric.num_classes, missing, logged=value is not None)
+            if note and split not in self._auroc_noted:
+                self._auroc_noted.add(split)
+                if self.trainer.is_global_zero:
+                    log.warning(note)
+            if value is not None:  # sync_dist only averages equal values; it keeps Lightning quiet
+                self.log(f"{split}/auroc", value, sync_dist=True)
+        metric.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
@@ -290,7 +340,13 @@ class FineTuneModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.log("stage", float(self.stage_index), sync_dist=True)  # the stage in force when the epoch ended
 
+    def on_test_epoch_end(self) -> None:
+        if self.auroc is not None:
+            self._log_auroc("test")
+
     def on_validation_epoch_end(self) -> None:
+        if self.auroc is not None:  # before the plateau update below: it may monitor val/auroc
+            self._log_auroc("val")
         update = getattr(self.lr_shape, "update", None)
         if update is None or self.trainer.sanity_checking:
             return

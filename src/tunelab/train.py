@@ -218,10 +218,11 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
 def _log_stage_starts(trainer, module) -> None:
     """The ``stage`` metric at every stage's first step, not only at epoch ends: a stage shorter
     than an epoch (a compressed smoke schedule, step-based stages) shows up in its history too."""
-    names = [s.name for s in module.stages]
-    for step, name in module.stage_log:
-        if trainer.logger:
+    names, previous = [s.name for s in module.stages], None
+    for step, name in module.stage_log:  # set_stage runs again at setup and on resume: log changes only
+        if trainer.logger and name != previous:
             trainer.logger.log_metrics({"stage": float(names.index(name))}, step=step)
+        previous = name
 
 
 def _last_checkpoint(cfg: DictConfig) -> str | None:

@@ -69,7 +69,7 @@ def resolve_workers(num_workers: int | str) -> int:
     return int(num_workers)
 
 
-METRICS = {"classification": ("loss", "acc", "precision", "recall", "f1"), "regression": ("loss", "mse", "mae", "r2")}
+METRICS = {"classification": ("loss", "acc", "precision", "recall", "f1", "auroc"), "regression": ("loss", "mse", "mae", "r2")}
 
 
 def check_objective(task: str, objective: str | None, mode: str) -> tuple[str, str]:
