@@ -220,7 +220,7 @@ def test_monitor_passes_new_digits_and_flags_inverted_ones(digits, tmp_path, mon
     assert "re-training recommended:" in verdict and "embedding_shift" in verdict.split("recommended:")[1]
 
     client = MlflowClient(f"sqlite:///{cfg.paths.log_dir}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id], "tags.`tunelab.kind` = 'monitor'")
+    runs = client.search_runs([client.get_experiment_by_name("tunelab-monitor").experiment_id], "tags.`tunelab.kind` = 'monitor'")
     assert sorted(r.data.metrics["monitor/retrain"] for r in runs) == [0.0, 1.0]
     assert all("monitor_report.png" in {a.path for a in client.list_artifacts(r.info.run_id)} for r in runs)
 

@@ -39,7 +39,8 @@ def test_eval_of_a_run_reproduces_the_test_metrics_logged_at_training(trained_sm
     assert sum(k.startswith("test/f1_class/") for k in metrics) == 10
     assert "test/acc" in capsys.readouterr().out
 
-    evals = [r for r in client.search_runs([run.info.experiment_id]) if r.data.tags.get("tunelab.kind") == "eval"]
+    assert not [r for r in client.search_runs([run.info.experiment_id]) if r.data.tags.get("tunelab.kind")]
+    evals = client.search_runs([client.get_experiment_by_name("tunelab-eval").experiment_id])
     assert len(evals) == 1 and evals[0].data.tags["tunelab.eval_of"] == run.info.run_id
     assert evals[0].info.status == "FINISHED"
     assert {"confusion_matrix.png", "reliability.png"} <= {a.path for a in client.list_artifacts(evals[0].info.run_id)}

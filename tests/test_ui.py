@@ -125,3 +125,20 @@ def test_ui_creates_a_new_store_only_when_asked(tmp_path, monkeypatch):
     argv = launched[-1]
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{store}" and store.parent.is_dir()
     assert argv[argv.index("--workers") + 1] == "2"
+
+
+def test_ui_prints_a_link_to_the_runs_table_of_the_experiment_trained_in_last(cfg_factory, monkeypatch, capsys):
+    """Not MLflow 3's GenAI landing page: the classic runs table, in the view tunelab saved."""
+    from tunelab.tracking import mlflow_run
+
+    cfg = cfg_factory()
+    with mlflow_run(cfg) as run:
+        pass
+    store = Path(str(cfg.logger.tracking_uri)[len("sqlite:///"):])
+    monkeypatch.setattr(ui.os, "execv", lambda path, argv: None)
+    ui.main(["--store", str(store), "--port", "5123"])
+    view = MlflowClient(run.tracking_uri).get_experiment(run.experiment_id).tags["tunelab.view"]
+    page = f"#/experiments/{run.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={view}"
+    assert f"open http://127.0.0.1:5123/{page} in a browser" in capsys.readouterr().out
+    ui.main(["--store", str(store), "--port", "5123", "--experiment", "no-such-experiment"])
+    assert "open http://127.0.0.1:5123/ in a browser" in capsys.readouterr().out

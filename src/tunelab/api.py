@@ -47,4 +47,7 @@ def fit(overrides: Sequence[str] = ()):
         cfg.pop("hydra")
     if not logging.getLogger().handlers:  # a notebook: show tunelab's progress lines
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run_job(cfg)
+    try:
+        return run_job(cfg)
+    finally:  # the next fit() or train(cfg) in this process must not read this run's choices
+        HydraConfig.instance().cfg = None

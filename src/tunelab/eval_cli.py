@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the MLflow SQLite store to read runs:/ and models:/ from "
                         "(default: MLFLOW_TRACKING_URI, else ./outputs/mlflow.db)")
     parser.add_argument("--no-log", action="store_true", help="print the metrics, log nothing to MLflow")
-    return parser.parse_args(argv)
+    # intermixed: overrides may follow the options too (runs:/ID --store S data.KEY=VALUE)
+    return parser.parse_intermixed_args(argv)
 
 
 def apply_data_overrides(cfg, overrides: list[str]) -> None:
@@ -72,7 +73,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="tunelab-eval-") as tmp:
-        trained = resolve(args.source, store_client(args.store), Path(tmp))
+        client = store_client(args.store)
+        trained = resolve(args.source, client, Path(tmp))
         apply_data_overrides(trained.cfg, args.overrides)
         dm = build(trained.cfg.data, "data").scan()
         if args.split not in dm.splits:
@@ -86,10 +88,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         loader = dm._loader(args.split, training=False)
         out = evaluation.predict(Predictor(adapter, dm.task), loader, "cuda" if torch.cuda.is_available() else "cpu")
         out.classes = dm.classes if dm.task == "classification" else []
-        metrics = {f"{args.split}/{k}": v for k, v in evaluation.report(out, dm.task).items()}
+        metrics = {f"{args.split}/{k}": v for k, v in evaluation.report(out, dm.task, f"{args.split}/").items()}
         print(_table(metrics, f"{args.source} on data={dm.name} split={args.split} ({len(out.targets)} samples)"))
         if not args.no_log:
-            _log(trained, args, metrics, out, dm.task, Path(tmp))
+            _log(trained, args, metrics, out, dm.task, Path(tmp), client.tracking_uri if trained.run_id else None)
     return metrics
 
 
@@ -102,12 +104,15 @@ def _table(metrics: dict[str, float], title: str) -> str:
     return "\n".join([title, *rows])
 
 
-def _log(trained, args, metrics, out, task: str, tmp: Path) -> None:
+def _log(trained, args, metrics, out, task: str, tmp: Path, uri: str | None) -> None:
+    """An MLflow run in ``<experiment>-eval`` (tag ``tunelab.kind=eval``), in the store the model
+    was read from (``uri``; a checkpoint's: its training config's), so a sweep's comparison holds
+    training runs only."""
     from tunelab import evaluation
-    from tunelab.tracking import mlflow_run
+    from tunelab.tracking import mlflow_run, run_link, shown_uri
 
-    with mlflow_run(trained.cfg, run_name=f"eval {args.split} of {trained.run_id or Path(args.source).name}") as run:
-        run.set_tag("tunelab.kind", "eval")
+    name = f"eval {args.split} of {trained.run_id or Path(args.source).name}"
+    with mlflow_run(trained.cfg, run_name=name, kind="eval", uri=uri) as run:
         run.set_tag("tunelab.eval_source", args.source)
         if trained.run_id:
             run.set_tag("tunelab.eval_of", trained.run_id)  # links the evaluation to its training run
@@ -117,7 +122,8 @@ def _log(trained, args, metrics, out, task: str, tmp: Path) -> None:
             run.log_artifact(evaluation.reliability_plot(out, tmp / "reliability.png"))
         else:
             run.log_artifact(evaluation.residual_plot(out, tmp / "residuals.png"))
-    print(f"logged as MLflow run {run.run_id} ({run.tracking_uri})")
+    print(f"logged as MLflow run {run.run_id} in experiment {run.experiment_name!r} of {shown_uri(run.tracking_uri)}: "
+          f"{run_link(run.tracking_uri, run.experiment_id, run.run_id)}")
 
 
 def main(argv: list[str] | None = None) -> None:

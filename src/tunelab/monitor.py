@@ -6,8 +6,9 @@
 Compares the new inputs with the training data's reference split (``--reference val``) on
 three signals: the distribution of predicted classes (PSI), the shift of the representation
 the head reads (distance between mean embeddings in units of the reference spread), and the
-drop in mean confidence. Writes a PNG report, logs it to MLflow (tag ``tunelab.monitor_of``),
-and exits 0 when the batch looks like the training data, 3 when re-training is recommended.
+drop in mean confidence. Writes a PNG report, logs it to MLflow (experiment ``<name>-monitor``,
+tag ``tunelab.monitor_of``), and exits 0 when the batch looks like the training data, 3 when
+re-training is recommended.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def monitor(args) -> tuple[dict[str, float], list[str]]:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="tunelab-monitor-") as tmp:
-        trained = resolve(args.source, store_client(args.store), Path(tmp))
+        client = store_client(args.store)
+        trained = resolve(args.source, client, Path(tmp))
         if trained.meta["task"] != "classification":
             raise TunelabError("tunelab-monitor watches classifiers (prediction shares and confidence).")
         adapter = load_adapter(trained)
@@ -143,15 +145,16 @@ def monitor(args) -> tuple[dict[str, float], list[str]]:
         alarms = [f"{k.split('/')[1]} {metrics[k]:.3f} > {limit:g}" for k, limit in limits.items() if metrics[k] > limit]
         metrics["monitor/retrain"] = float(bool(alarms))
         if not args.no_log:
-            _log(trained, args, metrics, reference, current, Path(tmp))
+            _log(trained, args, metrics, reference, current, Path(tmp), client.tracking_uri if trained.run_id else None)
     return metrics, alarms
 
 
-def _log(trained, args, metrics, reference, current, tmp: Path) -> None:
+def _log(trained, args, metrics, reference, current, tmp: Path, uri: str | None) -> None:
+    """An MLflow run in ``<experiment>-monitor`` (tag ``tunelab.kind=monitor``), in the store the
+    model was read from (``uri``; a checkpoint's: its training config's)."""
     from tunelab.tracking import mlflow_run
 
-    with mlflow_run(trained.cfg, run_name=f"monitor {args.inputs.name}") as run:
-        run.set_tag("tunelab.kind", "monitor")
+    with mlflow_run(trained.cfg, run_name=f"monitor {args.inputs.name}", kind="monitor", uri=uri) as run:
         run.set_tag("tunelab.monitor_inputs", str(args.inputs))
         if trained.run_id:
             run.set_tag("tunelab.monitor_of", trained.run_id)

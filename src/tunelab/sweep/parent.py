@@ -19,7 +19,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab.sweep.job import PARENT_ENV
+from tunelab.sweep.job import PARENT_ENV, SWEPT_ENV
 
 log = logging.getLogger("tunelab")
 
@@ -32,6 +32,17 @@ def study_key(config: DictConfig) -> str | None:
     return f"{sweeper.storage}::{sweeper.get('study_name')}"
 
 
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys the sweep varies: command-line sweeps (``optimizer.lr=1e-3,3e-4``) and the
+    Optuna sweeper's search space (``hydra.sweeper.params``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
+    keys += [str(k) for k in (config.hydra.sweeper.get("params") or {})]
+    return list(dict.fromkeys(k for k in keys if not k.startswith("hydra.")))
+
+
 class SweepTracker(Callback):
     def __init__(self) -> None:
         self.run = None
@@ -40,14 +51,12 @@ class SweepTracker(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        from tunelab.tracking import check_reachable, experiment_id, tracking_uri
+        from tunelab.tracking import artifact_location, check_reachable, experiment_id, save_view, tracking_uri
 
         uri = tracking_uri(config)
         check_reachable(uri)
         client = MlflowClient(uri)
-        local = not uri.startswith(("http://", "https://"))
-        exp_id = experiment_id(client, str(config.logger.experiment_name),
-                               str(config.logger.artifact_root) if local else None)
+        exp_id = experiment_id(client, str(config.logger.experiment_name), artifact_location(config, uri))
         key = study_key(config)
         resumed = None
         if key:
@@ -77,7 +86,9 @@ class SweepTracker(Callback):
             client.log_param(run_id, "sweep.objective", f"{config.objective} ({config.objective_mode})")
             client.log_text(run_id, OmegaConf.to_yaml({"overrides": overrides, "sweeper": sweeper,
                                                        "launcher": launcher}), "sweep/search_space.yaml")
+        save_view(client, exp_id, str(config.objective), default=True)  # before the trials: they find it there
         os.environ[PARENT_ENV] = run_id
+        os.environ[SWEPT_ENV] = ",".join(swept_keys(config))
         self.run = (client, exp_id, run_id, uri)
         self.config = config
         atexit.register(self._close, "FAILED")
@@ -93,6 +104,7 @@ class SweepTracker(Callback):
         client, exp_id, run_id, uri = self.run
         self.run = None
         os.environ.pop(PARENT_ENV, None)
+        os.environ.pop(SWEPT_ENV, None)
         config = self.config
         from tunelab.sweep import summary
 
@@ -131,14 +143,13 @@ class SweepTracker(Callback):
             lines.append(f"best: {best.label} ({varied})  {objective}={best.value:.4f}  run {best.run_id}")
         if registered:
             lines.append(f"registered: {registered}")
-        lines.append(f"parent run {run_id}; " + ui_hint(uri, exp_id))
+        lines.append(f"parent run {run_id}; compare the trials in the UI (expand the parent with [+]): "
+                     + sweep_hint(client, uri, exp_id, objective, summary.varied_keys(trials)))
         print("\n".join(lines), flush=True)
 
 
-def ui_hint(uri: str, experiment_id: str) -> str:
-    # MLflow 3 opens an experiment on its GenAI overview; this query goes straight to the runs.
-    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    if uri.startswith("sqlite:///"):
-        return (f"compare the trials in the UI: tunelab-ui --store {uri[len('sqlite:///'):]}  "
-                f"then open http://127.0.0.1:5000/{page}")
-    return f"compare the trials in the UI: {uri.rstrip('/')}/{page}"
+def sweep_hint(client, uri: str, exp_id: str, objective: str, varied: list[str]) -> str:
+    """The UI link for a sweep: its experiment's runs, with the objective and the varied keys as columns."""
+    from tunelab.tracking import runs_page, save_view, ui_hint
+
+    return ui_hint(uri, runs_page(exp_id, save_view(client, exp_id, objective, [f"sweep.{k}" for k in varied])))
