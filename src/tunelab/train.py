@@ -124,7 +124,8 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
     from tunelab.distributed import RankAgreement, global_rank
     from tunelab.preemption import PreemptionCheckpoint
     from tunelab.registry import model_meta
-    from tunelab.tracking import config_hash, mlflow_run, no_run
+    from tunelab.run_records import config_hash
+    from tunelab.tracking import mlflow_run, no_run
 
     rank = global_rank()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -283,7 +284,7 @@ def _summary(metrics: dict[str, float], task: str) -> list[str]:
 
 
 def _report(run, metrics: dict[str, float], seconds: float, task: str, registered: str | None = None) -> None:
-    from tunelab.tracking import run_link, shown_uri
+    from tunelab.ui_links import run_link, shown_uri
 
     shown = {k: metrics[k] for k in SHOWN[task] if k in metrics}
     lines = [

@@ -86,7 +86,7 @@ def landing_page(uri: str, experiment: str | None = None) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from tunelab.tracking import DEFAULT_VIEW_TAG, runs_page
+    from tunelab.ui_links import DEFAULT_VIEW_TAG, runs_page
 
     try:
         client = MlflowClient(uri)

@@ -8,7 +8,7 @@ used, so importing this module costs nothing where they are missing.
 What a person does in MLflow 3.17, and what these helpers do:
 
 1. open the link tunelab prints (``#/experiments/ID/runs?workflowType=machine_learning&viewStateShareKey=
-   KEY``, tunelab.tracking.runs_page): the runs table, with the objective as a column (open_link).
+   KEY``, tunelab.ui_links.runs_page): the runs table, with the objective as a column (open_link).
    The bare ``#/experiments/ID`` lands on the *GenAI* overview instead, with a "Detect Issues"
    pop-over that blocks the page (dismissed with "Got it"); there the sidebar's switch from
    "GenAI" to "Model training" shows the runs table (open_runs_table). An "MLflow Assistant" side

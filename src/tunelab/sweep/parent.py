@@ -51,7 +51,8 @@ class SweepTracker(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        from tunelab.tracking import artifact_location, check_reachable, experiment_id, save_view, tracking_uri
+        from tunelab.tracking import artifact_location, check_reachable, experiment_id, tracking_uri
+        from tunelab.ui_links import save_view
 
         uri = tracking_uri(config)
         check_reachable(uri)
@@ -150,6 +151,6 @@ class SweepTracker(Callback):
 
 def sweep_hint(client, uri: str, exp_id: str, objective: str, varied: list[str]) -> str:
     """The UI link for a sweep: its experiment's runs, with the objective and the varied keys as columns."""
-    from tunelab.tracking import runs_page, save_view, ui_hint
+    from tunelab.ui_links import runs_page, save_view, ui_hint
 
     return ui_hint(uri, runs_page(exp_id, save_view(client, exp_id, objective, [f"sweep.{k}" for k in varied])))
