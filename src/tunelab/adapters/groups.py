@@ -69,6 +69,26 @@ def name_groups(param_groups: list[list[str]]) -> list[str]:
     return result
 
 
+def head_last(backbone: list[list[str]], head: list[str]) -> list[LayerGroup]:
+    """Backbone groups in the order given, then the new task head, named ``head``.
+
+    Names are chosen with the head among the groups, so a module the head shares a prefix
+    with gets a distinct name (ConvNeXt's ``head.norm`` beside the new ``head.fc``), and
+    every name is unique: strategies, LR multipliers and ``lr/<group>`` metrics key on them.
+    """
+    backbone = [names for names in backbone if names]
+    named = name_groups([*backbone, head])[:-1]
+    taken, groups = {"head"}, []
+    for name, names in zip(named, backbone):
+        name = "pre_head" if name == "head" else name  # e.g. SelecSLS's conv `head` before its `fc`
+        unique, k = name, 2
+        while unique in taken:
+            unique, k = f"{name}_{k}", k + 1
+        taken.add(unique)
+        groups.append(LayerGroup(unique, tuple(names)))
+    return [*groups, LayerGroup("head", tuple(head))]
+
+
 def init_head(head: nn.Module, std: float) -> None:
     """A new head starts near zero, so the first logits are near uniform.
 
@@ -76,8 +96,8 @@ def init_head(head: nn.Module, std: float) -> None:
     gives logits of several units and an initial loss near 9 instead of ln(10) = 2.3, whose
     large gradients then wreck the pretrained features as soon as they are unfrozen.
     """
-    for m in head.modules():
-        if isinstance(m, nn.Linear):
+    for m in head.modules():  # 1x1 convolutions are the classifier of DLA, DPN and ResNetV2
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

@@ -10,7 +10,7 @@ from timm.models import get_pretrained_cfg, group_parameters
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.adapters.groups import Adapter, LayerGroup, init_head, name_groups
+from tunelab.adapters.groups import Adapter, LayerGroup, head_last, init_head
 from tunelab.adapters.lora import inject_lora
 from tunelab.adapters.weights import SHIPPED_WEIGHTS, load_into, read_state_dict
 from tunelab.errors import TunelabError
@@ -44,17 +44,20 @@ def timm_adapter(
         raise TunelabError(f"model.arch={arch!r} is not a timm architecture.{hint}")
     if num_outputs < 1:
         raise TunelabError(f"the new head needs num_outputs >= 1, got {num_outputs}.")
-    extra = {"drop_path_rate": drop_path_rate} if drop_path_rate is not None else {}
+    # 0 is every timm classifier's default, and feature encoders (*_enc) take no drop_rate at all
+    extra = {"drop_rate": drop_rate} if drop_rate else {}
+    if drop_path_rate is not None:
+        extra["drop_path_rate"] = drop_path_rate
     pretrained_cfg = get_pretrained_cfg(arch)
     if image_size and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
         extra["img_size"] = image_size  # ViT-like models bake the input size into their weights
     try:
-        model = timm.create_model(
-            arch, pretrained=False, num_classes=num_outputs, drop_rate=drop_rate, **extra, **(kwargs or {})
-        )
+        model = timm.create_model(arch, pretrained=False, num_classes=num_outputs, **extra, **(kwargs or {}))
     except TypeError as err:
-        raise TunelabError(f"model.kwargs for {arch} rejected by timm: {err}") from None
-    head_names = _head_param_names(model)
+        settings = "model.kwargs" if kwargs else "model.drop_rate / drop_path_rate / image_size"
+        raise TunelabError(f"{settings} for {arch} rejected by timm: {err}") from None
+    layers = classifier_layers(model, arch)
+    head_names = _param_names(model, layers)
 
     if checkpoint:
         weights, source = read_state_dict(checkpoint), str(checkpoint)
@@ -69,19 +72,22 @@ def timm_adapter(
     else:
         weights, source = None, "random init"
     head_kept = load_into(model, weights, head_names, source) if weights is not None else False
-    original_head = _original_head(weights, head_names) if weights is not None and not head_kept else None
+    original_head = _original_head(weights, model, layers) if weights is not None and not head_kept else None
     if not head_kept:
-        init_head(model.get_classifier(), head_init_std)
+        for layer in layers.values():
+            init_head(layer, head_init_std)
 
     extra_note = ""
     if lora:
         added = inject_lora(model, **lora, default_targets=lora_targets)
-        head_names = _head_param_names(model)  # names changed where adapters wrap layers
+        # peft wraps layers in place: the same module names, new parameter names under them
+        layers = {name: model.get_submodule(name) for name in layers}
+        head_names = _param_names(model, layers)
         extra_note = f", LoRA +{added:,} params"
 
     groups = timm_groups(model, head_names, fine=fine_groups)
     head = ("pretrained head kept" if head_kept else f"new {num_outputs}-output head") + extra_note
-    split = _feature_split(model)
+    split = _feature_split(model, layers)
     return Adapter(
         model=model,
         groups=groups,
@@ -94,14 +100,30 @@ def timm_adapter(
 
 
 def _timm_features(model: nn.Module, x):
-    # pre_logits: pooled (and for ViTs fc-normed) features; the caller runs this in eval
-    # mode, so the head dropout that forward_head applies in training is off.
-    return model.forward_head(model.forward_features(x), pre_logits=True)
+    """What the classifier reads, taken at its input: exact whatever sits between the pooling
+    and it (ConvNeXt's ``head.norm``, EfficientViT's BatchNorm), which ``pre_logits`` may skip.
+    The caller runs this in eval mode, so the head dropout applied in training is off."""
+    captured = []
+    hook = model.get_classifier().register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    if len(captured) != 1:
+        raise TunelabError(f"feature cache: {type(model).__name__} ran its classifier {len(captured)} times in one "
+                           "forward pass, so its input is no single feature vector; set perf.cache_features=false.")
+    return captured[0]
 
 
-def _feature_split(model: nn.Module) -> dict:
+def _feature_split(model: nn.Module, layers: dict[str, nn.Module]) -> dict:
     """``features`` / ``classify`` for the cached-feature path, where the head's dropout is known:
-    CNNs apply ``F.dropout(drop_rate)`` before the classifier, ViTs a ``head_drop`` module."""
+    CNNs apply ``F.dropout(drop_rate)`` before the classifier, ViTs a ``head_drop`` module.
+
+    Only where ``get_classifier()`` is one module that holds every new classifier layer: a
+    distilled model's pair of heads, or VOLO's ``aux_head`` reading the patch tokens, are not
+    a function of what one classifier reads."""
+    if not _classifier_reads_features(model, layers):
+        return {}
     if isinstance(getattr(model, "head_drop", None), nn.Dropout):
         p, side = model.head_drop.p, ("head_drop",)
     elif isinstance(getattr(model, "drop_rate", None), (int, float)):
@@ -110,15 +132,22 @@ def _feature_split(model: nn.Module) -> dict:
         return {}
 
     def classify(model: nn.Module, features):
-        return model.get_classifier()(F.dropout(features, p=p, training=model.training))
+        # flatten: a 1x1-convolution classifier (DLA, ResNetV2) answers [B, C, 1, 1]
+        return model.get_classifier()(F.dropout(features, p=p, training=model.training)).flatten(1)
 
     return {"features": _timm_features, "classify": classify, "head_side": side}
 
 
-def _original_head(weights: dict, head_names: set[str]) -> nn.Linear | None:
-    """The checkpoint's own linear classifier (weight + bias), kept aside when a new head replaced it."""
-    weight = next((weights[n] for n in head_names if n.endswith("weight") and n in weights), None)
-    bias = next((weights[n] for n in head_names if n.endswith("bias") and n in weights), None)
+def _original_head(weights: dict, model: nn.Module, layers: dict[str, nn.Module]) -> nn.Linear | None:
+    """The checkpoint's own linear classifier (weight + bias), kept aside when a new head replaced it.
+
+    Only for a model whose whole classifier is that one linear layer on the pooled features
+    (what retention feeds it); a pair of distilled heads or a normed head would be misread."""
+    plain = len(layers) == 1 and isinstance(model.get_classifier(), nn.Linear)
+    if not plain or not _classifier_reads_features(model, layers):
+        return None
+    (name,) = layers
+    weight, bias = weights.get(f"{name}.weight"), weights.get(f"{name}.bias")
     if weight is None or weight.dim() != 2:
         return None
     head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -126,21 +155,104 @@ def _original_head(weights: dict, head_names: set[str]) -> nn.Linear | None:
     return head.eval().requires_grad_(False)
 
 
-def _head_param_names(model: nn.Module) -> set[str]:
-    head = model.get_classifier()
-    ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+def classifier_layers(model: nn.Module, arch: str) -> dict[str, nn.Module]:
+    """The layers timm builds for ``num_classes``, by module name: the new task head.
+
+    timm declares them in the pretrained config (``classifier``: the keys it never loads from a
+    checkpoint with another class count), which excludes what merely sits in front of the
+    logits and keeps its pretrained weights (ConvNeXt's ``head.norm``, LeViT's ``head.bn``) and
+    includes extra class outputs (VOLO's ``aux_head``, distilled models' ``head_dist``).
+    ``get_classifier()`` (a module or a tuple) adds any classifier the config forgot, taking from
+    it the part the config names in its siblings (levit_384_s8 declares ``head.linear`` only:
+    ``head_dist.linear`` joins, ``head_dist.bn`` does not).
+    """
+    modules = dict(model.named_modules())
+    declared = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    declared = (declared,) if isinstance(declared, str) else declared
+    layers = {n: modules[n] for n in declared if n in modules}
+    found = model.get_classifier() if hasattr(model, "get_classifier") else None
+    by_id = {id(m): n for n, m in modules.items()}
+    named = [by_id[id(m)] for m in (found if isinstance(found, (tuple, list)) else (found,))
+             if isinstance(m, nn.Module) and id(m) in by_id]
+    inner = {n[len(c) + 1:] for c in named for n in layers if n.startswith(c + ".")}
+    for name in named:
+        if not _overlaps(modules[name], layers.values()):
+            parts = [f"{name}.{part}" for part in inner if f"{name}.{part}" in modules] or [name]
+            layers.update({n: modules[n] for n in parts})
+    layers = {n: m for n, m in layers.items() if any(True for _ in m.parameters())}
+    if not layers:
+        why = "its classifier has no parameters" if found is not None else "it has no classifier (get_classifier())"
+        raise TunelabError(f"model.arch={arch!r} cannot be split into backbone and a new head: {why}, so there "
+                           "is no layer for num_outputs to replace (a feature encoder?); choose a classification "
+                           "variant.")
+    return layers
+
+
+def _overlaps(module: nn.Module, others) -> bool:
+    ids = {id(p) for p in module.parameters()}
+    return any(id(p) in ids for other in others for p in other.parameters())
+
+
+def _classifier_reads_features(model: nn.Module, layers: dict[str, nn.Module]) -> bool:
+    """Whether ``get_classifier()`` is one module containing every new classifier layer."""
+    found = model.get_classifier()
+    if not isinstance(found, nn.Module) or type(found).forward is nn.Module.forward:
+        return False  # a tuple (distilled models) or a ModuleList (CrossViT): nothing to call
+    inside = {id(p) for p in found.parameters()}
+    return all(id(p) in inside for layer in layers.values() for p in layer.parameters())
+
+
+def _param_names(model: nn.Module, layers: dict[str, nn.Module]) -> set[str]:
+    ids = {id(p) for layer in layers.values() for p in layer.parameters()}
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
 def timm_groups(model: nn.Module, head_names: set[str], fine: bool = False) -> list[LayerGroup]:
     """timm's own ``group_matcher`` order (stem, blocks..., final), with the new head split out last."""
-    if hasattr(model, "group_matcher"):
-        by_id = group_parameters(model, model.group_matcher(coarse=not fine))
-        ordered = [[n for n in names if n not in head_names] for _, names in sorted(by_id.items())]
-    else:  # a model without a matcher still gets backbone/head, so every strategy works
-        ordered = [[n for n, _ in model.named_parameters() if n not in head_names]]
-    ordered = [names for names in ordered if names]
-    groups = [LayerGroup(name, tuple(names)) for name, names in zip(name_groups(ordered), ordered)]
+    by_id = group_parameters(model, _matcher(model, fine))
+    ordered = [[n for n in names if n not in head_names] for _, names in sorted(by_id.items())]
+    ordered = _stem_leftovers([names for names in ordered if names], model)
     order = [n for n, _ in model.named_parameters()]
-    groups.append(LayerGroup("head", tuple(n for n in order if n in head_names)))
-    return groups
+    return head_last(ordered, [n for n in order if n in head_names])
+
+
+def _stem_leftovers(ordered: list[list[str]], model: nn.Module) -> list[list[str]]:
+    """timm sends what its matcher does not name to the top group; of that, a module registered
+    before the blocks runs before them (vit_srelpos's ``shared_rel_pos``) and joins the stem."""
+    if len(ordered) < 3:
+        return ordered
+    rank = {name: i for i, (name, _) in enumerate(model.named_children())}
+    blocks = rank.get(ordered[1][0].split(".")[0], -1)  # the first group after the stem
+    early = [n for n in ordered[-1] if "." in n and rank.get(n.split(".")[0], blocks) < blocks]
+    if not early:
+        return ordered
+    top = [n for n in ordered[-1] if n not in early]
+    return [ordered[0] + early, *ordered[1:-1], *([top] if top else [])]
+
+
+def _matcher(model: nn.Module, fine: bool):
+    if not hasattr(model, "group_matcher"):
+        return _child_order(model)
+    try:
+        return model.group_matcher(coarse=not fine)
+    except (AssertionError, NotImplementedError):  # RDNet only groups finely (per block)
+        return model.group_matcher(coarse=False)
+
+
+def _child_order(model: nn.Module):
+    """A matcher for models without ``group_matcher`` (PiT, MetaFormer...): timm registers
+    children from input to output, so each top-level child is a group, and each item of a
+    top-level Sequential / ModuleList (the stages) one of its own; root parameters such as
+    ``cls_token`` and ``pos_embed`` go with the stem."""
+    children = list(model.named_children())
+    position = {name: i for i, (name, _) in enumerate(children)}
+    containers = {name for name, m in children if isinstance(m, (nn.Sequential, nn.ModuleList))}
+
+    def ordinal(param_name: str) -> tuple[int, int]:
+        parts = param_name.split(".")
+        if len(parts) == 1:
+            return (0, 0)
+        item = parts[1] if parts[0] in containers and parts[1].isdigit() else "0"
+        return (position[parts[0]], int(item))
+
+    return ordinal
