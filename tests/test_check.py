@@ -215,3 +215,15 @@ def test_slurm_tools_installed_are_not_announced(tmp_path, monkeypatch):
         _quiet_lightning()
         SLURMEnvironment._validate_srun_used()
     assert not [w for w in after if "srun" in str(w.message)]
+
+
+def test_a_check_leaves_no_hydra_state_behind():
+    """check_run sets Hydra's job state to resolve ${hydra:...}; left behind, a sweep's MULTIRUN
+    mode made the next in-process run look like a sweep job (and fail on hydra.job.num)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from tunelab.sweep.job import current_job
+
+    before = HydraConfig.instance().cfg
+    check_command(["-m", "hparams_search=lr_schedule", "scheduler=constant", "optimizer.lr=1e-3"], deep=False)
+    assert HydraConfig.instance().cfg is before and current_job() is None

@@ -21,11 +21,12 @@ def test_flat_params_clip_only_what_is_too_long(cfg_factory):
 @pytest.mark.slow
 def test_a_run_with_a_huge_value_finishes_and_keeps_it_in_config_yaml(cfg_factory, tmp_path):
     long_text = "y" * (2 * MAX_PARAM_VAL_LENGTH)
-    cfg = cfg_factory(f"+notes={long_text}")
+    # a real setting (an unknown top-level key is refused): a regex list, one pattern very long
+    cfg = cfg_factory("strategy=regex", f"strategy.patterns=[bias,{long_text}]")
     train(cfg)
     client = MlflowClient(tracking_uri(cfg))
     run = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])[0]
     assert run.info.status == "FINISHED"
-    assert run.data.params["notes"].endswith("...")
+    assert run.data.params["strategy.patterns"].endswith("...")
     config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert long_text in open(config).read()

@@ -172,7 +172,7 @@ def test_ctrl_c_marks_run_killed_not_finished(tmp_path):
     )
     try:
         for line in proc.stdout:  # wait until training has started
-            if "estimate number of stepping batches" in line:
+            if "optimizer steps" in line:  # StageCallback's line at the start of fit
                 break
         time.sleep(3)
         proc.send_signal(signal.SIGINT)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from tunelab.plan import check_command, compose_run
+from tunelab.plan import as_hydra_job, check_command, compose_run
 from tunelab.errors import TunelabError
 
 
@@ -28,7 +28,6 @@ def check(overrides: Sequence[str] = (), deep: bool = True) -> str:
 def fit(overrides: Sequence[str] = ()):
     """Train one run as ``tunelab-train *overrides`` would, in this process; returns its
     ``RunResult`` (``run_id``, ``metrics``, ``tracking_uri``, ``output_dir``)."""
-    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from tunelab.preflight import check_writable
@@ -41,13 +40,8 @@ def fit(overrides: Sequence[str] = ()):
     check_writable(folder, "hydra.run.dir")
     with open_dict(cfg):  # what Hydra's own run sets: the job folder every output goes to
         cfg.hydra.runtime.output_dir = str(folder)
-    HydraConfig.instance().set_config(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    with open_dict(cfg):
-        cfg.pop("hydra")
     if not logging.getLogger().handlers:  # a notebook: show tunelab's progress lines
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with as_hydra_job(cfg):
         return run_job(cfg)
-    finally:  # the next fit() or train(cfg) in this process must not read this run's choices
-        HydraConfig.instance().cfg = None

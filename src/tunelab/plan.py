@@ -10,6 +10,8 @@ no output folder, no checkpoint.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab.config import check_config, check_targets, conf_dir
@@ -122,24 +124,38 @@ def combinations(overrides: list[str]) -> tuple[list[list[str]], str]:
 def check_run(overrides: list[str], deep: bool = True) -> str:
     """Validate one run's config; with ``deep`` also its data, model and stage plan. Returns the
     plan as text, raises TunelabError with the first problem."""
-    from hydra.core.hydra_config import HydraConfig
-
     from tunelab.preflight import check_required_groups
 
     check_required_groups(overrides)
     cfg = compose_run(overrides)
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
     check_targets(cfg.hydra.get("callbacks"), "hydra.callbacks")
-    HydraConfig.instance().set_config(cfg)  # ${hydra:...} in paths resolves as in a real run
+    picked = ", ".join(f"{g}={c}" for g, c in sorted(choices.items()) if c and not g.startswith("hydra"))
+    with as_hydra_job(cfg):  # ${hydra:...} in paths resolves as in a real run
+        validate(cfg, choices)
+        if not deep:
+            return f"config valid: {picked}"
+        from tunelab.build import plan_parts
+
+        return f"{picked}\n{plan_parts(cfg)}"
+
+
+@contextmanager
+def as_hydra_job(cfg: DictConfig) -> Iterator[DictConfig]:
+    """``cfg`` without its ``hydra`` node, with Hydra's job state set from it as a real run would
+    have it, and the previous state back afterwards: a check or a notebook fit() must not leave
+    its choices (or a sweep's mode) to the next run in this process."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra = HydraConfig.instance()
+    previous = hydra.cfg
+    hydra.set_config(cfg)
     with open_dict(cfg):
         cfg.pop("hydra")
-    validate(cfg, choices)
-    picked = ", ".join(f"{g}={c}" for g, c in sorted(choices.items()) if c and not g.startswith("hydra"))
-    if not deep:
-        return f"config valid: {picked}"
-    from tunelab.build import plan_parts
-
-    return f"{picked}\n{plan_parts(cfg)}"
+    try:
+        yield cfg
+    finally:
+        hydra.cfg = previous
 
 
 def check_command(argv: list[str], deep: bool = True) -> str:

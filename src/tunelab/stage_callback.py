@@ -34,6 +34,8 @@ class StageCallback(L.Callback):
             self.wrapped = _trainable(pl_module)  # Lightning wraps DDP after this hook
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            log.info("training: %d epoch(s), %d optimizer steps", trainer.max_epochs, trainer.estimated_stepping_batches)
         last = pl_module.stages[-1]
         if last.unit == "step" and last.start >= trainer.estimated_stepping_batches:
             raise TunelabError(
