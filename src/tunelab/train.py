@@ -95,11 +95,12 @@ def run_job(cfg: DictConfig) -> RunResult:
     """train(), returning the MLflow run id as well (the notebook API's fit())."""
     from tunelab.distributed import local_world_size, rank_processes
     from tunelab.preemption import SigtermGuard, resolve_resume
+    from tunelab.run_records import config_choices
     from tunelab.sweep.job import current_job
     from tunelab.sweep.trial import share_machine
 
     # every _target_ of the tree, values no type catches and unknown keys: before data, model or run exist
-    validate(cfg, _choices())
+    validate(cfg, config_choices())
     _quiet_lightning()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access at run time, ever
     job = current_job()
@@ -108,12 +109,6 @@ def run_job(cfg: DictConfig) -> RunResult:
     resolve_resume(cfg)  # before the ranks start: they read the checkpoint from the resolved config
     with SigtermGuard().installed() as guard, rank_processes(cfg, Path(str(cfg.paths.output_dir))) as ranks:
         return _fit_and_test(cfg, job, ranks, guard)
-
-
-def _choices() -> dict | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None
 
 
 def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
