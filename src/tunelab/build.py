@@ -86,7 +86,7 @@ def _check_train_fraction(limit, datamodule) -> None:
     """A fraction of the training batches that rounds to none would stop Lightning mid-fit."""
     if not isinstance(limit, float) or not 0 < limit < 1 or not hasattr(datamodule, "split_sizes"):
         return
-    batches = -(-datamodule.split_sizes()["train"] // datamodule.batch_size)
+    batches = train_batches(datamodule)
     if int(batches * limit) == 0:
         raise TunelabError(f"trainer.limit_train_batches={limit} of {batches} training batches is none; "
                            f"use at least {1 / batches:.3g} or a number of batches (e.g. 1).")
@@ -139,9 +139,14 @@ def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Pa
     return Parts(datamodule, adapter, stages, module, float(cfg.optimizer.lr), pretrained, lineage, plan, notes)
 
 
+def train_batches(datamodule) -> int:
+    """Batches in one full pass over the training split (the last one may be short)."""
+    return -(-datamodule.split_sizes()["train"] // datamodule.batch_size)
+
+
 def steps_per_epoch(cfg: DictConfig, datamodule) -> int:
     """Optimizer steps in one training epoch, as Lightning will count them."""
-    batches = -(-datamodule.split_sizes()["train"] // datamodule.batch_size)
+    batches = train_batches(datamodule)
     limit = cfg.trainer.get("limit_train_batches")
     if isinstance(limit, int) and not isinstance(limit, bool):
         batches = min(batches, limit)

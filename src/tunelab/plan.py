@@ -12,6 +12,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab.config import check_config, check_targets, conf_dir
@@ -40,22 +43,30 @@ def _one_line(err: Exception) -> str:
     return " ".join(lines[:2]) if lines else type(err).__name__
 
 
-def global_groups() -> set[str]:
+def global_groups(root: Path) -> set[str]:
     """Groups whose files write at the top level (``# @package _global_``): a key named after one
     means a user file forgot that line and nothing will read its settings."""
     found = set()
-    for folder in conf_dir().iterdir():
+    for folder in root.iterdir():
         files = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
         if files and all("@package _global_" in f.read_text()[:300] for f in files):
             found.add(folder.name)
     return found
 
 
+@lru_cache(maxsize=4)
+def top_level_keys(root: Path) -> tuple[frozenset[str], frozenset[str]]:
+    """(keys train.yaml declares, groups that write under their own name), read once per config
+    tree: a sweep's --check and every run ask for each of its jobs."""
+    declared = set(OmegaConf.load(root / "train.yaml")) - {"defaults"}
+    groups = {p.name for p in root.iterdir() if p.is_dir()} - global_groups(root)
+    return frozenset(declared), frozenset(groups)
+
+
 def check_top_level(cfg: DictConfig, choices: dict | None = None) -> None:
     """Every top-level key is one train.yaml declares or a config group's: anything else (a
     misplaced ``@package``, ``+nonsense=1``) would compose and then be silently ignored."""
-    declared = set(OmegaConf.load(conf_dir() / "train.yaml")) - {"defaults"}
-    groups = {p.name for p in conf_dir().iterdir() if p.is_dir()} - global_groups()
+    declared, groups = top_level_keys(conf_dir())
     for key in map(str, cfg):
         if key in declared or key in groups or key.startswith("_") or key == "hydra":
             continue
