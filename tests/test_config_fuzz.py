@@ -163,7 +163,7 @@ NASTY = [
     (["strategy=milestones", "strategy.stages=[{at_epoch: 2}, {at_step: 1}]"], 2,
      "strategy.stages[1].at_step: every stage must use the same unit"),
     (["+module.layer_decy=0.5"], 2, "module.layer_decy is not a module setting"),
-    (["optimizer.lr=[1,"], 1, "no viable alternative at input '[1,'"),
+    (["optimizer.lr=[1,"], 2, "no viable alternative at input '[1,'"),
 ]
 
 

@@ -1,8 +1,8 @@
 """Where the config tree lives, which ``_target_``s may be built, and checked instantiation.
 
 Configs come from colleagues and the internet; ``hydra.utils.instantiate`` would import and
-call any dotted path. tunelab builds only targets under the allowed modules below (extend
-with ``TUNELAB_ALLOWED_TARGETS``: the user's environment decides, never the config file).
+call any dotted path. tunelab builds only the targets ``tunelab.targets`` allows, checked on
+the whole tree before anything starts and again on the resolved node it builds.
 """
 
 from __future__ import annotations
@@ -18,15 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tunelab.errors import TunelabError
-
-ALLOWED_TARGETS = (
-    "tunelab",
-    "torch.optim",
-    "lightning.pytorch.Trainer",
-    "lightning.pytorch.callbacks",
-    "torchmetrics",
-)
-
+from tunelab.targets import check_target, refusal
 
 def conf_dir() -> Path:
     """The config root: ``$TUNELAB_CONF``, the copy inside a wheel, or the checkout's ``conf/``."""
@@ -48,56 +40,50 @@ def _register_resolvers() -> None:
 _register_resolvers()
 
 
-def allowed_prefixes() -> tuple[str, ...]:
-    extra = [p.strip() for p in os.environ.get("TUNELAB_ALLOWED_TARGETS", "").split(",") if p.strip()]
-    return ALLOWED_TARGETS + tuple(extra)
-
-
-def _is_allowed(target: str, prefixes: tuple[str, ...]) -> bool:
-    return any(target == p or target.startswith(p + ".") for p in prefixes)
-
-
-def _defined_in_allowed(target: str, prefixes: tuple[str, ...]) -> bool:
-    """Where the object a target names is really defined: ``tunelab.config.Path.touch`` is
-    spelled under tunelab but is ``pathlib.Path.touch`` (a module's imports are its attributes)."""
-    from hydra.utils import get_object
-
-    try:
-        obj = get_object(target)
-    except Exception:  # noqa: BLE001 - no such object: build() reports that properly
-        return True
-    module = getattr(obj, "__module__", None) if isinstance(obj, type) or callable(obj) else None
-    module = module or type(obj).__module__
-    if any(module == p or module.startswith(p + ".") for p in prefixes):
-        return True
-    for p in prefixes:  # entries naming one object (lightning.pytorch.Trainer)
-        try:
-            if get_object(p) is obj:
-                return True
-        except Exception:  # noqa: BLE001 - a package prefix is no object
-            continue
-    return False
-
-
 def check_targets(node: Any, path: str = "") -> None:
-    """Refuse any ``_target_`` outside the allowed modules, anywhere in the tree, by its name
-    and by where the object it names is defined."""
-    prefixes = allowed_prefixes()
+    """Refuse any ``_target_`` that is not an allowed object (``tunelab.targets``), anywhere in
+    the tree: judged on the name that will be built, so an interpolated target is refused and a
+    node made by a resolver (``${oc.create:...}``) is judged after it resolves."""
+    if isinstance(node, (DictConfig, ListConfig)) and (node._is_none() or node._is_missing()):
+        return
     if isinstance(node, DictConfig):
-        target = node._get_node("_target_") if "_target_" in node else None
-        if target is not None:
-            value = str(target._value())
-            if not _is_allowed(value, prefixes) or not _defined_in_allowed(value, prefixes):
-                raise TunelabError(
-                    f"{path or '<root>'}._target_={value!r} is outside the allowed modules "
-                    f"({', '.join(prefixes)}). If you trust this config, allow it with "
-                    f"TUNELAB_ALLOWED_TARGETS={value.rsplit('.', 1)[0]}"
-                )
+        if "_target_" in node:
+            check_target(node._get_node("_target_")._value(), path or "<root>")
         for key in node.keys():
-            check_targets(node._get_node(key), f"{path}.{key}" if path else str(key))
+            _check_child(node, key, f"{path}.{key}" if path else str(key))
     elif isinstance(node, ListConfig):
         for i in range(len(node)):
-            check_targets(node._get_node(i), f"{path}[{i}]")
+            _check_child(node, i, f"{path}[{i}]")
+    elif isinstance(node, (dict, list)):  # resolved, plain containers (build() and stored configs)
+        check_plain_targets(node, path)
+
+
+def _check_child(parent: DictConfig | ListConfig, key: Any, path: str) -> None:
+    child = parent._get_node(key)
+    if not (child is not None and child._is_interpolation()):
+        check_targets(child, path)
+        return
+    try:  # a reference or a resolver: judge what it resolves to
+        resolved = parent[key]
+    except Exception as err:  # noqa: BLE001 - unresolvable until the job runs (${hydra:...}); build() judges it then
+        if any(r in str(child._value()) for r in ("oc.create", "oc.decode")):
+            raise TunelabError(f"{path}={child._value()!r} makes config nodes but cannot be resolved yet "
+                               f"({type(err).__name__}); write the node out.") from None
+        return
+    if isinstance(resolved, (DictConfig, ListConfig)):
+        check_targets(resolved, path)
+
+
+def check_plain_targets(node: Any, path: str = "") -> None:
+    """``check_targets`` for resolved plain containers."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            check_target(node["_target_"], path or "<root>")
+        for key, value in node.items():
+            check_plain_targets(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_plain_targets(value, f"{path}[{i}]")
 
 
 def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
@@ -107,6 +93,8 @@ def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
     if missing:  # checked here: a `_partial_` target would defer the error to its first call
         # already full dotted keys, e.g. data.source.root
         raise TunelabError(f"{', '.join(missing)} must be set: add {missing[0]}=<value> to the command line.")
+    if isinstance(node, (DictConfig, ListConfig)):  # again on exactly what instantiate will see
+        check_plain_targets(OmegaConf.to_container(node, resolve=True), what)
     try:
         built = instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -351,7 +339,7 @@ def check_settings(node: Any, key: str) -> None:
     if not isinstance(node, DictConfig):
         return
     target = node.get("_target_") if "_target_" in node else None
-    if isinstance(target, str) and _is_allowed(target, allowed_prefixes()):
+    if isinstance(target, str) and refusal(target, key) is None:
         known = _settings(target)
         if known is not None and not known[1]:
             unknown = sorted(str(k) for k in node if not str(k).startswith("_") and str(k) not in known[0])

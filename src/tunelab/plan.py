@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab.config import check_config, check_targets, conf_dir
 from tunelab.errors import TunelabError
+from tunelab.hydra_guard import check_hydra
 
-FLAGS = ("-m", "--multirun", "--check")
 MAX_COMBINATIONS = 256  # a grid this large is checked on its first combinations only, and says so
 
 
@@ -28,13 +28,15 @@ def compose_run(overrides: list[str]) -> DictConfig:
     """The config a run with these overrides would get, Hydra's own settings included."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    import yaml
     from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
             return compose("train", overrides=list(overrides), return_hydra_config=True)
-    except HydraException as err:
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:  # a YAML !!python tag & co.: one line
         raise TunelabError(_one_line(err)) from None
 
 
@@ -55,34 +57,82 @@ def global_groups(root: Path) -> set[str]:
 
 
 @lru_cache(maxsize=4)
-def top_level_keys(root: Path) -> tuple[frozenset[str], frozenset[str]]:
-    """(keys train.yaml declares, groups that write under their own name), read once per config
-    tree: a sweep's --check and every run ask for each of its jobs."""
-    declared = set(OmegaConf.load(root / "train.yaml")) - {"defaults"}
-    groups = {p.name for p in root.iterdir() if p.is_dir()} - global_groups(root)
-    return frozenset(declared), frozenset(groups)
+def known_settings(root: Path) -> tuple[frozenset[str], dict[str, frozenset[str]]]:
+    """(top-level settings, the keys tunelab's own files give each top-level mapping), read once
+    per config tree: a sweep's --check and every run ask for each of its jobs."""
+    def plain(file: Path) -> dict:  # unresolved: ${data.objective} & co. need the whole config
+        return OmegaConf.to_container(OmegaConf.load(file), resolve=False) or {}
+
+    train = plain(root / "train.yaml")
+    top = (set(train) - {"defaults"}) | ({p.name for p in root.iterdir() if p.is_dir()} - global_groups(root))
+    below: dict[str, set[str]] = {k: set(v) for k, v in train.items() if isinstance(v, dict)}
+    for folder in (p for p in root.iterdir() if p.is_dir() and p.name != "hydra"):
+        for file in folder.glob("*.yaml"):
+            node = plain(file)
+            if "@package _global_" in file.read_text()[:300]:
+                for key, value in node.items():
+                    if isinstance(value, dict):
+                        below.setdefault(key, set()).update(map(str, value))
+            else:
+                below.setdefault(folder.name, set()).update(str(k) for k in node if k != "defaults")
+    return frozenset(top), {k: frozenset(v) for k, v in below.items()}
 
 
-def check_top_level(cfg: DictConfig, choices: dict | None = None) -> None:
-    """Every top-level key is one train.yaml declares or a config group's: anything else (a
-    misplaced ``@package``, ``+nonsense=1``) would compose and then be silently ignored."""
-    declared, groups = top_level_keys(conf_dir())
+def check_known_keys(cfg: DictConfig, choices: dict | None = None) -> None:
+    """Every key is one tunelab reads: at the top level, one train.yaml declares or a config
+    group's; one level down, in settings without a ``_target_`` (logger, paths, perf...), one
+    tunelab's own files give them. ``_target_`` nodes are checked against their signature
+    (``check_settings``). Anything else (``+seeed=3``, a misplaced ``@package``, ``optimiser:``
+    in an experiment file) would compose and then be silently ignored."""
+    top, below = known_settings(conf_dir())
     for key in map(str, cfg):
-        if key in declared or key in groups or key.startswith("_") or key == "hydra":
+        if key not in top and not key.startswith("_") and key != "hydra":
+            raise TunelabError(f"top-level key '{key}' is not a tunelab setting, so nothing would read it"
+                               f"{_source(key, choices)} Top-level settings: {', '.join(sorted(top))}.")
+        node = cfg._get_node(key)
+        if not isinstance(node, DictConfig) or node._is_none() or "_target_" in node or key not in below:
             continue
-        source = ""
-        if choices and choices.get(key):
-            source = (f" It comes from {key}={choices[key]}: put '# @package _global_' on the first line "
-                      f"of conf/{key}/{choices[key]}.yaml (or its copy on hydra.searchpath).")
-        raise TunelabError(f"top-level key '{key}' is not a tunelab setting, so nothing would read it.{source} "
-                           f"Top-level settings: {', '.join(sorted(declared | groups))}.")
+        if all(isinstance(node._get_node(k), DictConfig) and "_target_" in node._get_node(k) for k in node):
+            continue  # a collection of built things (callbacks): the names are the user's
+        unknown = sorted(str(k) for k in node if str(k) not in below[key])
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], below[key], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise TunelabError(f"{key}.{unknown[0]} is not a {key} setting{hint}, so nothing would read it"
+                               f"{_from_experiment(choices)}. {key} settings: {', '.join(sorted(below[key]))}.")
+
+
+def _source(key: str, choices: dict | None) -> str:
+    if choices and choices.get(key):
+        return (f". It comes from {key}={choices[key]}: put '# @package _global_' on the first line "
+                f"of conf/{key}/{choices[key]}.yaml (or its copy on hydra.searchpath).")
+    return f"{_from_experiment(choices)}."
+
+
+def _from_experiment(choices: dict | None) -> str:
+    """Where a stray key can come from besides the command line: the files written at the top level."""
+    picked = [f"{g}={choices[g]}" for g in ("experiment", "hparams_search") if choices and choices.get(g)]
+    return f" (from the command line or {' or '.join(picked)})" if picked else ""
+
+
+def check_no_remote_code(cfg: DictConfig) -> None:
+    """``trust_remote_code`` runs a model folder's Python: tunelab never sets it, and no config may."""
+    from tunelab.hydra_guard import walk_config
+
+    for path, _ in walk_config(cfg):
+        if path.rsplit(".", 1)[-1] == "trust_remote_code":
+            raise TunelabError(f"{path}: tunelab never runs a model folder's own Python (trust_remote_code); "
+                               "use a model transformers implements, saved with save_pretrained.")
 
 
 def validate(cfg: DictConfig, choices: dict | None = None) -> None:
     """The checks every run makes before anything is read or built (train() and --check)."""
     check_targets(cfg)
+    check_no_remote_code(cfg)
     check_config(cfg)
-    check_top_level(cfg, choices)
+    check_known_keys(cfg, choices)
 
 
 # -- sweeps: every combination a sweep would run ----------------------------------------------------
@@ -140,7 +190,7 @@ def check_run(overrides: list[str], deep: bool = True) -> str:
     check_required_groups(overrides)
     cfg = compose_run(overrides)
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-    check_targets(cfg.hydra.get("callbacks"), "hydra.callbacks")
+    check_hydra(cfg, overrides)
     picked = ", ".join(f"{g}={c}" for g, c in sorted(choices.items()) if c and not g.startswith("hydra"))
     with as_hydra_job(cfg):  # ${hydra:...} in paths resolves as in a real run
         validate(cfg, choices)
@@ -171,7 +221,7 @@ def as_hydra_job(cfg: DictConfig) -> Iterator[DictConfig]:
 
 def check_command(argv: list[str], deep: bool = True) -> str:
     """``tunelab-train [-m] overrides...`` checked without running: every run it would start."""
-    overrides = [a for a in argv if a not in FLAGS]
+    overrides = command_overrides(argv)
     runs, note = combinations(overrides)
     if len(runs) == 1:
         return check_run(runs[0], deep)
@@ -184,6 +234,37 @@ def check_command(argv: list[str], deep: bool = True) -> str:
             raise TunelabError(f"sweep job {i} ({swept}): {err}") from None
         reports.append(f"  job {i}: ok  {' '.join(o for o in run if o not in overrides)}")
     return "\n".join([f"{len(runs)} sweep jobs valid{note}:", *reports])
+
+
+# Hydra's flags that take a value, and those a tunelab run refuses: tunelab has one primary config
+# (add folders with hydra.searchpath, which the checks see), and a rerun unpickles a file.
+VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--info", "-i", "--shell-completion", "-sc")
+REFUSED_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
+
+
+def command_overrides(argv: list[str]) -> list[str]:
+    """The overrides of a ``tunelab-train`` command line, without Hydra's flags and their values."""
+    overrides, skip = [], False
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in REFUSED_FLAGS:
+            raise TunelabError(f"{flag} is not supported by tunelab-train: its config is train.yaml in "
+                               f"{conf_dir()}; add your own config folders with hydra.searchpath=[file:///path].")
+        if skip or arg.startswith("-"):
+            skip = arg in VALUE_FLAGS
+            continue
+        overrides.append(arg)
+    return overrides
+
+
+def check_before_hydra(argv: list[str]) -> None:
+    """What Hydra itself will act on (``hydra.*``) judged before it starts: every job's, when a
+    sweep changes Hydra's settings, else the command's one composition."""
+    overrides = command_overrides(argv)
+    runs, _ = combinations(overrides) if any("," in o or "(" in o for o in overrides) else ([overrides], "")
+    hydra_swept = any(o.lstrip("+~").startswith("hydra.") for run in runs for o in run if o not in overrides)
+    for run in runs if hydra_swept else runs[:1]:
+        check_hydra(compose_run(run), overrides)
 
 
 def main_check(argv: list[str]) -> int:

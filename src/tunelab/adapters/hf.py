@@ -51,7 +51,7 @@ def resolve_checkpoint(path: str) -> str:
     from transformers import AutoConfig
 
     try:  # a hub id: only the local cache may answer
-        AutoConfig.from_pretrained(path, local_files_only=True)
+        AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError):
         raise TunelabError(
             f"model.path={path!r} is not a local directory and is not in the Hugging Face cache; tunelab never "
@@ -99,11 +99,11 @@ def load_backbone(path: str | None, pretrained: bool, config: dict | None, confi
         except (ValueError, TypeError) as err:
             raise TunelabError(f"model.config: {str(err).splitlines()[0]}") from None
     try:
-        model_config = AutoConfig.from_pretrained(path, **overrides)
+        model_config = AutoConfig.from_pretrained(path, **overrides, trust_remote_code=False)
         _check_known(model_config, overrides, "model.config_overrides")
         if not pretrained:
             return AutoModel.from_config(model_config), model_config, "random init"
-        model, info = AutoModel.from_pretrained(path, config=model_config, output_loading_info=True)
+        model, info = AutoModel.from_pretrained(path, config=model_config, output_loading_info=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         raise TunelabError(f"model.path={path}: cannot load it as a transformers model "
                            f"({type(err).__name__}: {str(err).splitlines()[0]})") from None

@@ -43,7 +43,7 @@ def _feature_extractor(path: str | None, model_config):
 
     if path is not None:
         try:
-            return AutoFeatureExtractor.from_pretrained(path)
+            return AutoFeatureExtractor.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError):
             pass  # a bare model folder: the standard wav2vec2 front end below
     # 16 kHz, zero-mean unit-variance per utterance: what wav2vec2 / HuBERT checkpoints expect

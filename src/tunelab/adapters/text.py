@@ -43,7 +43,7 @@ def _tokenizer(path: str | None, tokenizer_path: str | None):
     if source is None:
         raise TunelabError("a random text model (model.config) needs model.tokenizer=<local checkpoint folder with a tokenizer>.")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise TunelabError(f"no usable tokenizer in {source} ({str(err).splitlines()[0]}); "
                            "set model.tokenizer=<folder with tokenizer files>.") from None
