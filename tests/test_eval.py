@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from tunelab import eval_cli
@@ -55,6 +56,11 @@ def test_eval_of_a_checkpoint_path_needs_its_run_folder(trained_smoke, tmp_path)
     lonely = tmp_path / "elsewhere" / "checkpoints" / "model.ckpt"
     lonely.parent.mkdir(parents=True)
     shutil.copy(ckpt, lonely)
+    # checkpoints carry their config now (a lone copy evaluates: tests/test_trust_stored.py);
+    # one from before that needs its run folder
+    checkpoint = torch.load(lonely, weights_only=True)
+    checkpoint["tunelab"] = {k: v for k, v in checkpoint["tunelab"].items() if k not in ("config", "meta")}
+    torch.save(checkpoint, lonely)
     with pytest.raises(TunelabError, match="resolved_config.yaml.*training config"):
         eval_cli.evaluate(eval_cli.parse_args([str(lonely), "--no-log"]))
 

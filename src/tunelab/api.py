@@ -32,16 +32,18 @@ def fit(overrides: Sequence[str] = ()):
 
     from tunelab.preflight import check_writable
     from tunelab.train import run_job
+    from tunelab.umask import private_files
 
-    cfg = compose_run(list(overrides))
-    if cfg.hydra.mode == RunMode.MULTIRUN:
-        raise TunelabError("these overrides start a sweep (hydra.mode=MULTIRUN); run it with tunelab-train -m.")
-    folder = Path(str(OmegaConf.select(cfg, "hydra.run.dir")))
-    check_writable(folder, "hydra.run.dir")
-    with open_dict(cfg):  # what Hydra's own run sets: the job folder every output goes to
-        cfg.hydra.runtime.output_dir = str(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not logging.getLogger().handlers:  # a notebook: show tunelab's progress lines
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with as_hydra_job(cfg):
-        return run_job(cfg)
+    with private_files():  # the run's files are private, as with tunelab-train (tunelab/umask.py)
+        cfg = compose_run(list(overrides))
+        if cfg.hydra.mode == RunMode.MULTIRUN:
+            raise TunelabError("these overrides start a sweep (hydra.mode=MULTIRUN); run it with tunelab-train -m.")
+        folder = Path(str(OmegaConf.select(cfg, "hydra.run.dir")))
+        check_writable(folder, "hydra.run.dir")
+        with open_dict(cfg):  # what Hydra's own run sets: the job folder every output goes to
+            cfg.hydra.runtime.output_dir = str(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not logging.getLogger().handlers:  # a notebook: show tunelab's progress lines
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+        with as_hydra_job(cfg):
+            return run_job(cfg)

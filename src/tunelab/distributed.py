@@ -90,8 +90,11 @@ class RankGroup:
         self.on_failure: Callable[[str], None] | None = None
         self._stop = threading.Event()
         folder.mkdir(parents=True, exist_ok=True)
-        self.config_path = folder / "resolved_config.yaml"
-        # Every rank reads this file: one resolution, so every rank trains the same config.
+        # Every rank reads this file: one resolution, so every rank trains the same config. It may
+        # hold values read from the environment (the run's records get them redacted), so it is
+        # the ranks' own file: owner-only, and gone when they are.
+        self.config_path = folder / ".ranks_config.yaml"
+        self.config_path.touch(mode=0o600)
         self.config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self.env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NODE_RANK": "0",
                     "WORLD_SIZE": str(world), "TUNELAB_LOCAL_WORLD": str(world)}
@@ -173,6 +176,7 @@ class RankGroup:
                     pass
         for proc in self.processes:
             proc.wait()
+        self.config_path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -254,4 +258,4 @@ class RankAgreement(L.Callback):
         self.hashes = [f"{int(v):012x}" for v in trainer.strategy.all_gather(mine).flatten().tolist()]
         if len(set(self.hashes)) > 1:
             raise TunelabError(f"the DDP ranks resolved different configs (hashes {self.hashes}); "
-                               "every rank must read the job's resolved_config.yaml.")
+                               "every rank must read the config rank 0 resolved.")

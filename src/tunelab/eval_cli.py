@@ -50,8 +50,11 @@ def apply_data_overrides(cfg, overrides: list[str]) -> None:
             OmegaConf.update(cfg, override.key_or_group, override.value(), force_add=True)
         return
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        composed = compose("train", overrides=[*overrides, f"seed={cfg.seed}", f"paths.root_dir={cfg.paths.root_dir}",
-                                               f"paths.output_dir={cfg.paths.output_dir}"])
+        composed = compose("train", overrides=list(overrides))
+    # the run's seed and folders set as values, never spliced into override text: they come from
+    # the stored config (data, not syntax; a folder name with a comma would be a sweep)
+    for key in ("seed", "paths.root_dir", "paths.output_dir"):
+        OmegaConf.update(composed, key, OmegaConf.select(cfg, key), merge=False)
     with open_dict(cfg):
         cfg.data = OmegaConf.create(OmegaConf.to_container(composed.data, resolve=True))
 
@@ -91,7 +94,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         metrics = {f"{args.split}/{k}": v for k, v in evaluation.report(out, dm.task, f"{args.split}/").items()}
         print(_table(metrics, f"{args.source} on data={dm.name} split={args.split} ({len(out.targets)} samples)"))
         if not args.no_log:
-            _log(trained, args, metrics, out, dm.task, Path(tmp), client.tracking_uri if trained.run_id else None)
+            _log(trained, args, metrics, out, dm.task, Path(tmp), client.tracking_uri)
     return metrics
 
 
@@ -105,21 +108,22 @@ def _table(metrics: dict[str, float], title: str) -> str:
 
 
 def _log(trained, args, metrics, out, task: str, tmp: Path, uri: str | None) -> None:
-    """An MLflow run in ``<experiment>-eval`` (tag ``tunelab.kind=eval``), in the store the model
-    was read from (``uri``; a checkpoint's: its training config's), so a sweep's comparison holds
-    training runs only."""
+    """An MLflow run in ``<experiment>-eval`` (tag ``tunelab.kind=eval``), so a sweep's comparison
+    holds training runs only, in the store the user chose (``uri``: --store, MLFLOW_TRACKING_URI
+    or the default store; never one a stored config names)."""
     from tunelab import evaluation
-    from tunelab.tracking import mlflow_run
+    from tunelab.tracking import mlflow_run, user_store
     from tunelab.ui_links import run_link, shown_uri
 
     name = f"eval {args.split} of {trained.run_id or Path(args.source).name}"
-    with mlflow_run(trained.cfg, run_name=name, kind="eval", uri=uri) as run:
+    with mlflow_run(user_store(trained.cfg), run_name=name, kind="eval", uri=uri) as run:
         run.set_tag("tunelab.eval_source", args.source)
         if trained.run_id:
             run.set_tag("tunelab.eval_of", trained.run_id)  # links the evaluation to its training run
         run.log_metrics(metrics)
         if task == "classification":
             run.log_confusion(evaluation.confusion(out), out.classes)
+            run.log_text(evaluation.class_key_table(out.classes, f"{args.split}/"), "class_metric_keys.json")
             run.log_artifact(evaluation.reliability_plot(out, tmp / "reliability.png"))
         else:
             run.log_artifact(evaluation.residual_plot(out, tmp / "residuals.png"))
@@ -128,6 +132,9 @@ def _log(trained, args, metrics, out, task: str, tmp: Path, uri: str | None) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tunelab.umask import set_for_cli
+
+    set_for_cli("tunelab-eval")  # private files (tunelab/umask.py)
     args = parse_args(argv)
     try:
         evaluate(args)

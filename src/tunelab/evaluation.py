@@ -6,7 +6,9 @@ so a number means the same thing wherever it was computed.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,8 +108,8 @@ def classification_report(out: Outputs, prefix: str = "") -> dict[str, float]:
     if auroc is not None:
         report["auroc"] = auroc
     per_class = multiclass_f1_score(logits, y, n, average=None)
-    for name, value in zip(out.classes or [str(i) for i in range(n)], per_class):
-        report[f"f1_class/{_safe(name)}"] = value
+    for key, value in zip(class_metric_keys(out.classes or [str(i) for i in range(n)]), per_class):
+        report[f"f1_class/{key}"] = value
     return {k: float(v) for k, v in report.items()}
 
 
@@ -123,9 +125,33 @@ def report(out: Outputs, task: str, prefix: str = "") -> dict[str, float]:
     return classification_report(out, prefix) if task == "classification" else regression_report(out)
 
 
-def _safe(name: str) -> str:
-    """MLflow metric keys allow letters, digits, _ - . / and spaces."""
-    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in str(name))[:60]
+KEY_CHARS = 60  # of a class name kept in its metric key: long enough to read, short enough for the UI
+
+
+def class_metric_keys(classes: list[str]) -> list[str]:
+    """One distinct MLflow metric key per class, in class order. A name MLflow takes as it is
+    stays as it is; one that had to change (characters MLflow refuses, ``/`` which would nest
+    the key, cut at ``KEY_CHARS``) or that collides with another gets ``_<class index>``: "a,b"
+    and "a;b" become ``a_b_0`` and ``a_b_1``, never one key that loses a class. The suffixed keys
+    cannot collide (the last ``_<digits>`` is the index), and a plain key that equals one of
+    them is suffixed in turn. ``class_key_table`` says which key is which class."""
+    plain = ["".join(c if c.isalnum() or c in "_-. " else "_" for c in str(name))[:KEY_CHARS] for name in classes]
+    suffixed = {i for i, (name, key) in enumerate(zip(classes, plain)) if key != str(name) or key in ("", ".", "..")}
+    while True:
+        keys = [f"{key}_{i}" if i in suffixed else key for i, key in enumerate(plain)]
+        uses = Counter(keys)
+        clashing = {i for i, key in enumerate(keys) if i not in suffixed and uses[key] > 1}
+        if not clashing:
+            return keys
+        suffixed |= clashing
+
+
+def class_key_table(classes: list[str], prefix: str = "") -> str:
+    """Class index -> class name -> per-class metric key (``prefix``: the split, ``test/``), as the
+    JSON logged next to the metrics (``class_metric_keys.json``)."""
+    rows = [{"index": i, "class": str(name), "metric_key": f"{prefix}f1_class/{key}"}
+            for i, (name, key) in enumerate(zip(classes, class_metric_keys(classes)))]
+    return json.dumps(rows, indent=1, ensure_ascii=False)
 
 
 def reliability_plot(out: Outputs, path: Path, bins: int = 15) -> Path:

@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     import os
 
     from tunelab.trained import resolve, store_client
+    from tunelab.umask import set_for_cli
 
+    set_for_cli("tunelab-export")  # private files (tunelab/umask.py)
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

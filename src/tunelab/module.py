@@ -363,6 +363,9 @@ class FineTuneModule(L.LightningModule):
             "stage_index": self.stage_index,
             "stage_start_step": self.stage_start_step,
             "schedule": self.lr_shape.state_dict() if hasattr(self.lr_shape, "state_dict") else None,
+            # the resolved config and model meta (train._write_beside_checkpoints), plain containers:
+            # a .ckpt copied alone still says how to rebuild its model (trained.from_checkpoint)
+            **(getattr(self, "stored_run", None) or {}),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

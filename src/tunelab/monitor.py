@@ -145,16 +145,16 @@ def monitor(args) -> tuple[dict[str, float], list[str]]:
         alarms = [f"{k.split('/')[1]} {metrics[k]:.3f} > {limit:g}" for k, limit in limits.items() if metrics[k] > limit]
         metrics["monitor/retrain"] = float(bool(alarms))
         if not args.no_log:
-            _log(trained, args, metrics, reference, current, Path(tmp), client.tracking_uri if trained.run_id else None)
+            _log(trained, args, metrics, reference, current, Path(tmp), client.tracking_uri)
     return metrics, alarms
 
 
 def _log(trained, args, metrics, reference, current, tmp: Path, uri: str | None) -> None:
     """An MLflow run in ``<experiment>-monitor`` (tag ``tunelab.kind=monitor``), in the store the
-    model was read from (``uri``; a checkpoint's: its training config's)."""
-    from tunelab.tracking import mlflow_run
+    user chose (``uri``; never one a stored config names)."""
+    from tunelab.tracking import mlflow_run, user_store
 
-    with mlflow_run(trained.cfg, run_name=f"monitor {args.inputs.name}", kind="monitor", uri=uri) as run:
+    with mlflow_run(user_store(trained.cfg), run_name=f"monitor {args.inputs.name}", kind="monitor", uri=uri) as run:
         run.set_tag("tunelab.monitor_inputs", str(args.inputs))
         if trained.run_id:
             run.set_tag("tunelab.monitor_of", trained.run_id)
@@ -163,6 +163,9 @@ def _log(trained, args, metrics, reference, current, tmp: Path, uri: str | None)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tunelab.umask import set_for_cli
+
+    set_for_cli("tunelab-monitor")  # private files (tunelab/umask.py)
     args = parse_args(argv)
     try:
         metrics, alarms = monitor(args)

@@ -37,7 +37,12 @@ class Exported:
             from transformers import AutoFeatureExtractor, AutoTokenizer
 
             loader = AutoTokenizer if settings["modality"] == "text" else AutoFeatureExtractor
-            processor = loader.from_pretrained(self.folder / "preprocess")
+            try:  # False, not transformers' default: that asks at a terminal whether to run the folder's code
+                processor = loader.from_pretrained(self.folder / "preprocess", trust_remote_code=False)
+            except ValueError as err:  # an auto_map naming Python in the folder, or no processor at all
+                raise TunelabError(f"cannot read the preprocessing in {self.folder / 'preprocess'} "
+                                   f"({' '.join(str(err).split())[:300]}); tunelab never runs code shipped "
+                                   "with a model (trust_remote_code).") from None
         self.preprocess = Preprocessor(settings, processor)
         onnx, ts = self.folder / "model.onnx", self.folder / "model.ts"
         if runtime == "auto":
@@ -114,6 +119,9 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
+    from tunelab.umask import set_for_cli
+
+    set_for_cli("tunelab-predict")  # private files (tunelab/umask.py)
     args = parse_args(argv)
     try:
         model = Exported(args.export, args.runtime)

@@ -6,14 +6,25 @@ run would have had (data/sampling.py makes the resumed batches and random draws 
 Inside ``trainer.fit``/``test`` Lightning's own SIGTERM handler stops at the next batch
 boundary (a consistent state to checkpoint); outside them tunelab's handler raises at once,
 so a SIGTERM during setup or logging still ends the run as KILLED rather than RUNNING forever.
+
+A SIGKILL (OOM killer, a scheduler after its grace period, node loss) leaves no checkpoint and
+the run RUNNING: each attempt records its output folder and process as tags and keeps a
+heartbeat, so ``resume=auto`` can tell a dead run from a live one and continue it from its
+``last.ckpt``. Run tags are writable by any client of a shared server, so they only point:
+a checkpoint is resumed only from inside the run's own output folder (real paths, under this
+command's outputs) and only when the recipe and run stamped inside it at save time match.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
 import signal
+import socket
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -21,12 +32,24 @@ from typing import Iterator
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tunelab.errors import Preempted
+from tunelab.errors import Preempted, TunelabError
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "preempted.ckpt"
 TAG_CHECKPOINT = "tunelab.preempted_checkpoint"
 TAG_RECIPE = "tunelab.recipe_hash"
+# Each attempt of a run (the first, and every resume) records where it writes and who it is.
+TAG_OUTPUT_DIR = "tunelab.output_dir"
+TAG_EARLIER_DIRS = "tunelab.earlier_output_dirs"  # the folders of the attempts before, one a line
+TAG_HOST, TAG_PID = "tunelab.host", "tunelab.pid"
+TAG_PROCESS = "tunelab.process"  # machine, boot, pid namespace and start time: tells a reused pid from ours
+TAG_HEARTBEAT = "tunelab.heartbeat"  # unix seconds of the last sign of life
+TAG_RESUMED_FROM = "tunelab.resumed_from"
+TAG_LOST = "tunelab.lost_attempts"  # attempts that died without a checkpoint, and the steps they lost
+# Inside every checkpoint (plain strings, weights_only reads them): who saved it.
+STAMP_RECIPE, STAMP_RUN = "tunelab_recipe_hash", "tunelab_run_id"
+HEARTBEAT_EVERY = 60.0  # seconds; a beat is one tag write
+STALE_ENV, STALE_DEFAULT_MIN = "TUNELAB_HEARTBEAT_TIMEOUT_MIN", 15.0
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -85,12 +108,227 @@ def recipe_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(plain), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def resolve_resume(cfg: DictConfig) -> None:
-    """``resume=auto``: find this recipe's latest pre-empted run and its checkpoint; put the
-    checkpoint in ``cfg.ckpt_path`` and the run id in ``cfg._resume_run_id``. Nothing to
-    resume means a fresh run (said in the log)."""
-    from tunelab.errors import TunelabError
+class RecipeStamp(L.Callback):
+    """Writes into every checkpoint which recipe and which MLflow run saved it, so that
+    ``resume=auto`` continues a run only from that run's own checkpoints of this config."""
 
+    def __init__(self, recipe: str, run_id: str | None):
+        self.recipe, self.run_id = recipe, run_id
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[STAMP_RECIPE] = self.recipe
+        if self.run_id:  # ranks other than 0 do not know it, and do not write the file
+            checkpoint[STAMP_RUN] = self.run_id
+
+
+class Heartbeat(L.Callback):
+    """Tells ``resume=auto`` on another machine that this run still lives: the tag
+    ``tunelab.heartbeat`` (unix seconds), from every loop, at most every ``every`` seconds."""
+
+    def __init__(self, run, every: float = HEARTBEAT_EVERY, clock=time.monotonic):
+        self.run, self.every, self.clock = run, every, clock
+        self.last = clock()
+
+    def beat(self) -> None:
+        outage, now = getattr(self.run, "outage", None), self.clock()
+        if now - self.last < self.every or (outage is not None and outage.down):
+            return  # a server that is down hears nothing: a beat never waits for its retries
+        self.last = now
+        self.run.set_tag(TAG_HEARTBEAT, str(int(time.time())))
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        self.beat()
+
+    def on_validation_batch_end(self, *args, **kwargs) -> None:
+        self.beat()
+
+    def on_test_batch_end(self, *args, **kwargs) -> None:
+        self.beat()
+
+
+def resume_callbacks(cfg: DictConfig, run) -> list[L.Callback]:
+    """What every training needs so that ``resume=auto`` can continue it after a crash."""
+    stamp = RecipeStamp(recipe_hash(cfg), run.run_id)
+    return [stamp, Heartbeat(run)] if run.run_id else [stamp]
+
+
+# -- who runs an attempt, and whether it still lives ---------------------------------------------
+
+
+def _process_space() -> str:
+    """Where a pid names one process: this machine since its last boot, in this pid namespace
+    (containers on one host may share its name, never their pids)."""
+    import psutil
+
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux: the machine and its boot must do
+        namespace = 0
+    return f"{socket.gethostname()}/boot{int(psutil.boot_time())}/pidns{namespace}"
+
+
+def attempt_tags(output_dir) -> dict[str, str]:
+    """This attempt of a run: the folder it writes (real path), its process, a first heartbeat."""
+    import psutil
+
+    me = psutil.Process()
+    return {TAG_OUTPUT_DIR: str(Path(str(output_dir)).resolve()), TAG_HOST: socket.gethostname(),
+            TAG_PID: str(me.pid), TAG_PROCESS: f"{_process_space()}/{me.create_time():.2f}",
+            TAG_HEARTBEAT: str(int(time.time()))}
+
+
+def stale_after_s() -> float:
+    """How long a RUNNING run on another machine may be silent before it counts as dead."""
+    raw = os.environ.get(STALE_ENV, str(STALE_DEFAULT_MIN))
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = math.nan
+    if not 2 * HEARTBEAT_EVERY / 60 <= minutes < math.inf:  # a live run beats every minute
+        raise TunelabError(f"{STALE_ENV} must be a number of minutes >= 2 (default {STALE_DEFAULT_MIN:g}), got {raw!r}.")
+    return minutes * 60
+
+
+def _alive(pid: int, started: float) -> bool:
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return abs(process.create_time() - started) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def death(tags: dict[str, str], stale_after: float, now: float | None = None) -> str | None:
+    """Why the process of a run MLflow shows RUNNING is gone, or None while it may still live:
+    on this machine the OS knows; elsewhere, a heartbeat older than ``stale_after`` seconds."""
+    who = f"pid {tags.get(TAG_PID)} on {tags.get(TAG_HOST)}"
+    space, _, started = tags.get(TAG_PROCESS, "").rpartition("/")
+    try:
+        if space == _process_space():
+            return None if _alive(int(tags[TAG_PID]), float(started)) else f"its process ({who}) is gone"
+        silent = (time.time() if now is None else now) - float(tags[TAG_HEARTBEAT])
+    except (KeyError, ValueError):  # started by an older tunelab, or tags that make no sense
+        return None  # cannot tell: never take over a run that may be alive
+    if silent <= stale_after:
+        return None
+    return f"its process ({who}) has not been heard from for {silent / 60:.0f} min ({STALE_ENV}={stale_after / 60:g})"
+
+
+# -- which checkpoint a run may be resumed from --------------------------------------------------
+
+
+class Refused(Exception):
+    """Why ``resume=auto`` will not continue a run from a checkpoint (logged; it is never loaded)."""
+
+
+def read_stamp(path: str | Path) -> dict:
+    """The stamp and step of a checkpoint, read with ``weights_only=True`` and memory-mapped (a
+    large checkpoint is not read whole only to be judged); a file that would run code is refused."""
+    import torch
+
+    from tunelab.adapters.weights import load_checkpoint
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - old formats cannot be mapped; the plain safe loader says what is wrong
+        checkpoint = load_checkpoint(path, "resume=auto")
+    if not isinstance(checkpoint, dict):
+        return {}
+    return {key: checkpoint.get(key) for key in (STAMP_RECIPE, STAMP_RUN, "global_step")}
+
+
+def _outputs(cfg: DictConfig) -> Path:
+    """Where this command's runs live: a run whose folder is elsewhere was not written by it.
+    (A paths config of the user's own without ``log_dir``: the folder holding this run's.)"""
+    outputs = OmegaConf.select(cfg, "paths.log_dir") or Path(str(cfg.paths.output_dir)).parent
+    return Path(str(outputs)).resolve()
+
+
+def recorded_folders(tags: dict[str, str]) -> list[str]:
+    """The output folders a run's attempts recorded, newest first."""
+    folders = [tags.get(TAG_OUTPUT_DIR, ""), *tags.get(TAG_EARLIER_DIRS, "").splitlines()]
+    return [f for f in dict.fromkeys(folders) if f.strip()]
+
+
+def _real(path: str | Path) -> Path:
+    """``path`` with every symlink and ``..`` resolved; a tag no path can be made of is refused."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError, ValueError) as err:  # a link loop, a NUL byte
+        raise Refused(f"{str(path)[:200]!r} is not a usable path ({err})") from None
+
+
+def run_folders(run, outputs: Path) -> list[Path]:
+    """The output folders of a run's attempts (newest first, real paths) that lie under ``outputs``."""
+    folders = [_real(f) for f in recorded_folders(run.data.tags)]
+    if not folders:
+        raise Refused("it records no output folder (started by an older tunelab); "
+                      "continue it with ckpt_path=<its checkpoint> if you trust that file")
+    inside = [f for f in folders if f.is_relative_to(outputs)]
+    if not inside:
+        raise Refused(f"its output folder {folders[0]} is not under this command's outputs {outputs} "
+                      "(a run tag may have been changed)")
+    return inside
+
+
+def check_checkpoint(run, path: Path, recipe: str, folders: list[Path]) -> int:
+    """The step ``run`` would resume at from ``path``; :class:`Refused` unless the file lies in
+    one of the run's folders (symlinks and ``..`` resolved) and was saved by this run and recipe."""
+    real = _real(path)
+    if not any(real.is_relative_to(folder) for folder in folders):
+        raise Refused(f"{path} is outside the run's output folder {folders[0]}")
+    if not real.is_file():
+        raise Refused(f"{path} does not exist")
+    try:
+        stamp = read_stamp(real)
+    except TunelabError as err:
+        raise Refused(str(err)) from None
+    if stamp.get(STAMP_RECIPE) is None:
+        raise Refused("it carries no recipe stamp (saved weights-only, or by an older tunelab); "
+                      f"continue from it with ckpt_path={path} if you trust that file")
+    if stamp.get(STAMP_RECIPE) != recipe:
+        raise Refused(f"it was saved by another config (recipe hash {stamp.get(STAMP_RECIPE)}; this command's "
+                      f"is {recipe})")
+    if stamp.get(STAMP_RUN) != run.info.run_id:
+        raise Refused(f"it was saved by another run ({stamp.get(STAMP_RUN)})")
+    return int(stamp.get("global_step") or 0)
+
+
+def _resumable(run, recipe: str, outputs: Path, stale_after: float) -> Path | None:
+    """The checkpoint this pre-empted or crashed run may continue from (the latest step), or None
+    with the reasons logged."""
+    tags, run_id = run.data.tags, run.info.run_id
+    if run.info.status == "KILLED":
+        if TAG_CHECKPOINT not in tags:
+            return None  # stopped on purpose (Ctrl+C, a pruned trial): not for resume=auto
+        paths = [Path(tags[TAG_CHECKPOINT])]
+    else:
+        died = death(tags, stale_after)
+        if died is None:
+            log.info("resume=auto: run %s of this config is RUNNING and may be alive; leaving it alone", run_id)
+            return None
+        log.warning("resume=auto: run %s is RUNNING in MLflow but %s", run_id, died)
+        paths = [Path(f) / "checkpoints" / "last.ckpt" for f in recorded_folders(tags)]
+        paths += [Path(tags[TAG_RESUMED_FROM])] if tags.get(TAG_RESUMED_FROM) else []
+    try:
+        folders = run_folders(run, outputs)
+    except Refused as why:
+        log.warning("resume=auto: not resuming run %s: %s", run_id, why)
+        return None
+    steps = {}
+    for path in paths:
+        try:
+            steps[path] = check_checkpoint(run, path, recipe, folders)
+        except Refused as why:
+            log.warning("resume=auto: not resuming run %s from %s: %s", run_id, path, why)
+    return Path(max(steps, key=steps.get)).resolve() if steps else None
+
+
+def resolve_resume(cfg: DictConfig) -> None:
+    """``resume=auto``: find this recipe's latest pre-empted run, or a RUNNING one whose process
+    died, and the checkpoint it may continue from; put the checkpoint in ``cfg.ckpt_path`` and
+    the run id in ``cfg._resume_run_id``. Nothing to resume means a fresh run (said in the log)."""
     setting = cfg.get("resume")
     if setting in (None, "never") or cfg.get("_resume_run_id"):  # off, or resolved already (DDP ranks)
         return
@@ -98,6 +336,7 @@ def resolve_resume(cfg: DictConfig) -> None:
         raise TunelabError(f"resume must be auto or null, got {setting!r} (an explicit checkpoint: ckpt_path=PATH).")
     if cfg.get("ckpt_path"):
         raise TunelabError("resume=auto and ckpt_path are both set; give one.")
+    stale_after = stale_after_s()
     from mlflow.tracking import MlflowClient
 
     from tunelab.tracking import check_reachable, tracking_uri
@@ -106,16 +345,39 @@ def resolve_resume(cfg: DictConfig) -> None:
     check_reachable(uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(str(cfg.logger.experiment_name))
-    found = None
-    if experiment is not None:
-        runs = client.search_runs([experiment.experiment_id],
-                                  filter_string=f"tags.`{TAG_RECIPE}` = '{recipe_hash(cfg)}' and attributes.status = 'KILLED'",
-                                  order_by=["attributes.start_time DESC"], max_results=5)
-        found = next((r for r in runs if Path(r.data.tags.get(TAG_CHECKPOINT, "/nonexistent")).is_file()), None)
-    if found is None:
-        log.info("resume=auto: no pre-empted run of this config with a checkpoint; starting a new run")
-        return
-    with open_dict(cfg):
-        cfg.ckpt_path = found.data.tags[TAG_CHECKPOINT]
-        cfg._resume_run_id = found.info.run_id
-    log.info("resume=auto: continuing MLflow run %s from %s", found.info.run_id, cfg.ckpt_path)
+    recipe = recipe_hash(cfg)
+    runs = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], max_results=20, order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.`{TAG_RECIPE}` = '{recipe}' and attributes.status != 'FINISHED' "
+                      "and attributes.status != 'FAILED'")
+    for run in runs:
+        checkpoint = _resumable(run, recipe, _outputs(cfg), stale_after)
+        if checkpoint is not None:
+            with open_dict(cfg):
+                cfg.ckpt_path = str(checkpoint)
+                cfg._resume_run_id = run.info.run_id
+            log.info("resume=auto: continuing MLflow run %s from %s", run.info.run_id, checkpoint)
+            return
+    log.info("resume=auto: no pre-empted or crashed run of this config with a checkpoint; starting a new run")
+
+
+def continue_run(client, run_id: str, checkpoint: str, output_dir) -> None:
+    """Reopen the run ``resume=auto`` chose: record this attempt (folder, process, heartbeat) and
+    where its history resumes (metric ``resumed`` at that step). An attempt that died without a
+    checkpoint (the run was still RUNNING) is named in ``tunelab.lost_attempts`` with the step
+    after which its work was lost: its metrics after that step are logged a second time."""
+    from mlflow.entities import Metric, RunTag
+
+    run = client.get_run(run_id)
+    tags, step = run.data.tags, int(read_stamp(checkpoint).get("global_step") or 0)
+    attempt = attempt_tags(output_dir)
+    earlier = [f for f in recorded_folders(tags) if f != attempt[TAG_OUTPUT_DIR]]
+    updates = {**attempt, TAG_RESUMED_FROM: checkpoint, **({TAG_EARLIER_DIRS: "\n".join(earlier)} if earlier else {})}
+    if run.info.status == "RUNNING":  # resolve_resume found its process dead
+        lost = (f"the attempt of pid {tags.get(TAG_PID)} on {tags.get(TAG_HOST)} died without a checkpoint "
+                f"after step {step}; resumed from {checkpoint}")
+        updates[TAG_LOST] = "\n".join(filter(None, [tags.get(TAG_LOST), lost]))[-5000:]
+        log.warning("resume=auto: %s", lost)
+    client.update_run(run_id, status="RUNNING")
+    client.log_batch(run_id, metrics=[Metric("resumed", 1.0, int(time.time() * 1000), step)],
+                     tags=[RunTag(k, v) for k, v in updates.items()])

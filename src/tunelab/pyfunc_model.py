@@ -1,7 +1,8 @@
 """The MLflow pyfunc flavour of a fine-tuned tunelab model ("models from code": no pickle).
 
 MLflow copies this file beside the model and runs it on load; ``load_context`` rebuilds the
-adapter from the run's resolved config and loads the checkpoint with ``weights_only=True``.
+adapter from the run's resolved config (judged like any stored config: trained.judged) and loads
+the checkpoint with ``weights_only=True``.
 Input: a DataFrame with one column of raw inputs, preprocessed exactly as the test split was:
 ``image`` (base64-encoded image bytes, or file paths), ``text`` (strings) or ``audio`` (float
 waveforms at the model's sampling rate, or file paths). Output: a DataFrame with the predicted
@@ -11,7 +12,6 @@ waveforms at the model's sampling rate, or file paths). Output: a DataFrame with
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import mlflow.pyfunc
@@ -25,15 +25,12 @@ warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` me
 
 class TunelabModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from pathlib import Path
+        from tunelab.trained import Predictor, from_artifacts, load_adapter
 
-        from omegaconf import OmegaConf
-
-        from tunelab.trained import Predictor, Trained, load_adapter
-
-        with open(context.artifacts["meta"]) as f:
-            self.meta = json.load(f)
-        trained = Trained(OmegaConf.load(context.artifacts["config"]), self.meta, Path(context.artifacts["checkpoint"]))
+        # the config inside the checkpoint (or, registered before checkpoints carried it, the
+        # config artifact), held to the allow-list before anything is built from it
+        trained = from_artifacts(context.artifacts)
+        self.meta = trained.meta
         self.adapter = load_adapter(trained)
         self.predictor = Predictor(self.adapter, self.meta["task"]).eval()
 

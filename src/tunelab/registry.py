@@ -1,7 +1,7 @@
 """Put a run's fine-tuned model into MLflow's model registry as a pyfunc model.
 
-Every run logs its best checkpoint, its resolved config and ``model_meta.json`` (task,
-classes, input settings); registering builds an MLflow model from those three files, so a
+Every run logs its best checkpoint, which carries its resolved config and model meta (task,
+classes, input settings); registering builds an MLflow model from it, so a
 sweep registers only its best trial and no run pays for logging a model nobody asked for.
 """
 
@@ -43,23 +43,30 @@ def _example(meta: dict):
 
 
 def register_run_model(client: MlflowClient, run_id: str, name: str) -> str:
-    """Log ``run_id``'s model as an MLflow pyfunc model and register it; returns ``models:/name/N``."""
+    """Log ``run_id``'s model as an MLflow pyfunc model and register it; returns ``models:/name/N``.
+    A name read from the environment is withheld like every other record (redaction.py)."""
     import mlflow
 
     from tunelab import pyfunc_model
+    from tunelab.redaction import redact_value
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # three files, no bars
+    name = redact_value(name)
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a file or three, no bars
 
     from tunelab.trained import from_run
 
     with tempfile.TemporaryDirectory() as tmp:
         trained = from_run(client, run_id, Path(tmp))
+        # MLflow copies the code file with its mode (0644 in the package): a copy written under
+        # tunelab's umask keeps the logged model owner-only like the rest of the store (umask.py)
+        code = Path(tmp, Path(pyfunc_model.__file__).name)
+        code.write_bytes(Path(pyfunc_model.__file__).read_bytes())
         with _fluent_uri(client._tracking_client.tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=pyfunc_model.__file__,
-                artifacts={"checkpoint": str(trained.checkpoint), "config": str(trained.config_path),
-                           "meta": str(trained.meta_path)},
+                python_model=str(code),
+                artifacts=_artifacts(trained),
                 input_example=_example(trained.meta),
                 pip_requirements=["tunelab"],
                 registered_model_name=name,
@@ -67,6 +74,13 @@ def register_run_model(client: MlflowClient, run_id: str, name: str) -> str:
     version = info.registered_model_version
     client.set_tag(run_id, "tunelab.registered_model", f"{name}/{version}")
     return f"models:/{name}/{version}"
+
+
+def _artifacts(trained) -> dict[str, str]:
+    """The checkpoint, which carries its config and meta; the two files only for runs from before
+    checkpoints did (the pyfunc reads them then)."""
+    files = {"config": trained.config_path, "meta": trained.meta_path}
+    return {"checkpoint": str(trained.checkpoint), **{k: str(v) for k, v in files.items() if v is not None}}
 
 
 @contextmanager

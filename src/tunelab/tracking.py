@@ -20,12 +20,13 @@ from typing import Iterator
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import tunelab
 from tunelab.errors import Preempted, TrialPruned, TunelabError
 from tunelab.outage import Outage, bound_retries, healthy
-from tunelab.preemption import TAG_CHECKPOINT, TAG_RECIPE, recipe_hash
+from tunelab.preemption import TAG_CHECKPOINT, TAG_RECIPE, attempt_tags, continue_run, recipe_hash
+from tunelab.redaction import RedactingClient, redact_value, redacted_yaml
 from tunelab.sweep.job import current_job
 from tunelab.sweep.job import run_name as job_run_name
 from tunelab.run_records import clip as _clip, config_choices, config_hash, default_run_name, run_records
@@ -153,7 +154,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
             if response.status == 200:
-                return
+                return check_login(uri)
     except OSError as err:
         reason = getattr(err, "reason", err)
         raise TunelabError(
@@ -163,12 +164,31 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     raise TunelabError(f"MLflow tracking server {shown_uri(uri)} answered /health with status {response.status}.")
 
 
-def git_commit() -> str:
-    root = Path(tunelab.__file__).resolve().parents[2]
+def check_login(uri: str) -> None:
+    """A server behind a login (``tunelab-ui --auth``) answers /health to anyone: ask it for
+    something that needs MLFLOW_TRACKING_USERNAME / _PASSWORD, so a refused login stops here."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as err:
+        if err.get_http_status_code() in (401, 403):
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            raise TunelabError(
+                f"MLflow tracking server {shown_uri(uri)} refused the login "
+                f"({f'user {user!r}' if user else 'MLFLOW_TRACKING_USERNAME is not set'}). Set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of that server.") from None
+        # anything else surfaces where the run starts, with its own message
+
+
+def git_commit() -> str:
+    """The checkout's commit. git runs with a clean environment and no fsmonitor hook: GIT_CONFIG_*
+    variables (set by whoever controls the environment) could otherwise make it run a command."""
+    root = Path(tunelab.__file__).resolve().parents[2]
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""), "LC_ALL": "C"}
+    git = ["git", "-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null"]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, env=env)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5, env=env)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     if commit.returncode != 0:
@@ -212,7 +232,7 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) ->
 def experiment_name(cfg: DictConfig, kind: str = "train") -> str:
     """Training runs go to ``logger.experiment_name``; tunelab-eval and tunelab-monitor runs to
     ``<name>-eval`` / ``<name>-monitor``, so comparing a sweep's runs compares training runs."""
-    name = str(cfg.logger.experiment_name)
+    name = redact_value(str(cfg.logger.experiment_name))  # a value from the environment is withheld (redaction.py)
     return name if kind == "train" else f"{name}-{kind}"
 
 
@@ -226,8 +246,9 @@ def _new_run(client: MlflowClient, exp_id: str, cfg: DictConfig, run_name: str |
     tags.update({"tunelab.version": tunelab.__version__, "tunelab.config_hash": config_hash(cfg),
                  "mlflow.source.git.commit": git_commit(),
                  **{str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}})
-    if training:
+    if training:  # what resume=auto needs to find this run, and to tell whether its process lives
         tags[TAG_RECIPE] = recipe_hash(cfg)
+        tags.update(attempt_tags(cfg.paths.output_dir))
     else:
         tags["tunelab.kind"] = kind
     if job is not None:
@@ -246,6 +267,14 @@ def _new_run(client: MlflowClient, exp_id: str, cfg: DictConfig, run_name: str |
     return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id, params
 
 
+def user_store(stored: DictConfig) -> DictConfig:
+    """A stored config (a checkpoint's, a run's) with the logging locations it names removed: a
+    file someone else may have written does not choose where this machine writes."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(stored, {"logger": {"tracking_uri": None, "artifact_root": None}})
+
+
 @contextmanager
 def mlflow_run(cfg: DictConfig, run_name: str | None = None, *, kind: str = "train",
                uri: str | None = None) -> Iterator[Run]:
@@ -256,7 +285,7 @@ def mlflow_run(cfg: DictConfig, run_name: str | None = None, *, kind: str = "tra
     (default: MLFLOW_TRACKING_URI, else the config's)."""
     uri = uri or tracking_uri(cfg)
     check_reachable(uri)
-    client = MlflowClient(uri)
+    client = RedactingClient(uri)  # nothing read from the environment is sent (redaction.py)
     local = not uri.startswith(("http://", "https://"))
     name = experiment_name(cfg, kind)
     # Only training resumes; a trained model's config (resolved_config.yaml) may still carry the
@@ -264,9 +293,8 @@ def mlflow_run(cfg: DictConfig, run_name: str | None = None, *, kind: str = "tra
     resumed = cfg.get("_resume_run_id") if kind == "train" else None
     try:
         exp_id = experiment_id(client, name, artifact_location(cfg, uri))
-        if resumed:  # resume=auto: the pre-empted run goes on; its params are already logged
-            client.update_run(resumed, status="RUNNING")
-            client.set_tag(resumed, "tunelab.resumed_from", str(cfg.ckpt_path))
+        if resumed:  # resume=auto: the pre-empted or crashed run goes on; its params are already logged
+            continue_run(client, resumed, str(cfg.ckpt_path), cfg.paths.output_dir)
             run_id, params = resumed, {}
         else:
             run_id, params = _new_run(client, exp_id, cfg, run_name, kind)
@@ -283,7 +311,7 @@ def mlflow_run(cfg: DictConfig, run_name: str | None = None, *, kind: str = "tra
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             client.log_batch(handle.run_id, params=items[i: i + 100])
-        handle.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        handle.log_text(redacted_yaml(cfg), "config.yaml")
         yield handle
     except Preempted as err:  # resumable: KILLED, with the checkpoint resume=auto will continue from
         client.set_tag(handle.run_id, "tunelab.error", "pre-empted (SIGTERM)")

@@ -95,10 +95,12 @@ def run_job(cfg: DictConfig) -> RunResult:
     """train(), returning the MLflow run id as well (the notebook API's fit())."""
     from tunelab.distributed import local_world_size, rank_processes
     from tunelab.preemption import SigtermGuard, resolve_resume
+    from tunelab.redaction import protect
     from tunelab.run_records import config_choices
     from tunelab.sweep.job import current_job
     from tunelab.sweep.trial import share_machine
 
+    protect(cfg)  # first: what the config read from the environment is in no record, log or error line
     # every _target_ of the tree, values no type catches and unknown keys: before data, model or run exist
     validate(cfg, config_choices())
     _quiet_lightning()
@@ -117,7 +119,7 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
 
     from tunelab.build import build_parts
     from tunelab.distributed import RankAgreement, global_rank
-    from tunelab.preemption import PreemptionCheckpoint
+    from tunelab.preemption import PreemptionCheckpoint, resume_callbacks
     from tunelab.registry import model_meta
     from tunelab.run_records import config_hash
     from tunelab.tracking import mlflow_run, no_run
@@ -139,12 +141,12 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
         meta = json.dumps(model_meta(parts), indent=1)
         run.log_text(table, "stage_table.txt")
         run.log_text(meta, "model_meta.json")  # with config.yaml: what rebuilds the model later
-        if rank == 0:  # the same two files beside the checkpoints, for tunelab-eval / export
-            _write_beside_checkpoints(cfg, meta)
+        # the same two inside every checkpoint and (rank 0) beside them, for tunelab-eval / export
+        _write_beside_checkpoints(cfg, meta, parts.module, rank)
         callbacks = _callbacks(cfg, parts, job if rank == 0 else None)
         agreement = RankAgreement(config_hash(cfg))
         preemption = PreemptionCheckpoint(cfg.paths.output_dir)
-        callbacks += [agreement, preemption]
+        callbacks += [agreement, preemption, *resume_callbacks(cfg, run)]  # stamp + heartbeat: resume=auto after a crash
         trainer = build(cfg.trainer, "trainer", logger=run.lightning_logger(), callbacks=callbacks)
         try:
             with guard.lightning(), ranks.blame() if ranks is not None else contextlib.nullcontext():
@@ -241,12 +243,23 @@ def _batch_limit(limit) -> int | None:
     return int(limit) if isinstance(limit, int) and not isinstance(limit, bool) else None
 
 
-def _write_beside_checkpoints(cfg: DictConfig, meta: str) -> None:
+def _write_beside_checkpoints(cfg: DictConfig, meta: str, module, rank: int) -> None:
+    """The config and meta that rebuild the model, without values read from the environment:
+    inside every checkpoint the module saves, so a .ckpt copied alone still describes its model,
+    and on rank 0 as files beside the checkpoints (what checkpoints from before that rely on)."""
     from omegaconf import OmegaConf
 
+    from tunelab.redaction import redact, redacted_yaml
+
+    config, meta = redacted_yaml(cfg), redact(meta)
+    # parsed back from the very text of resolved_config.yaml: the checkpoint holds the same config,
+    # as plain containers (torch.load(weights_only=True) reads those, never OmegaConf objects)
+    module.stored_run = {"config": OmegaConf.to_container(OmegaConf.create(config)), "meta": json.loads(meta)}
+    if rank != 0:
+        return
     folder = Path(str(cfg.paths.output_dir))
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (folder / "resolved_config.yaml").write_text(config)
     (folder / "model_meta.json").write_text(meta)
 
 
@@ -279,6 +292,7 @@ def _summary(metrics: dict[str, float], task: str) -> list[str]:
 
 
 def _report(run, metrics: dict[str, float], seconds: float, task: str, registered: str | None = None) -> None:
+    from tunelab.redaction import redact
     from tunelab.ui_links import run_link, shown_uri
 
     shown = {k: metrics[k] for k in SHOWN[task] if k in metrics}
@@ -293,7 +307,7 @@ def _report(run, metrics: dict[str, float], seconds: float, task: str, registere
     if run.tracking_uri.startswith("sqlite:///"):
         lines.append(f"open the UI:  tunelab-ui --store {run.tracking_uri[len('sqlite:///'):]}")
     lines.append(f"run page:     {run_link(run.tracking_uri, run.experiment_id, run.run_id)}")
-    print("\n".join(["", *lines]), flush=True)
+    print(redact("\n".join(["", *lines])), flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
@@ -304,7 +318,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except TunelabError as err:
         if current_job() is not None:
-            print(f"tunelab-train: error: {err}", file=sys.stderr)
+            from tunelab.redaction import redact
+
+            print(f"tunelab-train: error: {redact(str(err))}", file=sys.stderr)
             raise  # one failed trial: Hydra records it and the sweeper decides whether to go on
         _exit_with(err)
     except Preempted as err:
@@ -322,7 +338,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def _exit_with(err: TunelabError) -> None:
     """The one way a user error ends tunelab-train: one line, exit status 2, no traceback."""
-    print(f"tunelab-train: error: {err}", file=sys.stderr)
+    from tunelab.redaction import redact
+
+    print(f"tunelab-train: error: {redact(str(err))}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -349,18 +367,34 @@ def _guard_hydra_callbacks() -> None:
 
 
 def main() -> None:
+    from tunelab.plan import check_before_hydra, main_check
     from tunelab.preflight import preflight
+    from tunelab.targets import freeze_environment
+    from tunelab.umask import set_for_cli
 
-    if "--check" in sys.argv[1:]:  # compose and validate every run of the command, train nothing
-        from tunelab.plan import main_check
-
-        sys.exit(main_check(sys.argv[1:]))
+    freeze_environment()  # what tunelab trusts is read now, before Hydra applies anything
+    set_for_cli("tunelab-train")  # before Hydra makes the output folder: private files (tunelab/umask.py)
+    argv = sys.argv[1:]
+    if "--check" in argv:  # compose and validate every run of the command, train nothing
+        sys.exit(main_check(argv))
     try:
-        preflight(sys.argv[1:])
+        preflight(argv)
+        if not any(a in ("-h", "--help", "--hydra-help") or a.startswith(("-sc", "--shell-completion")) for a in argv):
+            check_before_hydra(argv)  # Hydra acts on hydra.* (environment, logging, launcher) before train()
+            _check_tracking_server()
     except TunelabError as err:
         _exit_with(err)
     _guard_hydra_callbacks()
     _hydra_main()
+
+
+def _check_tracking_server() -> None:
+    """A dead server or a refused login (tunelab-ui --auth), before Hydra writes anything."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        from tunelab.tracking import check_reachable
+
+        check_reachable(uri)
 
 
 if __name__ == "__main__":

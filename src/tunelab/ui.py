@@ -1,4 +1,5 @@
-"""``tunelab-ui``: open the MLflow UI on tunelab's local store (127.0.0.1 unless asked)."""
+"""``tunelab-ui``: open the MLflow UI on tunelab's local store (127.0.0.1 unless asked; with
+--auth behind MLflow's login, which --allow-remote requires: see tunelab/ui_auth.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import socket
 import sys
 from pathlib import Path
+
+from tunelab.errors import TunelabError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -37,11 +40,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="folder for artifacts of runs logged through this server "
                         "(default: mlartifacts/ beside the store)")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1: this machine only; MLflow has no login, "
-                        "so binding 0.0.0.0 shows your runs to the whole network)")
+                        help="address to bind (default 127.0.0.1: this machine only; another address "
+                        "needs --allow-remote and --auth)")
     parser.add_argument("--allow-remote", action="store_true",
-                        help="allow --host to be an address other machines can reach (MLflow has no "
-                        "authentication: anyone who can reach the port can read and delete runs)")
+                        help="allow --host to be an address other machines can reach; needs --auth")
+    parser.add_argument("--auth", action="store_true",
+                        help="require a login (MLflow's basic-auth app): the admin is created on the first "
+                        "start from TUNELAB_UI_ADMIN_PASSWORD or a prompt; clients set "
+                        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+    parser.add_argument("--admin-user", default="admin",
+                        help="the admin's user name with --auth (default admin)")
     parser.add_argument("--create", action="store_true",
                         help="create the store if it does not exist yet (a new tracking server for sweeps)")
     parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
@@ -52,8 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def server_command(args: argparse.Namespace) -> tuple[list[str], str]:
-    """The ``mlflow server`` command line and the store it serves."""
+def server_command(args: argparse.Namespace) -> tuple[list[str], str, Path]:
+    """The ``mlflow server`` command line, the store it serves and the folder beside that store."""
     if args.backend_store_uri:
         uri, base = args.backend_store_uri, Path.cwd() / "outputs"
     else:
@@ -76,7 +84,9 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], str]:
     ]
     if args.workers:
         command += ["--workers", str(args.workers)]
-    return command, uri
+    if args.auth:
+        command += ["--app-name", "basic-auth"]
+    return command, uri, base
 
 
 def landing_page(uri: str, experiment: str | None = None) -> str:
@@ -103,20 +113,52 @@ def landing_page(uri: str, experiment: str | None = None) -> str:
     return runs_page(exp_id, ours[exp_id].tags[DEFAULT_VIEW_TAG])
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def refuse_exposure(args: argparse.Namespace) -> None:
+    """Another machine may reach the server only when asked for, and only behind a login: whoever
+    can write to it can replace a registered model, which is code run where it is loaded."""
+    if args.allow_remote and not args.auth:
+        raise SystemExit("tunelab-ui: error: --allow-remote needs --auth: without a login anyone who reaches "
+                         "the server can read, delete and replace runs and registered models.")
     if args.host not in LOOPBACK and not args.allow_remote:
-        raise SystemExit(f"tunelab-ui: error: --host {args.host} would expose the runs to other machines, "
-                         "and MLflow has no login. Add --allow-remote if that is what you want.")
-    command, uri = server_command(args)
+        raise SystemExit(f"tunelab-ui: error: --host {args.host} would expose the runs to other machines. "
+                         "Add --allow-remote --auth if that is what you want.")
+
+
+def banner(args: argparse.Namespace, uri: str, page: str, created_admin: bool | None) -> str:
     host = f"[{args.host}]" if ":" in args.host else args.host
-    new_store = uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file()  # --create
-    page = "" if new_store else landing_page(uri, args.experiment)
-    print(f"MLflow UI on {uri}\n  open http://{host}:{args.port}/{page} in a browser (Ctrl+C stops the server)\n"
-          f"  log runs and sweeps to it: MLFLOW_TRACKING_URI=http://{host}:{args.port} tunelab-train ...", flush=True)
+    client = f"MLFLOW_TRACKING_URI=http://{host}:{args.port}"
+    lines = [f"MLflow UI on {uri}",
+             f"  open http://{host}:{args.port}/{page} in a browser (Ctrl+C stops the server)"]
+    if created_admin is not None:
+        client += f" MLFLOW_TRACKING_USERNAME={args.admin_user} MLFLOW_TRACKING_PASSWORD=..."
+        lines.append(f"  login required: user {args.admin_user!r} ("
+                     + ("created now" if created_admin else "created earlier; its password is unchanged") + ")")
+    lines.append(f"  log runs and sweeps to it: {client} tunelab-train ...")
     if args.host not in LOOPBACK:
-        print(f"  warning: bound to {args.host}, so other machines can read and write these runs: "
-              "MLflow has no authentication. Use a firewall or an authenticating proxy.", flush=True)
+        lines.append(f"  warning: bound to {args.host}; passwords travel in clear over HTTP: "
+                     "put a TLS proxy in front of it beyond a trusted network.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tunelab.umask import set_for_cli
+
+    set_for_cli("tunelab-ui")  # the store, artifacts and auth files the server creates are private
+    args = parse_args(argv)
+    refuse_exposure(args)
+    command, uri, base = server_command(args)
+    new_store = uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file()  # --create
+    created_admin = None
+    if args.auth:
+        from tunelab.ui_auth import prepare
+
+        stem = Path(uri[len("sqlite:///"):]).stem if uri.startswith("sqlite:///") else "mlflow"
+        try:
+            created_admin = prepare(base, args.admin_user, stem)
+        except TunelabError as err:
+            raise SystemExit(f"tunelab-ui: error: {err}") from None
+    page = "" if new_store else landing_page(uri, args.experiment)
+    print(banner(args, uri, page, created_admin), flush=True)
     # MLflow's GenAI job runner (seven worker processes polling the same SQLite file) does
     # nothing for training runs; it only competes with the sweep's writers for the store.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")

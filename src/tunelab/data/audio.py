@@ -5,7 +5,6 @@ the model's feature extractor normalises and pads each batch."""
 from __future__ import annotations
 
 from math import gcd
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tunelab.data.datamodule import TaskDataModule
+from tunelab.data.folders import MAX_ENTRIES, scan_class_folders
 from tunelab.data.sampling import sample_seed
 from tunelab.data.table import ItemError, Table, load_path_table
 from tunelab.errors import TunelabError
@@ -20,17 +20,11 @@ from tunelab.errors import TunelabError
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
 
-def load_audio_folder(root: str, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> Table:
-    """One sub-folder per class of audio files (class names sorted), like an image folder."""
-    base = Path(root).expanduser()
-    if not base.is_dir():
-        raise TunelabError(f"data.source.root: folder {base} does not exist. Point it at a folder with one sub-folder per class.")
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
-    suffixes = tuple(e.lower() for e in extensions)
-    files = [(p, c) for c, name in enumerate(classes) for p in sorted((base / name).rglob("*")) if p.suffix.lower() in suffixes]
-    if not files:
-        raise TunelabError(f"data.source.root={base}: no {'/'.join(suffixes)} files in class sub-folders.")
-    return Table([str(p) for p, _ in files], np.array([c for _, c in files], dtype=np.int64), classes, str(base))
+def load_audio_folder(root: str, extensions: Sequence[str] = AUDIO_EXTENSIONS, max_entries: int = MAX_ENTRIES) -> Table:
+    """One sub-folder per class of audio files (class names sorted), read as image folders are
+    (data/folders.py)."""
+    found = scan_class_folders(root, extensions, max_entries)
+    return Table(found.paths, found.labels, found.classes, str(found.root))
 
 
 # A table of audio paths and labels: the same table reader image_csv uses (data/table.py).

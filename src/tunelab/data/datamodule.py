@@ -198,6 +198,15 @@ class TaskDataModule(L.LightningDataModule):
             )
         if table.labels.min() < 0:
             raise TunelabError(f"{table.origin} has negative labels; labels must be class indices 0..K-1.")
+        named = len(table.classes)  # folders, label names, or 0..K-1 for integer labels
+        if self.requested_classes is not None and self.requested_classes != named:
+            # more outputs than classes: logits no example ever trains, metrics averaged over phantoms
+            extra = self.requested_classes - named
+            why = (f"{extra} output(s) would never see an example" if extra > 0
+                   else f"{-extra} class(es) would have no output")
+            shown = ", ".join(table.classes[:12]) + ("..." if named > 12 else "")
+            raise TunelabError(f"data.num_classes={self.requested_classes} but {table.origin} names {named} classes "
+                               f"({shown}): {why}. Set data.num_classes={named}, or null to infer it from the data.")
 
     @property
     def num_classes(self) -> int:
@@ -215,8 +224,7 @@ class TaskDataModule(L.LightningDataModule):
     @property
     def classes(self) -> list[str]:
         self.scan()
-        names = list(self.table.classes)
-        return names + [str(i) for i in range(len(names), self.num_classes)]
+        return list(self.table.classes)  # as many as num_classes: scan() refuses a mismatch
 
     def target_stats(self) -> tuple[float, float] | None:
         """Mean and std of the training targets (regression): the model learns standardised

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from tunelab.data.folders import MAX_ENTRIES, scan_class_folders
 from tunelab.data.table import ItemError, Table, first_few, load_path_table
 from tunelab.errors import TunelabError
 
@@ -109,25 +110,14 @@ def load_fashion_mnist(root: str = "/usr/share/datasets/fashion-mnist") -> Table
                       FASHION_MNIST_CLASSES, str(root), test=test)
 
 
-def load_image_folder(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, verify: bool | str = "auto") -> Table:
-    """torchvision ``ImageFolder`` layout: one sub-folder per class, class names sorted. Every
+def load_image_folder(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, verify: bool | str = "auto",
+                      max_entries: int = MAX_ENTRIES) -> Table:
+    """torchvision ``ImageFolder`` layout: one sub-folder per class, class names sorted, read by the
+    scan every folder source shares (data/folders.py: links, duplicates, a bounded walk). Every
     image is opened once here (see ``check_images``), so a corrupt file fails before training."""
-    from torchvision.datasets.folder import find_classes, make_dataset
-
-    base = Path(root).expanduser()
-    if not base.is_dir():
-        raise TunelabError(f"data.source.root: folder {base} does not exist. Point it at a folder with one sub-folder per class.")
-    try:
-        classes, class_to_idx = find_classes(str(base))
-        samples = make_dataset(str(base), class_to_idx, extensions=tuple(e.lower() for e in extensions))
-    except (FileNotFoundError, RuntimeError) as err:
-        raise TunelabError(f"data.source.root={base}: {' '.join(str(err).split())} (expected: one sub-folder per "
-                           "class, holding that class's images).") from None
-    check_images([p for p, _ in samples], f"under {base}", verify)
-    return Table(
-        items=[p for p, _ in samples], labels=np.array([y for _, y in samples], dtype=np.int64),
-        classes=list(classes), origin=str(base),
-    )
+    found = scan_class_folders(root, extensions, max_entries)
+    check_images(found.paths, f"under {found.root}", verify)
+    return Table(items=found.paths, labels=found.labels, classes=found.classes, origin=str(found.root))
 
 
 def load_image_csv(path: str, path_column: str = "path", label_column: str = "label", root: str | None = None,

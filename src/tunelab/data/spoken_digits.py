@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 from tunelab.data.audio import load_audio_folder
+from tunelab.data.folders import MAX_ENTRIES
 from tunelab.data.table import Table
 from tunelab.errors import TunelabError
 
@@ -53,7 +54,7 @@ def synthesize(root: str | Path, accents=ACCENTS, variants=VARIANTS, speeds=SPEE
     return len(combos)
 
 
-def load_spoken_digits(root: str, synthesize_missing: bool = True) -> Table:
+def load_spoken_digits(root: str, synthesize_missing: bool = True, max_entries: int = MAX_ENTRIES) -> Table:
     """The spoken-digits folder at ``root``, synthesised first when it is missing."""
     base = Path(root).expanduser()
     if not any(base.glob("*/*.wav")):
@@ -61,4 +62,4 @@ def load_spoken_digits(root: str, synthesize_missing: bool = True) -> Table:
             raise TunelabError(f"no spoken digits at {base}; run `python scripts/make_spoken_digits.py --out {base}`.")
         log.info("spoken digits: synthesising the set into %s with espeak-ng (once, ~15 s)", base)
         synthesize(base)
-    return load_audio_folder(str(base))
+    return load_audio_folder(str(base), max_entries=max_entries)

@@ -8,6 +8,7 @@ the modality only decides how an item becomes a tensor.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -172,5 +173,29 @@ def load_path_table(path: str, path_column: str = "path", label_column: str = "l
             f"exist: {first_few(missing)}. Fix those rows, or data.source.root if relative paths resolve against "
             f"the wrong folder (now {base})."
         )
+    if root:
+        check_inside_root(paths, base, f"listed in {file} (column {path_column!r})")
     labels, classes = encode_labels(frame[label_column], task, f"{file} column {label_column!r}")
     return Table(paths, labels, classes, str(file))
+
+
+def is_inside(real_path: str, real_base: str) -> bool:
+    """Both already resolved (``os.path.realpath``): links and ``..`` cannot fool the comparison."""
+    return os.path.commonpath([real_path, real_base]) == real_base
+
+
+def check_inside_root(paths: Sequence[str], base, listed: str) -> None:
+    """With data.source.root set, every file must really be under it (``..``, absolute paths and
+    links included): the root is the user's word for where the data is, whoever wrote the table."""
+    real_base = os.path.realpath(base)
+    outside = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if not is_inside(real, real_base):
+            outside.append(real if os.path.abspath(path) == real else f"{path} -> {real}")
+    if outside:
+        raise TunelabError(
+            f"data.source.root={base}: {len(outside)} of {len(paths)} files {listed} are outside it: "
+            f"{first_few(outside, 2)}. Move them under the root, or set data.source.root=null to read the paths "
+            "as listed (relative ones from the table's folder)."
+        )
