@@ -210,11 +210,12 @@ def test_monitor_passes_new_digits_and_flags_inverted_ones(digits, tmp_path, mon
         ImageOps.invert(image).save(inverted / f"{n:03d}.png")  # a scanner that flipped black and white
     ckpt = str(best_checkpoint(cfg))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = ["--store", f"{cfg.paths.log_dir}/mlflow.db"]  # a checkpoint's own config never picks the store
 
-    monitor.main([ckpt, str(same)])  # returns: exit status 0
+    monitor.main([ckpt, str(same), *store])  # returns: exit status 0
     assert "no shift beyond the thresholds (150 inputs)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
-        monitor.main([ckpt, str(inverted)])
+        monitor.main([ckpt, str(inverted), *store])
     assert exit_info.value.code == monitor.RETRAIN_EXIT
     verdict = capsys.readouterr().out
     assert "re-training recommended:" in verdict and "embedding_shift" in verdict.split("recommended:")[1]
