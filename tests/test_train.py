@@ -113,8 +113,8 @@ def test_cli_run_prints_store_and_ui_command(tmp_path):
     (["data=image_folder", "data.source.root=/no/such/dir"], 2, "folder /no/such/dir does not exist"),
     (["data=image_folder"], 2, "data.source.root must be set"),
     (["model=resnet18", "model.pretrained=true"], 2, "no local weights exist for 'resnet18'"),
-    (["model=no_such_model"], 1, "Could not find 'model/no_such_model'"),
-    (["optimizer.lrr=0.1"], 1, "optimizer.lrr"),
+    (["model=no_such_model"], 2, "Could not find 'model/no_such_model'"),
+    (["optimizer.lrr=0.1"], 2, "optimizer.lrr"),
 ])
 def test_cli_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, code, message):
     result = run_cli(tmp_path, "debug=smoke", *args)
