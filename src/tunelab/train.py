@@ -73,7 +73,9 @@ def _callbacks(cfg: DictConfig, parts, job=None) -> list:
         from tunelab.progress import ObjectiveProgressBar
 
         extra.append(ObjectiveProgressBar(cfg.get("objective")))
-    return [*core_callbacks(parts), *extra]
+    from tunelab.perf import EpochThroughput
+
+    return [*core_callbacks(parts), EpochThroughput(), *extra]
 
 
 @dataclass

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from tunelab.adapters.groups import Adapter
-from tunelab.adapters.hf import PooledClassifier, add_lora, check_pooling, hf_groups, load_backbone, new_head, pool, resolve_checkpoint
+from tunelab.adapters.hf import (SHIPPED_CHECKPOINTS, PooledClassifier, add_lora, check_pooling, hf_groups, load_backbone,
+                                 new_head, pool, resolve_checkpoint)
 from tunelab.errors import TunelabError
 
 
@@ -86,6 +87,8 @@ def text_adapter(
         getattr(model_config, "is_decoder", False) or model_config.model_type in DECODERS)
     pooling = pooling or ("last" if decoder else "cls")
     check_pooling(pooling, backbone)
+    if tokenizer in SHIPPED_CHECKPOINTS:  # model.tokenizer may name a shipped checkpoint too
+        tokenizer = resolve_checkpoint(tokenizer)
     tok = _tokenizer(path, tokenizer)
     if len(tok) > backbone.get_input_embeddings().num_embeddings:
         raise TunelabError(f"the tokenizer has {len(tok)} tokens but the model's embedding only "
