@@ -66,6 +66,11 @@ WHEELS=(
   fastapi==0.165.0                           # mlflow.genai -> mlflow.gateway.utils
   starlette==1.10.0
   importlib-metadata==9.1.0                  # mlflow.utils.requirements_utils
+  pydantic==2.14.4                           # mlflow.utils.proto_json_utils (absent from the H200 node's image)
+  pydantic-core==2.50.5
+  annotated-types==0.8.0
+  typing-inspection==0.4.5
+  typing-extensions==4.16.0                  # pydantic needs a newer one than some images have
   databricks-sdk==0.162.0                    # find_spec("databricks.agents") in mlflow.genai.scorers needs the databricks package
   # -- the sqlite:/// store (SqlAlchemyStore): engine, schema migrations, model-registry tables
   sqlalchemy==2.1.9

@@ -13,7 +13,7 @@ from hydra_plugins.tunelab_optuna_sweeper.study import direction, distribution, 
 from tunelab.sweep import summary
 from tunelab.sweep.job import Job, override_items
 from tunelab.sweep.trial import claim_slot
-from conftest import compose_cfg
+from conftest import REPO, compose_cfg
 
 
 def parse(text: str):
@@ -42,6 +42,29 @@ def test_sweeper_settings_are_checked_with_the_key_to_fix():
     assert type(pruner({"name": "successive_halving", "min_resource": 1})).__name__ == "SuccessiveHalvingPruner"
     assert type(pruner(None)).__name__ == "NopPruner"
     assert type(sampler({"name": "tpe", "seed": 1})).__name__ == "TPESampler"
+
+
+def test_a_setting_the_chosen_pruner_does_not_take_is_refused_with_what_it_takes():
+    with pytest.raises(ValueError, match=r"hydra.sweeper.pruner: the successive_halving pruner takes .*min_resource.*"
+                                         r"got min_resorce"):
+        pruner({"name": "successive_halving", "min_resorce": 1})
+    # the median pruner's defaults (conf/hydra/sweeper/optuna.yaml) merge into any pruner: dropped
+    assert type(pruner({"name": "hyperband", "n_startup_trials": 3, "n_warmup_steps": 1})).__name__ == "HyperbandPruner"
+
+
+@pytest.mark.parametrize("search", sorted(p.stem for p in (REPO / "conf" / "hparams_search").glob("*.yaml")))
+def test_every_shipped_search_builds_its_sampler_and_pruner(tmp_path, search):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from tunelab.config import conf_dir
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hparams_search={search}", f"paths.root_dir={tmp_path}"],
+                      return_hydra_config=True)
+    nodes = {key: OmegaConf.to_container(cfg.hydra.sweeper[key], resolve=True) for key in ("pruner", "sampler")}
+    assert type(pruner(nodes["pruner"])).__module__.startswith("optuna.pruners")
+    assert type(sampler(nodes["sampler"])).__module__.startswith("optuna.samplers")
 
 
 def test_hparams_search_composes_the_optuna_sweeper(tmp_path):

@@ -184,3 +184,47 @@ def test_ctrl_c_marks_run_killed_not_finished(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
     assert run.info.status == "KILLED"
+
+
+def test_a_bad_loss_is_caught_within_the_check_window_naming_its_own_step(cfg_factory, monkeypatch):
+    """The loss is read on the host once per LOSS_CHECK_EVERY steps (a read per step stalls a
+    GPU): the run still fails within that window, naming the step where the loss went bad."""
+    from tunelab.module import LOSS_CHECK_EVERY
+
+    steps_run, real_loss = [], FineTuneModule._loss
+
+    def loss_going_bad_at_step_3(self, logits, y):
+        steps_run.append(self.global_step)
+        loss = real_loss(self, logits, y)
+        return loss * float("nan") if self.global_step == 3 else loss
+
+    monkeypatch.setattr(FineTuneModule, "_loss", loss_going_bad_at_step_3)
+    cfg = cfg_factory("trainer.limit_train_batches=40", "trainer.max_epochs=1", "strategy=full", "scheduler=constant")
+    with pytest.raises(TunelabError, match=r"training loss is nan at step 3 \(epoch 0\); LRs: .*head="):
+        train(cfg)
+    assert 3 < max(steps_run) < LOSS_CHECK_EVERY  # failed at the window's end, not the epoch's
+    _, run = only_run(cfg)
+    assert run.info.status == "FAILED"
+
+
+def test_the_test_confusion_matrix_is_gathered_inside_the_test_loop(cfg_factory, monkeypatch):
+    """After trainer.test() the module is back on the CPU, and NCCL cannot gather CPU tensors:
+    computed there, the confusion matrix failed every GPU DDP run (scripts/gpu_check.py's DDP
+    smoke on an H200). It is gathered in on_test_epoch_end, on the test device, and train()
+    logs that result."""
+    import inspect
+
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    called_from, real_compute = [], MulticlassConfusionMatrix.compute
+
+    def spy(self):
+        called_from.append([frame.function for frame in inspect.stack()])
+        return real_compute(self)
+
+    monkeypatch.setattr(MulticlassConfusionMatrix, "compute", spy)
+    cfg = cfg_factory()
+    train(cfg)
+    assert called_from and all("on_test_epoch_end" in stack for stack in called_from)
+    client, run = only_run(cfg)
+    assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -185,8 +185,8 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
                 raise Preempted(_last_checkpoint(cfg)) from None
             raise
         metrics.update(results[0] if results else {})
-        if parts.module.test_confusion is not None:
-            run.log_confusion(parts.module.test_confusion.compute(), dm.classes)
+        if parts.module.test_confusion_matrix is not None:
+            run.log_confusion(parts.module.test_confusion_matrix, dm.classes)
         if rank == 0 and dm.ood_names():  # shifted copies of the test split: how much is lost
             from tunelab.evaluation import shifted_splits
 

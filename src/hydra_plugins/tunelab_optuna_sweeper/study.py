@@ -38,14 +38,27 @@ def storage(url: str):
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
+# conf/hydra/sweeper/optuna.yaml's pruner defaults, meant for the median and percentile pruners.
+# Hydra merges them into any pruner a search file picks, so one that does not take them drops them.
+DEFAULT_PRUNER_KEYS = {"n_startup_trials", "n_warmup_steps"}
+
+
 def _build(kind: str, names: dict[str, str], node: dict | None, key: str):
+    import inspect
+
     import optuna
 
     node = dict(node or {})
     name = str(node.pop("name", "none" if kind == "pruners" else "tpe"))
     if name not in names:
         raise SweepConfigError(f"hydra.sweeper.{key}.name must be one of {', '.join(names)}, got {name!r}")
-    return getattr(getattr(optuna, kind), names[name])(**node)
+    factory = getattr(getattr(optuna, kind), names[name])
+    takes = set(inspect.signature(factory).parameters)
+    unknown = set(node) - takes - (DEFAULT_PRUNER_KEYS if kind == "pruners" else set())
+    if unknown:
+        raise SweepConfigError(f"hydra.sweeper.{key}: the {name} {kind[:-1]} takes {', '.join(sorted(takes)) or 'no settings'}; "
+                               f"got {', '.join(sorted(unknown))}")
+    return factory(**{k: v for k, v in node.items() if k in takes})
 
 
 def sampler(node: dict | None):
