@@ -11,7 +11,8 @@ reported and the others still run):
      seq 128 batch 32 full/head, and resnet50 compiled last: ratios tunelab/raw, freeze speedups,
      peak memory, MFU against the device's dense bf16 peak;
   2. the README's main job with trainer=gpu, logged to a SQLite store in the work folder: test
-     accuracy, wall time, training samples/s beside the data loader's own samples/s;
+     accuracy, wall time, training samples/s beside the data loader's own samples/s, and a
+     cProfile of 60 of its training steps (where the host's time goes);
   3. the cached-feature linear probe, cached vs uncached;
   4. a DDP smoke through NCCL (trainer=ddp trainer.devices=1) and a 2-trial joblib sweep.
 Writes OUT_DIR/gpu_check.json, OUT_DIR/gpu_check.md (the tables docs/performance.md shows),
@@ -28,20 +29,19 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL_BUDGET_S = 480  # the hard limit: 8 minutes on one H100-class GPU
 GPU_TRAINER, CPU_TRAINER = ["trainer=gpu"], ["trainer=cpu"]
 
 
-@dataclass
-class Part:
+class Part(NamedTuple):
     name: str
     budget_s: int
     command: list[str]
-    env: dict = field(default_factory=dict)
+    env: dict = {}  # variables set for this part's process (never mutated)
 
 
 def bench(name: str, budget: int, model: list[str], args, compiled: bool = False) -> Part:
@@ -81,6 +81,7 @@ def parts(args) -> list[Part]:
         bench("bench_bert", 70, bert, args),
         Part("main_job", 150, [*train, *main_job], {"TUNELAB_HOME": str(args.work / "main_job")}),
         Part("loader_rate", 40, [sys.executable, __file__, "--loader-rate", *main_job]),
+        Part("step_profile", 50, [sys.executable, __file__, "--step-profile", *main_job]),
         Part("cached_probe", 80, [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--device", args.device,
                                   "--out", str(args.out / "results"), *probe]),
         Part("ddp_smoke", 80, [*train, *ddp], {"TUNELAB_HOME": str(args.work / "ddp_smoke")}),
@@ -156,9 +157,10 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    if sys.argv[1:2] == ["--loader-rate"]:
-        from gpu_check_report import loader_rate
+    if sys.argv[1:2] in (["--loader-rate"], ["--step-profile"]):  # parts measured in their own process
+        import gpu_check_report
 
-        print(json.dumps(loader_rate(sys.argv[2:])))
+        measure = gpu_check_report.loader_rate if sys.argv[1] == "--loader-rate" else gpu_check_report.step_profile
+        print(json.dumps(measure(sys.argv[2:])))
         sys.exit(0)
     sys.exit(main())

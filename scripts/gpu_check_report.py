@@ -80,12 +80,15 @@ def read_sweep(report: dict, args) -> dict:
             "placement": placed}
 
 
-def read_loader_rate(report: dict, args) -> dict:
-    lines = (args.work / "logs" / "loader_rate.log").read_text(errors="replace").strip().splitlines()
+def read_last_line(name: str, args) -> dict:
+    """The JSON line a part measured in its own process printed last."""
+    lines = (args.work / "logs" / f"{name}.log").read_text(errors="replace").strip().splitlines()
     return json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"error": "no result line"}
 
 
-READERS = {"main_job": read_main_job, "ddp_smoke": read_ddp, "sweep": read_sweep, "loader_rate": read_loader_rate}
+READERS = {"main_job": read_main_job, "ddp_smoke": read_ddp, "sweep": read_sweep,
+           "loader_rate": lambda report, args: read_last_line("loader_rate", args),
+           "step_profile": lambda report, args: read_last_line("step_profile", args)}
 
 
 def read_results(name: str, report: dict, args) -> None:
@@ -114,6 +117,32 @@ def loader_rate(overrides: list[str]) -> dict:
     seconds = time.perf_counter() - started
     return {"loader_samples_per_s": round(samples / seconds, 1), "num_workers": loader.num_workers,
             "pin_memory": loader.pin_memory, "batch_size": loader.batch_size}
+
+
+def step_profile(overrides: list[str], steps: int = 60) -> dict:
+    """Where the host's time goes in tunelab's training steps: ``steps`` steps of the run's own
+    config (loaders, callbacks, validation off) under cProfile; the functions with the most
+    time of their own. Time spent waiting for the GPU shows up in the call that waits."""
+    import cProfile
+    import pstats
+
+    from tunelab.build import build_parts
+    from tunelab.config import build
+    from tunelab.train import core_callbacks
+
+    cfg = compose(["retention.enabled=false", "trainer.max_epochs=1", f"trainer.limit_train_batches={steps}",
+                   "++trainer.limit_val_batches=0", "++trainer.enable_progress_bar=false", *overrides])
+    parts = build_parts(cfg)
+    trainer = build(cfg.trainer, "trainer", logger=False, enable_checkpointing=False, callbacks=core_callbacks(parts))
+    profile, started = cProfile.Profile(), time.perf_counter()
+    profile.runcall(trainer.fit, parts.module, datamodule=parts.datamodule)
+    seconds = time.perf_counter() - started
+    stats = pstats.Stats(profile)
+    stats.sort_stats("tottime").print_stats(25)
+    top = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:12]  # (file, line, name) -> (..., tottime, ...)
+    return {"steps": steps, "fit_s": round(seconds, 2), "ms_per_step": round(1000 * seconds / steps, 1),
+            "top_self_ms_per_step": {f"{Path(f).name}:{line}({name})": round(1000 * st[2] / steps, 2)
+                                     for (f, line, name), st in top}}
 
 
 # -- the report ---------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ def _gpu_check():
     sys.path.insert(0, str(REPO / "scripts"))
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # its dataclass looks its module up while being defined
     spec.loader.exec_module(module)
     return module
 

@@ -79,10 +79,19 @@ class EpochThroughput(Callback):
     epoch's training batches, data loading included and validation excluded, summed over DDP
     ranks. Beside the loader's own rate it says whether loading or compute bounds a run."""
 
+    def __init__(self):
+        self._restart(None)
+
+    def _restart(self, started: float | None) -> None:
+        self.samples, self.started, self.seconds = 0, started, None
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.samples, self.started, self.seconds = 0, time.perf_counter(), None
+        self._restart(time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.started is None:  # a resumed epoch (Lightning calls no on_train_epoch_start): from here
+            self._restart(time.perf_counter())
+            return
         self.samples += len(batch[1])
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -93,9 +102,10 @@ class EpochThroughput(Callback):
         if self.samples and self.seconds:
             pl_module.log("perf/train_samples_per_s", self.samples / self.seconds, on_epoch=True,
                           reduce_fx="sum", sync_dist=True)
+        self.started = None
 
     def _stop(self) -> None:
-        if getattr(self, "seconds", 0) is None:  # the first of validation and epoch end stops the clock
+        if self.started is not None and self.seconds is None:  # validation or the epoch's end, whichever first
             if torch.cuda.is_initialized():  # queued kernels belong to this epoch's time
                 torch.cuda.synchronize()
             self.seconds = time.perf_counter() - self.started
