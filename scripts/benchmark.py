@@ -115,6 +115,13 @@ class SyntheticData(L.LightningDataModule):
         return DataLoader(_Repeat(self.batch, self.steps), batch_size=None)
 
 
+def train_only(model, trainable: set[str], device) -> None:
+    """``model`` on ``device`` in training mode, with gradients for the ``trainable`` names alone."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    model.to(device).train()
+
+
 def bf16_peak(device_name: str) -> float | None:
     return next((peak for key, peak in BF16_PEAK.items() if key in device_name), None)
 
@@ -125,9 +132,7 @@ def step_flops(model, batch, trainable: set[str], args, device) -> int:
     the input gradients below the lowest trainable layer are not computed, so not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in trainable)
-    model.to(device).train()
+    train_only(model, trainable, device)
     x, y = batch
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
@@ -232,9 +237,7 @@ def compose(overrides: list[str]):
 
 def raw_loop(model, batch, trainable: set[str], args, device, steps: int) -> tuple[float, float]:
     """The baseline: what a practitioner writes by hand, with the same frozen set and settings."""
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in trainable)
-    model.to(device).train()
+    train_only(model, trainable, device)
     for m in model.modules():  # module.batchnorm=eval (set in compose()), mirrored
         if isinstance(m, _BatchNorm):
             m.eval()
@@ -355,6 +358,7 @@ def cached_probe(args, device) -> dict:
         cfg = compose(["strategy=linear_probe", "data.augment=null", f"trainer.max_epochs={args.probe_epochs}",
                        "retention.enabled=false", "callbacks=none", "++trainer.enable_progress_bar=false",
                        f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", f"perf.cache_features={setting}",
+                       f"trainer.precision={args.precision}",  # the precision its result file is named by
                        *args.probe_overrides])
         torch.manual_seed(0)
         parts = build_parts(cfg)

@@ -127,17 +127,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     args.work = (args.work or args.out / "work").resolve()
-    logs = args.work / "logs"
-    for folder in (args.out / "results", logs):
-        folder.mkdir(parents=True, exist_ok=True)
+    known = parts(args)
+    unknown = set(args.only.split(",")) - {p.name for p in known} if args.only else set()
+    if unknown:
+        parser.error(f"--only: no part named {', '.join(sorted(unknown))}; the parts: {', '.join(p.name for p in known)}")
+    chosen = [p for p in known if not args.only or p.name in args.only.split(",")]
     from gpu_check_report import environment, read_results, write_report  # noqa: E402 (beside this file)
 
     report = {"environment": environment(args.device), "budget_s": args.budget, "tiny": args.tiny, "parts": {}}
     if args.device == "cuda" and not report["environment"].get("gpu"):
         raise SystemExit("gpu_check: no CUDA GPU visible (use --device cpu --tiny for the dry run)")
+    logs = args.work / "logs"
+    for folder in (args.out / "results", logs):
+        folder.mkdir(parents=True, exist_ok=True)
     print(f"[gpu_check] {report['environment']}", flush=True)
     deadline = time.perf_counter() + args.budget
-    chosen = [p for p in parts(args) if not args.only or p.name in args.only.split(",")]
     for part in chosen:
         left = deadline - time.perf_counter()
         if left < 5:

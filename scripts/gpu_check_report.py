@@ -35,20 +35,20 @@ def environment(device: str) -> dict:
 
 
 # -- reading a part's results back ----------------------------------------------------------------
-def _runs(store: Path) -> list:
+def _runs(store: Path) -> tuple[list, object]:
+    """Every run in a part's SQLite store, and a client on it; LookupError when there is none
+    (read_results reports it as the part's result)."""
     from mlflow import MlflowClient
 
-    if not store.is_file():
-        return [], None
-    client = MlflowClient(f"sqlite:///{store}")
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(experiments, max_results=100), client
+    client = MlflowClient(f"sqlite:///{store}") if store.is_file() else None
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=100) if client else []
+    if not runs:
+        raise LookupError(f"no MLflow run in {store}")
+    return runs, client
 
 
 def read_main_job(report: dict, args) -> dict:
     runs, client = _runs(args.work / "main_job" / "outputs" / "mlflow.db")
-    if not runs:
-        return {"error": "no MLflow run in the store"}
     run = runs[0]
     rates = [round(m.value, 1) for m in sorted(client.get_metric_history(run.info.run_id, "perf/train_samples_per_s"),
                                                key=lambda m: m.step)]
@@ -60,8 +60,6 @@ def read_main_job(report: dict, args) -> dict:
 
 def read_ddp(report: dict, args) -> dict:
     runs, _ = _runs(args.work / "ddp_smoke" / "outputs" / "mlflow.db")
-    if not runs:
-        return {"error": "no MLflow run in the store"}
     run = runs[0]
     return {"run_status": run.info.status, "strategy": run.data.params.get("trainer.strategy._target_"),
             "test_acc": run.data.metrics.get("test/acc")}
@@ -70,8 +68,6 @@ def read_ddp(report: dict, args) -> dict:
 def read_sweep(report: dict, args) -> dict:
     home = args.work / "sweep"
     runs, _ = _runs(home / "outputs" / "mlflow.db")
-    if not runs:
-        return {"error": "no MLflow run in the store"}
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     placed = sorted({m for log in home.rglob("*.log") for m in re.findall(r"runs on GPU \d+|uses \d+ CPU threads",
@@ -136,7 +132,7 @@ def step_profile(overrides: list[str], steps: int = 60) -> dict:
     trainer = build(cfg.trainer, "trainer", logger=False, enable_checkpointing=False, callbacks=core_callbacks(parts))
     profile, started = cProfile.Profile(), time.perf_counter()
     profile.runcall(trainer.fit, parts.module, datamodule=parts.datamodule)
-    seconds = time.perf_counter() - started
+    seconds, steps = time.perf_counter() - started, trainer.global_step  # the steps that ran
     stats = pstats.Stats(profile)
     stats.sort_stats("tottime").print_stats(25)
     top = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:12]  # (file, line, name) -> (..., tottime, ...)

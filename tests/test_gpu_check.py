@@ -102,3 +102,35 @@ def test_the_wheelhouse_pins_the_versions_this_environment_runs():
     assert {"hydra-core", "omegaconf", "mlflow-skinny"} <= {name.lower() for name in pins}
     for name, version in pins.items():
         assert metadata.version(name) == version, f"{name}: wheelhouse pins {version}, the environment runs {metadata.version(name)}"
+
+
+def test_an_unknown_part_name_is_one_line_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _gpu_check().main([str(tmp_path / "out"), "--device", "cpu", "--only", "main_job,mian_job"])
+    assert exit_.value.code == 2
+    assert "--only: no part named mian_job; the parts: bench_resnet50," in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_without_a_gpu_the_gpu_run_says_so_and_writes_nothing(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit, match="no CUDA GPU visible .*--device cpu --tiny"):
+        _gpu_check().main([str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("part", ["main_job", "ddp_smoke", "sweep", "loader_rate", "step_profile"])
+def test_a_part_that_left_no_result_is_reported_as_such(tmp_path, part):
+    _gpu_check()  # puts scripts/ on the path
+    from gpu_check_report import READERS, read_results
+
+    assert part in READERS
+    (tmp_path / "work" / "logs").mkdir(parents=True)
+    (tmp_path / "work" / "logs" / f"{part}.log").write_text("Traceback: the part died\n")
+    report = {"parts": {part: {"status": "failed (exit 1)"}}}
+    read_results(part, report, _args(tmp_path))
+    assert report["parts"][part]["result"]["error"] in ("no result line", f"LookupError: no MLflow run in "
+                                                        f"{tmp_path / 'work' / part / 'outputs' / 'mlflow.db'}")

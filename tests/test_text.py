@@ -253,3 +253,15 @@ def test_classification_needs_class_labels_and_regression_finite_targets():
     floats.labels[0] = np.nan
     with pytest.raises(TunelabError, match="regression targets must be finite numbers"):
         TaskDataModule(lambda: floats, task="regression").scan()
+
+
+def test_model_tokenizer_may_name_a_shipped_checkpoint():
+    """A random model (model.config) borrows its tokenizer: a shipped name resolves like model.path's."""
+    from tunelab.adapters.hf import SHIPPED_CHECKPOINTS
+
+    for name in SHIPPED_CHECKPOINTS:
+        adapter = text_adapter(num_outputs=2, path=None, pretrained=False, tokenizer=name,
+                               config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "intermediate_size": 64})
+        tokenizer = adapter.data_config["tokenizer"]
+        assert tokenizer("a shipped tokenizer")["input_ids"][0] == tokenizer.cls_token_id
