@@ -115,28 +115,47 @@ def loader_rate(overrides: list[str]) -> dict:
             "pin_memory": loader.pin_memory, "batch_size": loader.batch_size}
 
 
-def step_profile(overrides: list[str], steps: int = 60) -> dict:
+def step_profile(overrides: list[str], steps: int = 60, warmup: int = 20) -> dict:
     """Where the host's time goes in tunelab's training steps: ``steps`` steps of the run's own
-    config (loaders, callbacks, validation off) under cProfile; the functions with the most
-    time of their own. Time spent waiting for the GPU shows up in the call that waits."""
+    config (loaders, callbacks, validation off) under cProfile, after ``warmup`` steps left out
+    (loader workers starting, cuDNN choosing its kernels); the functions with the most time of
+    their own. Time spent waiting for the GPU shows up in the call that waits."""
     import cProfile
     import pstats
+
+    from lightning.pytorch import Callback
 
     from tunelab.build import build_parts
     from tunelab.config import build
     from tunelab.train import core_callbacks
 
-    cfg = compose(["retention.enabled=false", "trainer.max_epochs=1", f"trainer.limit_train_batches={steps}",
+    profile, clock = cProfile.Profile(), {}
+
+    class ProfileAfterWarmup(Callback):
+        def on_train_batch_start(self, trainer, *_):
+            if trainer.global_step == warmup:
+                clock["started"] = time.perf_counter()
+                profile.enable()
+
+        def on_train_end(self, trainer, *_):
+            profile.disable()
+            if "started" not in clock:
+                raise SystemExit(f"step_profile: the run ended after {trainer.global_step} steps, before the {warmup} warm-up steps")
+            clock["seconds"] = time.perf_counter() - clock["started"]
+
+    total = steps + warmup
+    cfg = compose(["retention.enabled=false", f"++trainer.max_steps={total}", f"++trainer.limit_train_batches={total}",
                    "++trainer.limit_val_batches=0", "++trainer.enable_progress_bar=false", *overrides])
     parts = build_parts(cfg)
-    trainer = build(cfg.trainer, "trainer", logger=False, enable_checkpointing=False, callbacks=core_callbacks(parts))
-    profile, started = cProfile.Profile(), time.perf_counter()
-    profile.runcall(trainer.fit, parts.module, datamodule=parts.datamodule)
-    seconds, steps = time.perf_counter() - started, trainer.global_step  # the steps that ran
+    callbacks = [*core_callbacks(parts), ProfileAfterWarmup()]
+    trainer = build(cfg.trainer, "trainer", logger=False, enable_checkpointing=False, callbacks=callbacks)
+    trainer.fit(parts.module, datamodule=parts.datamodule)
+    steps = trainer.global_step - warmup  # the steps that ran under the profiler
     stats = pstats.Stats(profile)
     stats.sort_stats("tottime").print_stats(25)
     top = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:12]  # (file, line, name) -> (..., tottime, ...)
-    return {"steps": steps, "fit_s": round(seconds, 2), "ms_per_step": round(1000 * seconds / steps, 1),
+    return {"steps": steps, "warmup_steps": warmup, "fit_s": round(clock["seconds"], 2),
+            "ms_per_step": round(1000 * clock["seconds"] / steps, 1),
             "top_self_ms_per_step": {f"{Path(f).name}:{line}({name})": round(1000 * st[2] / steps, 2)
                                      for (f, line, name), st in top}}
 
