@@ -14,7 +14,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Callable
 
-from tunelab.plots import figure, save
+from tunelab.tracking.plots import figure, save
 
 NAN = float("nan")
 

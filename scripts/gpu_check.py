@@ -68,7 +68,7 @@ def parts(args) -> list[Part]:
             "--strategies", "full,head"]
     trainer = CPU_TRAINER if args.device == "cpu" else GPU_TRAINER
     main_job = [*trainer, *(["debug=smoke"] if tiny else [])]
-    train = [sys.executable, "-m", "tunelab.train"]
+    train = [sys.executable, "-m", "tunelab.cli.train"]
     probe = ["--strategies", "none", "--cached-probe", "--probe-epochs", "2" if tiny else "10"]
     if tiny:
         probe += ["--probe-overrides", "data.max_train_samples=40", "data.val_fraction=0.02", "data.test_fraction=0.02",

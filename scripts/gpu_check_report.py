@@ -98,7 +98,7 @@ def read_results(name: str, report: dict, args) -> None:
 def loader_rate(overrides: list[str]) -> dict:
     """One training epoch through the run's own data loader (same workers, pinned memory on CUDA),
     no model: the rate loading alone can feed. Timed from the first batch (workers started)."""
-    from tunelab.build import build_parts
+    from tunelab.engine.build import build_parts
 
     cfg = compose(["retention.enabled=false", *overrides])
     datamodule = build_parts(cfg).datamodule
@@ -125,9 +125,9 @@ def step_profile(overrides: list[str], steps: int = 60, warmup: int = 20) -> dic
 
     from lightning.pytorch import Callback
 
-    from tunelab.build import build_parts
+    from tunelab.cli.train import core_callbacks
     from tunelab.config import build
-    from tunelab.train import core_callbacks
+    from tunelab.engine.build import build_parts
 
     profile, clock = cProfile.Profile(), {}
 

@@ -21,7 +21,7 @@ ImageNet-photo check, which is skipped when scikit-image is missing).
 On the node (no network):
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$SITE" wheelhouse/*.whl
-  PYTHONPATH="$SITE:$PWD/src" python3 -m tunelab.train debug=smoke trainer=cpu
+  PYTHONPATH="$SITE:$PWD/src" python3 -m tunelab.cli.train debug=smoke trainer=cpu
 EOF
 }
 
@@ -44,7 +44,7 @@ MAX_MIB="${MAX_MIB:-60}"
 # Binary (or pure-Python) wheels, versions as in the project's .venv. Everything below is
 # installed with --no-deps, so each dependency that is really imported is listed itself.
 WHEELS=(
-  # -- config: tunelab.train is a Hydra app
+  # -- config: tunelab.cli.train is a Hydra app
   hydra-core==1.3.8
   omegaconf==2.3.1
   # -- `-m hydra/launcher=joblib` sweeps (joblib's loky pickles the job with cloudpickle)
@@ -79,8 +79,8 @@ WHEELS=(
   cryptography==50.0.2                       # mlflow/store/model_registry/dbmodels/models.py (Fernet)
   cffi==2.1.1                                # cryptography's _cffi_backend
   # -- tunelab itself
-  psutil==7.2.2                              # tunelab/preemption.py: run tags, resume=auto
-  matplotlib==3.11.2                         # tunelab/plots.py: LR-schedule and other PNGs; torchmetrics
+  psutil==7.2.2                              # tunelab/tracking/preemption.py: run tags, resume=auto
+  matplotlib==3.11.2                         # tunelab/tracking/plots.py: LR-schedule and other PNGs; torchmetrics
   fonttools==4.68.0                          #   imports matplotlib.axes as soon as matplotlib is importable,
   kiwisolver==1.5.1                          #   so matplotlib must be complete (contourpy is not imported)
   cycler==0.12.1

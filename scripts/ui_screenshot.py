@@ -7,7 +7,7 @@
 Starts tunelab-ui on a free 127.0.0.1 port, opens the experiment of the most recent sweep in a headless
 Chromium (/usr/bin/chromium, driven by the playwright package; nothing is downloaded), does what a
 person does (Model training view, [+] on the sweep, a few metric columns) and writes the PNG.
-The steps are tunelab.ui_browser's, which the browser test (tests/test_ui_browser.py) uses as well.
+The steps are tests/helpers/ui_browser.py's, which the browser test (tests/test_ui_browser.py) uses as well.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from tunelab import ui_browser
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the browser helpers live with the tests that use them
+
+from helpers import ui_browser  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -10,7 +10,7 @@ from tunelab.errors import TunelabError
 
 
 def test_predict_names_what_is_wrong_with_its_inputs(tmp_path):
-    from tunelab.predict import Exported, read_inputs
+    from tunelab.cli.predict import Exported, read_inputs
 
     with pytest.raises(TunelabError, match="not a tunelab export"):
         Exported(tmp_path)
@@ -28,7 +28,7 @@ def test_predict_names_what_is_wrong_with_its_inputs(tmp_path):
 
 
 def test_eval_takes_data_overrides_only(tmp_path):
-    from tunelab.eval_cli import apply_data_overrides
+    from tunelab.cli.eval import apply_data_overrides
 
     cfg = compose_cfg(tmp_path)
     with pytest.raises(TunelabError, match="data overrides only"):
@@ -38,7 +38,7 @@ def test_eval_takes_data_overrides_only(tmp_path):
 
 
 def test_ddp_settings_that_cannot_start_are_refused_before_any_rank(tmp_path, monkeypatch):
-    from tunelab.distributed import local_world_size, rank_processes
+    from tunelab.engine.distributed import local_world_size, rank_processes
 
     for key in ("LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
         monkeypatch.delenv(key, raising=False)

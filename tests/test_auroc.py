@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from tunelab.build import build_parts
+from tunelab.cli.train import train
 from tunelab.config import build
-from tunelab.evaluation import Outputs, classification_report, macro_auroc, predict
-from tunelab.module import SoftmaxAUROC
-from tunelab.stage_callback import StageCallback
-from tunelab.train import train
+from tunelab.engine.build import build_parts
+from tunelab.engine.evaluation import Outputs, classification_report, macro_auroc, predict
+from tunelab.engine.module import SoftmaxAUROC
+from tunelab.engine.stage_callback import StageCallback
 from conftest import only_run
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")

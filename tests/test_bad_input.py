@@ -45,7 +45,7 @@ def nothing_written(root: Path) -> None:
 
 def fails_in_process(tmp_path: Path, overrides: list[str], pattern: str) -> str:
     """``train(cfg)`` as ``tunelab-train`` calls it: raises one line, before any run exists."""
-    from tunelab.train import train
+    from tunelab.cli.train import train
 
     cfg = compose_cfg(tmp_path, overrides)
     with pytest.raises(TunelabError, match=pattern) as caught:
@@ -182,7 +182,7 @@ def test_removed_data_group_is_named(tmp_path):
 def test_bad_seed_is_named(tmp_path):
     """numpy's ValueError before (split seeds); on the CLI train.py seeds before this check runs: see
     test_cli_bad_seed_is_one_line below."""
-    from tunelab.build import build_parts
+    from tunelab.engine.build import build_parts
 
     with pytest.raises(TunelabError, match=r"^seed must be an integer in \[0, 4294967295\], got -1\.$"):
         build_parts(compose_cfg(tmp_path, [*IMAGE, "seed=-1"]))

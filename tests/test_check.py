@@ -9,8 +9,8 @@ import pytest
 from conftest import REPO, compose_cfg, run_cli, save_tiny_text_model
 from mlflow import MlflowClient
 
-from tunelab.plan import check_command, combinations
 from tunelab.config import conf_dir
+from tunelab.engine.plan import check_command, combinations
 from tunelab.errors import TunelabError
 
 STRATEGIES = sorted(p.stem for p in (conf_dir() / "strategy").glob("*.yaml"))
@@ -27,7 +27,7 @@ def nothing_written(root: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_smoke_finishes_every_strategy_through_every_stage(tmp_path, monkeypatch, strategy):
-    from tunelab.train import run_job
+    from tunelab.cli.train import run_job
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_cfg(tmp_path, [f"strategy={strategy}", *FAST])
@@ -42,7 +42,7 @@ def test_smoke_finishes_every_strategy_through_every_stage(tmp_path, monkeypatch
 
 
 def test_smoke_compresses_a_schedule_longer_than_the_run_and_says_so(tmp_path):
-    from tunelab.build import plan_parts
+    from tunelab.engine.build import plan_parts
 
     cfg = compose_cfg(tmp_path, ["strategy=gradual", *FAST])
     plan = plan_parts(cfg)
@@ -124,7 +124,7 @@ def test_misplaced_package_names_the_file(tmp_path):
     (["+lora_config.r=4"], r"^top-level key 'lora_config' is not a tunelab setting"),
 ])
 def test_unread_or_unknown_keys_fail_before_any_run(tmp_path, monkeypatch, overrides, pattern):
-    from tunelab.train import train
+    from tunelab.cli.train import train
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_cfg(tmp_path, ["model.arch=test_efficientnet", "model.pretrained=false", *FAST, *overrides])
@@ -175,7 +175,7 @@ def test_python_api_trains_and_returns_run_and_metrics(tmp_path, monkeypatch, ca
 
 
 def test_end_of_run_summary_lists_test_shift_and_retention():
-    from tunelab.train import _summary
+    from tunelab.cli.train import _summary
 
     lines = _summary({"test/acc": 0.9, "test/f1": 0.8, "test/f1_class/3": 0.1, "ood/noise/acc": 0.7,
                       "ood/noise/acc_drop": 0.2, "retention/cka": 0.95, "retention/drift/blocks.1": 0.1,
@@ -186,7 +186,7 @@ def test_end_of_run_summary_lists_test_shift_and_retention():
 
 def test_repo_has_no_unknown_top_level_keys_in_shipped_files():
     """Every shipped experiment composes without a stray top-level key (the misplaced-package check)."""
-    from tunelab.plan import check_run
+    from tunelab.engine.plan import check_run
 
     for exp in sorted((REPO / "experiments").glob("*.yaml")):
         runs, _ = combinations([f"experiment={exp.stem}"])  # its sweep axes do not add keys: one job is enough
@@ -200,7 +200,7 @@ def test_slurm_tools_installed_are_not_announced(tmp_path, monkeypatch):
 
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from tunelab.train import _quiet_lightning
+    from tunelab.cli.train import _quiet_lightning
 
     (tmp_path / "srun").write_text("#!/bin/sh\n")
     (tmp_path / "srun").chmod(0o755)
@@ -222,7 +222,7 @@ def test_a_check_leaves_no_hydra_state_behind():
     mode made the next in-process run look like a sweep job (and fail on hydra.job.num)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from tunelab.sweep.job import current_job
+    from tunelab.tracking.sweep_job import current_job
 
     before = HydraConfig.instance().cfg
     check_command(["-m", "hparams_search=lr_schedule", "scheduler=constant", "optimizer.lr=1e-3"], deep=False)

@@ -22,7 +22,7 @@ from hydra.errors import HydraException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunelab.build import Parts, build_parts
+from tunelab.engine.build import Parts, build_parts
 from tunelab.errors import TunelabError
 
 BASE = ["model.arch=test_efficientnet", "model.pretrained=false", "retention.enabled=false"]

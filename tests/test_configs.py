@@ -8,10 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tunelab.build import build_parts
 from tunelab.config import build, conf_dir
+from tunelab.engine.build import accepted
+from tunelab.engine.build import build_parts
 from tunelab.errors import TunelabError
-from tunelab.build import accepted
 from conftest import REPO, model_inputs, path_table, skip_without_fashion, write_audio_folder, write_image_folder, write_text_csv
 
 CONF = conf_dir()

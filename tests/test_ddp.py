@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, compose_cfg, run_cli
-from tunelab.build import build_parts
+from tunelab.engine.build import build_parts
 
 PROBE_ENV = {"TUNELAB_ALLOWED_TARGETS": "ddp_probe", "PYTHONPATH": str(REPO / "tests")}
 DDP_SMOKE = ["trainer=ddp_cpu", "debug=smoke"]
@@ -102,7 +102,7 @@ def test_ranks_started_by_torchrun_are_joined_not_relaunched(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["TUNELAB_HOME"] = str(tmp_path)
-    result = subprocess.run([str(VENV_BIN / "torchrun"), "--nproc_per_node=2", "-m", "tunelab.train", *DDP_SMOKE,
+    result = subprocess.run([str(VENV_BIN / "torchrun"), "--nproc_per_node=2", "-m", "tunelab.cli.train", *DDP_SMOKE,
                              f"hydra.run.dir={tmp_path}/outputs/runs/torchrun"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

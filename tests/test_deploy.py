@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from conftest import VENV_BIN, compose_cfg, write_text_csv
-from tunelab import export as export_cli
-from tunelab import predict as predict_cli
+from tunelab.cli import export as export_cli
+from tunelab.cli import predict as predict_cli
+from tunelab.cli.train import train
+from tunelab.data.preprocess import encode_image
 from tunelab.data.sources import load_image
-from tunelab.preprocess import encode_image
-from tunelab.trained import Predictor, from_checkpoint, load_adapter
-from tunelab.train import train
-from tunelab.ui import free_port
+from tunelab.engine.trained import Predictor, from_checkpoint, load_adapter
+from tunelab.ports import free_port
 
 
 def best_checkpoint(cfg) -> Path:
@@ -66,7 +66,7 @@ def test_timm_export_matches_pytorch_and_predict_labels_a_folder(digits, tmp_pat
     # the same files through PyTorch and the training-time eval transform
     trained = from_checkpoint(best_checkpoint(cfg))
     adapter = load_adapter(trained)
-    from tunelab.preprocess import Preprocessor
+    from tunelab.data.preprocess import Preprocessor
 
     batch = Preprocessor(trained.meta["preprocess"])(sorted(str(p) for p in images.iterdir()))
     with torch.no_grad():
@@ -176,8 +176,8 @@ def test_retraining_starts_from_the_registered_model_and_records_lineage(digits,
 
 def test_init_from_a_model_that_does_not_fit_is_refused(tmp_path, tiny_bert):
     from tunelab.config import build
+    from tunelab.engine.trained import init_from
     from tunelab.errors import TunelabError
-    from tunelab.trained import init_from
 
     cfg = compose_cfg(tmp_path, ["model=hf_text", f"model.path={tiny_bert}"])
     adapter = build(cfg.model, "model", num_outputs=3)
@@ -195,7 +195,7 @@ def test_monitor_passes_new_digits_and_flags_inverted_ones(digits, tmp_path, mon
     from mlflow.tracking import MlflowClient
     from PIL import ImageOps
 
-    from tunelab import monitor
+    from tunelab.cli import monitor
 
     cfg, _ = digits
     from tunelab.config import build
@@ -227,7 +227,7 @@ def test_monitor_passes_new_digits_and_flags_inverted_ones(digits, tmp_path, mon
 
 
 def test_psi_and_embedding_shift_are_zero_for_identical_data_and_grow_with_shift():
-    from tunelab.monitor import embedding_shift, psi
+    from tunelab.cli.monitor import embedding_shift, psi
 
     counts = np.array([50.0, 30.0, 20.0])
     assert psi(counts, counts) == pytest.approx(0.0, abs=1e-9)

@@ -7,10 +7,10 @@ doc is checked without touching this file (test ids are ``doc:line``):
 - **paths**: markdown links (relative to the doc, ``#anchors`` included) and backticked or
   code-block words that start with a folder of the repository (``conf/``, ``scripts/x.py``,
   ``tests/test_x.py::test_name`` ...) exist; a glob matches a file; a test named after ``::`` is
-  defined in that file; a Python name ``tunelab.module.attr`` is defined where it says.
-- **tunelab-train lines** (also ``bash scripts/run.sh ...``, ``torchrun ... -m tunelab.train ...``
+  defined in that file; a Python name ``tunelab.engine.module.attr`` is defined where it says.
+- **tunelab-train lines** (also ``bash scripts/run.sh ...``, ``torchrun ... -m tunelab.cli.train ...``
   and ``tunelab.check([...])`` / ``tunelab.fit([...])`` in Python examples) pass
-  ``tunelab.plan.check_command(argv, deep=False)``: composed and validated, every job of a sweep.
+  ``tunelab.engine.plan.check_command(argv, deep=False)``: composed and validated, every job of a sweep.
   The slow test also checks the single runs whose inputs exist here with ``deep=True`` (data read,
   model built, stages planned); sweeps stay shallow there because deep would build every job.
   Lines with Hydra's own flags (``--help``, ``--cfg job``, ``-sc install=bash`` ...) run the
@@ -255,13 +255,13 @@ def classify(doc: str, number: int, line: str, argv: list[str], files: dict[str,
         return command("hydra-flag" if flags else "train", "tunelab-train", args)
     if name.startswith("tunelab-"):
         return command("console" if name in CONSOLE_SCRIPTS else "unknown-console", name, args)
-    if name == "torchrun" and "tunelab.train" in args:
-        return command("train", "tunelab-train", args[args.index("tunelab.train") + 1:])
+    if name == "torchrun" and "tunelab.cli.train" in args:
+        return command("train", "tunelab-train", args[args.index("tunelab.cli.train") + 1:])
     script_path = re.compile(r"^scripts/[\w-]+\.(py|sh)$")
     if name.startswith("python") or name == "bash" or script_path.match(program):
         if script_path.match(program):
             args = [program, *args]
-        if args[:2] == ["-m", "tunelab.train"]:
+        if args[:2] == ["-m", "tunelab.cli.train"]:
             return command("train", "tunelab-train", args[2:])
         if not args or not script_path.match(args[0]):
             return None
@@ -478,7 +478,7 @@ def isolated(tmp_path, tunelab_home, monkeypatch) -> Path:
 
 
 def _check(cmd: Command, home: Path, deep: bool) -> str:
-    from tunelab.plan import check_command
+    from tunelab.engine.plan import check_command
     from tunelab.errors import TunelabError
 
     trouble = unquoted_trouble(cmd.text) if cmd.shell else None

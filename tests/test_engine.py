@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from tunelab.adapters.lora import merge_lora
-from tunelab.build import build_parts
 from tunelab.config import build
+from tunelab.engine.build import build_parts
+from tunelab.engine.stage_callback import StageCallback
+from tunelab.engine.strategies import stage_at
 from tunelab.errors import TunelabError
-from tunelab.stage_callback import StageCallback
-from tunelab.strategies import stage_at
 
 TINY = ["model.arch=test_efficientnet", "model.pretrained=false", "data.image_size=32",
         "trainer.limit_val_batches=1", "callbacks=none"]
@@ -168,7 +168,7 @@ def test_l2sp_alpha_zero_matches_no_regularizer_and_large_alpha_holds_weights(cf
 
 def test_l2sp_step_returns_backbone_to_pretrained_exactly():
     """SGD with alpha = 1/lr: one step from w lands on w0 - lr * task_grad, whatever w was."""
-    from tunelab.regularizers import L2SP
+    from tunelab.engine.regularizers import L2SP
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
@@ -225,7 +225,7 @@ class _StopAt(L.Callback):
 def test_interrupted_and_resumed_equals_uninterrupted(cfg_factory, tmp_path):
     """4 epochs, stage change at epoch 2, random augmentation and dropout on: stopping in the
     middle of epoch 3 and resuming gives the same final weights as never stopping."""
-    from tunelab.train import core_callbacks
+    from tunelab.cli.train import core_callbacks
 
     overrides = ["strategy.head_epochs=2", "trainer.max_epochs=4", "trainer.limit_train_batches=4",
                  "trainer.limit_val_batches=1", "model.drop_rate=0.3", "module.stage_rewarmup=3"]

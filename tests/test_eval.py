@@ -9,10 +9,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tunelab import eval_cli
+from tunelab.cli import eval as eval_cli
+from tunelab.cli.train import train
 from tunelab.errors import TunelabError
-from tunelab.tracking import tracking_uri
-from tunelab.train import train
+from tunelab.tracking.runs import tracking_uri
 from conftest import write_image_folder
 
 

@@ -95,7 +95,7 @@ def test_a_nan_trial_fails_alone_and_the_sweep_goes_on(tmp_path):
 
 
 def test_an_unreachable_tracking_server_fails_before_training(tmp_path):
-    from tunelab.ui import free_port
+    from tunelab.ports import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"
     result = run_cli(tmp_path, *TINY, env={"MLFLOW_TRACKING_URI": uri})
@@ -146,8 +146,8 @@ def _train_against(tmp_path: Path, url: str, steps: list[int]):
 def test_a_server_that_dies_mid_run_and_comes_back_loses_nothing(tmp_path):
     """The server dies after step 2 and is back (same store, same port) after step 6: training
     never stops, the metrics of the outage are sent when it is back, the run ends FINISHED."""
-    from tunelab.ui import free_port
-    from tunelab.ui_browser import start_ui
+    from tunelab.ports import free_port
+    from helpers.ui_browser import start_ui
 
     store, port = tmp_path / "server.db", free_port()
     with start_ui(store, port=port, create=True) as url:
@@ -169,8 +169,8 @@ def test_a_server_that_dies_mid_run_and_comes_back_loses_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_a_server_that_stays_down_keeps_the_results_on_disk_and_says_so(tmp_path):
-    from tunelab.ui import free_port
-    from tunelab.ui_browser import start_ui
+    from tunelab.ports import free_port
+    from helpers.ui_browser import start_ui
 
     with start_ui(tmp_path / "server.db", port=free_port(), create=True) as url:
         proc, flags = _train_against(tmp_path, url, [2])
@@ -220,7 +220,7 @@ def test_sigterm_outside_a_trainer_call_raises_at_once_and_inside_waits_for_ligh
     import signal
 
     from tunelab.errors import Preempted
-    from tunelab.preemption import SigtermGuard
+    from tunelab.tracking.preemption import SigtermGuard
 
     previous = signal.getsignal(signal.SIGTERM)
     with SigtermGuard().installed() as guard:
@@ -237,15 +237,15 @@ def test_sigterm_outside_a_trainer_call_raises_at_once_and_inside_waits_for_ligh
 ])
 def test_resume_settings_that_cannot_work_are_refused(cfg_factory, overrides, message):
     from tunelab.errors import TunelabError
-    from tunelab.preemption import resolve_resume
+    from tunelab.tracking.preemption import resolve_resume
 
     with pytest.raises(TunelabError, match=message.replace("(", r"\(")):
         resolve_resume(cfg_factory(*TINY[1:], *overrides))
 
 
 def test_an_output_root_that_is_a_file_is_refused(tmp_path):
+    from tunelab.config.preflight import check_writable
     from tunelab.errors import TunelabError
-    from tunelab.preflight import check_writable
 
     blocker = tmp_path / "outputs"
     blocker.write_text("not a folder")

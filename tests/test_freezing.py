@@ -6,9 +6,9 @@ import lightning as L
 import pytest
 import torch
 
-from tunelab.build import build_parts
 from tunelab.config import build
-from tunelab.stage_callback import StageCallback
+from tunelab.engine.build import build_parts
+from tunelab.engine.stage_callback import StageCallback
 
 
 class _Snapshots(L.Callback):
@@ -83,7 +83,7 @@ def test_unfreeze_applies_new_lrs_immediately(cfg_factory):
 @pytest.mark.slow
 def test_resume_lands_in_the_stage_of_its_epoch(cfg_factory, tmp_path):
     """Stop after the head stage, resume from last.ckpt: the unfreeze stage runs with its LRs."""
-    from tunelab.train import train
+    from tunelab.cli.train import train
 
     # The first job is a head-only run of one epoch (a freeze_unfreeze schedule whose second
     # stage lies beyond max_epochs is rejected); its checkpoint is the "interrupted" state.
@@ -107,6 +107,6 @@ def test_resume_lands_in_the_stage_of_its_epoch(cfg_factory, tmp_path):
     (["model.pretrained=false", "module.batchnorm=frozen_eval"], "frozen_eval"),  # an explicit choice wins
 ])
 def test_batchnorm_auto_follows_whether_the_weights_are_pretrained(cfg_factory, overrides, mode):
-    from tunelab.build import batchnorm_mode
+    from tunelab.engine.build import batchnorm_mode
 
     assert batchnorm_mode(cfg_factory(*overrides)) == mode

@@ -6,12 +6,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from tunelab.cli.train import train
 from tunelab.data.sampling import seeded_call
 from tunelab.data.shifts import image_shift
+from tunelab.engine.retention import linear_cka
 from tunelab.errors import TunelabError
-from tunelab.retention import linear_cka
-from tunelab.tracking import tracking_uri
-from tunelab.train import train
+from tunelab.tracking.runs import tracking_uri
 
 
 def last_run(cfg):
@@ -104,7 +104,7 @@ def test_an_image_folder_of_your_own_is_an_ood_split_with_the_same_classes(tmp_p
 def test_minilm_sentence_pairs_are_a_pretrained_skill_random_init_lacks(tmp_path):
     from conftest import compose_cfg
     from tunelab.config import build
-    from tunelab.retention import sentence_similarity
+    from tunelab.engine.retention import sentence_similarity
 
     results = {}
     for pretrained in (True, False):

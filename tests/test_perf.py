@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.build import build_parts
+from tunelab.cli.train import core_callbacks
 from tunelab.config import build
+from tunelab.engine.build import build_parts
 from tunelab.errors import TunelabError
-from tunelab.train import core_callbacks
 
 TINY = ["model.arch=test_efficientnet", "model.pretrained=false", "data.image_size=32", "data.augment=null",
         "data.max_train_samples=96", "data.batch_size=16", "data.eval_batch_size=32", "trainer.limit_train_batches=1.0",
@@ -175,7 +175,7 @@ def test_bad_perf_settings_are_rejected_before_training(cfg_factory, override, m
 def test_a_head_split_that_does_not_reproduce_the_model_is_refused(cfg_factory):
     """The cache checks classify(features(x)) == model(x) before use: a wrong split would
     silently train a different head."""
-    from tunelab.feature_cache import FeatureCache
+    from tunelab.engine.feature_cache import FeatureCache
 
     parts = build_parts(cfg_factory(*TINY, "strategy=linear_probe", "perf.cache_features=true"))
     cache = FeatureCache(parts.cache_plan, parts.adapter)
@@ -188,7 +188,7 @@ def test_a_head_split_that_does_not_reproduce_the_model_is_refused(cfg_factory):
 def test_fused_optimizer_true_needs_an_optimizer_with_a_fused_kernel():
     import functools
 
-    from tunelab.perf import fused_kwargs
+    from tunelab.engine.perf import fused_kwargs
 
     with pytest.raises(TunelabError, match="has no fused kernel"):
         fused_kwargs(functools.partial(torch.optim.LBFGS, lr=0.1), True, torch.device("cpu"))

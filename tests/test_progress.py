@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from tunelab.progress import ObjectiveProgressBar
+from tunelab.engine.progress import ObjectiveProgressBar
 
 
 class _Trainer:

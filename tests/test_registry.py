@@ -11,11 +11,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tunelab.build import build_parts
+from tunelab.cli.train import train
+from tunelab.data.preprocess import encode_image
 from tunelab.data.sources import load_image
-from tunelab.preprocess import encode_image
-from tunelab.tracking import tracking_uri
-from tunelab.train import train
+from tunelab.engine.build import build_parts
+from tunelab.tracking.runs import tracking_uri
 
 
 @pytest.mark.slow

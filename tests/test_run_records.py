@@ -15,14 +15,16 @@ from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
 
 from conftest import run_cli, write_image_folder
-from tunelab import eval_cli, monitor, ui
-from tunelab.run_records import is_location
-from tunelab.tracking import mlflow_run
-from tunelab.ui_links import VIEW_TAG, run_link, runs_page
-from tunelab.train import train
+from tunelab.cli import eval as eval_cli
+from tunelab.cli import monitor
+from tunelab.cli import ui
+from tunelab.cli.train import train
+from tunelab.tracking.links import VIEW_TAG, run_link, runs_page
+from tunelab.tracking.run_records import is_location
+from tunelab.tracking.runs import mlflow_run
 
 # A strategy file of the user's own, outside the package (the linear probe under another name).
-USER_STRATEGY = "# a user's choice, found through hydra.searchpath\n_target_: tunelab.strategies.linear_probe\n_partial_: true\n"
+USER_STRATEGY = "# a user's choice, found through hydra.searchpath\n_target_: tunelab.engine.strategies.linear_probe\n_partial_: true\n"
 NAME = r"{}-mnist5k-{}-[0-9a-f]{{6}}"  # model, data, strategy and a random suffix
 # Locations, as a person reading a compare view would spot them (independent of tunelab's own rule).
 LOCATION_WORDS = ("paths.", "dirpath", "_dir", "_uri", "artifact_root")

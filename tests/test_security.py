@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tunelab.config import build, check_targets
-from tunelab.targets import SUMMARY
+from tunelab.config.targets import SUMMARY
 from tunelab.errors import TunelabError
 
 # The smallest real training: a random-init tiny EfficientNet on 32 px MNIST, 2 epochs of 2 batches.
@@ -134,7 +134,7 @@ def test_malicious_checkpoint_is_refused_in_every_file_format(tmp_path, fmt):
     model.checkpoint's state dict) refuse the payload in torch's zip and legacy formats and as a
     bare pickle, with a TunelabError that names the file; the payload never runs."""
     from tunelab.adapters.weights import read_state_dict
-    from tunelab.trained import lightning_state
+    from tunelab.engine.trained import lightning_state
 
     marker = tmp_path / "pwned"
     path = plant_malicious_checkpoint(tmp_path / "evil.ckpt", marker, fmt=fmt)
@@ -330,7 +330,7 @@ def test_allow_list_judges_what_a_target_resolves_to(tmp_path):
 def test_the_whole_config_is_checked_before_the_mlflow_run_starts(tmp_path, monkeypatch):
     """A refused callback leaves no MLflow run behind: the whole tree is checked before anything
     (data, model, tracking) starts."""
-    from tunelab.train import train
+    from tunelab.cli.train import train
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_cfg(tmp_path, [*TINY[1:], "+callbacks.evil={_target_: os.system, command: 'true'}"])
@@ -399,7 +399,7 @@ def test_ui_console_script_refuses_a_reachable_host_without_allow_remote(tmp_pat
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
 def test_ui_accepts_loopback_names_without_warning(tmp_path, monkeypatch, capsys, host):
     """Loopback spelled any way is served without --allow-remote and without the warning."""
-    from tunelab import ui
+    from tunelab.cli import ui
 
     store = tmp_path / "mlflow.db"
     MlflowClient(f"sqlite:///{store}").search_experiments()
@@ -430,7 +430,7 @@ def test_mlflow_is_pinned_at_3_10_or_later():
 
 def test_a_password_in_the_tracking_uri_is_never_printed(tmp_path):
     """``MLFLOW_TRACKING_URI=http://user:password@host`` (basic auth): messages show ``user:***``."""
-    from tunelab.ui import free_port
+    from tunelab.ports import free_port
 
     proc = train_cli(tmp_path, env={"MLFLOW_TRACKING_URI": f"http://alice:pw-IN-URI-42@127.0.0.1:{free_port()}/"})
     assert proc.returncode == 2

@@ -9,8 +9,8 @@ import soundfile as sf
 import torch
 
 from tunelab.adapters.speech import speech_adapter
-from tunelab.build import build_parts
 from tunelab.data.audio import AudioDataModule, load_audio_csv, load_audio_folder, read_audio
+from tunelab.engine.build import build_parts
 from tunelab.errors import TunelabError
 from conftest import save_tiny_speech_model
 

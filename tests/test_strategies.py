@@ -6,9 +6,9 @@ import math
 
 import pytest
 
+from tunelab.engine.schedules import constant, warmup_cosine
 from tunelab.errors import TunelabError
-from tunelab.schedules import constant, warmup_cosine
-from tunelab.strategies import (
+from tunelab.engine.strategies import (
     Stage, check_stages, freeze_unfreeze, full, linear_probe, stage_at, top_groups,
 )
 
@@ -79,7 +79,7 @@ def test_check_stages_rejects_impossible_schedules(stages, max_epochs, message):
 
 def test_stage_table_lists_every_group_lrs_and_trainable_counts():
     from tunelab.adapters import LayerGroup
-    from tunelab.stage_report import stage_table
+    from tunelab.engine.stage_report import stage_table
 
     groups = [LayerGroup(g, tuple(PARAMS[g])) for g in GROUPS]
     sizes = {n: 10 for g in GROUPS for n in PARAMS[g]}
@@ -113,7 +113,7 @@ def test_constant_shape_with_and_without_warmup():
 def test_one_cycle_matches_torch():
     import torch
 
-    from tunelab.schedules import one_cycle
+    from tunelab.engine.schedules import one_cycle
 
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=1.0)
@@ -126,7 +126,7 @@ def test_one_cycle_matches_torch():
 
 
 def test_slanted_triangular_follows_ulmfit():
-    from tunelab.schedules import slanted_triangular
+    from tunelab.engine.schedules import slanted_triangular
 
     total, cut_frac, ratio = 200, 0.1, 32
     cut = int(total * cut_frac)
@@ -137,14 +137,14 @@ def test_slanted_triangular_follows_ulmfit():
 
 
 def test_linear_decays_to_floor():
-    from tunelab.schedules import linear
+    from tunelab.engine.schedules import linear
 
     assert linear(0, 100, warmup=0) == 1.0 and linear(100, 100, warmup=0, min_lr_ratio=0.2) == pytest.approx(0.2)
     assert linear(50, 100, warmup=0) == pytest.approx(0.5)
 
 
 def test_plateau_reduces_after_patience_and_round_trips():
-    from tunelab.schedules import Plateau
+    from tunelab.engine.schedules import Plateau
 
     plateau = Plateau(mode="min", factor=0.5, patience=2)
     for loss in (1.0, 0.9, 0.95, 0.91):  # best 0.9, then two bad validations
@@ -156,7 +156,7 @@ def test_plateau_reduces_after_patience_and_round_trips():
 
 
 def test_milestones_accept_counts_names_and_regexes():
-    from tunelab.strategies import milestones
+    from tunelab.engine.strategies import milestones
 
     stages = milestones(GROUPS, [
         {"at_epoch": 1, "unfreeze": 1, "lr_mult": 0.5},
@@ -172,7 +172,7 @@ def test_milestones_accept_counts_names_and_regexes():
 
 
 def test_gradual_opens_groups_from_the_top():
-    from tunelab.strategies import gradual
+    from tunelab.engine.strategies import gradual
 
     stages = gradual(GROUPS, every=2, groups_per_stage=2)
     assert [s.start for s in stages] == [0, 2, 4]
@@ -183,7 +183,7 @@ def test_gradual_opens_groups_from_the_top():
 
 
 def test_lp_ft_bitfit_regex_lora_selection():
-    from tunelab.strategies import bitfit, lora, lp_ft, regex
+    from tunelab.engine.strategies import bitfit, lora, lp_ft, regex
 
     probe, ft = lp_ft(GROUPS, probe_epochs=3, lr_mult=0.1)
     assert probe.trainable == ("head",) and ft.start == 3 and ft.mult("head") == 0.1
@@ -200,8 +200,8 @@ def test_lp_ft_bitfit_regex_lora_selection():
 
 
 def test_full_llrd_and_full_l2sp_compose_into_full_with_their_extra(cfg_factory):
-    from tunelab.build import build_parts
-    from tunelab.regularizers import L2SP
+    from tunelab.engine.build import build_parts
+    from tunelab.engine.regularizers import L2SP
 
     tiny = ["model.arch=test_efficientnet", "model.pretrained=false", "data.image_size=32", "data.max_train_samples=32",
             "retention.enabled=false"]

@@ -11,8 +11,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from hydra_plugins.tunelab_optuna_sweeper.study import direction, distribution, pruner, sampler
 from tunelab.sweep import summary
-from tunelab.sweep.job import Job, override_items
 from tunelab.sweep.trial import claim_slot
+from tunelab.tracking.sweep_job import Job, override_items
 from conftest import REPO, compose_cfg
 
 
@@ -125,7 +125,7 @@ def test_override_items_strip_prefixes():
 def test_parallel_jobs_never_share_a_slot(tmp_path):
     """A slot is a file lock held for the worker's life: a second process gets the next one."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from tunelab.sweep.job import Job; from tunelab.sweep.trial import claim_slot;"
+        "import sys, time; from tunelab.tracking.sweep_job import Job; from tunelab.sweep.trial import claim_slot;"
         f"print(claim_slot(Job(0, {{}}, {str(tmp_path)!r}, 'JoblibLauncher', 2), 2), flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -137,7 +137,7 @@ def test_parallel_jobs_never_share_a_slot(tmp_path):
 
 
 def test_a_single_run_is_not_a_sweep_job(tmp_path):
-    from tunelab.sweep.job import current_job
+    from tunelab.tracking.sweep_job import current_job
 
     compose_cfg(tmp_path)
     assert current_job() is None

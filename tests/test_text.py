@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tunelab.adapters.text import text_adapter
-from tunelab.build import build_parts
 from tunelab.data.table import Table
 from tunelab.data.text import TextDataModule, load_drug_reviews, load_text_table
+from tunelab.engine.build import build_parts
 from tunelab.errors import TunelabError
 from conftest import write_text_csv
 

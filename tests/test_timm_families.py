@@ -23,8 +23,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from tunelab.adapters.timm import timm_adapter, timm_groups
+from tunelab.engine.strategies import linear_probe
 from tunelab.errors import TunelabError
-from tunelab.strategies import linear_probe
 
 NUM = 5  # outputs of the new head; the twin that finds the class-dependent parameters uses NUM + 4
 ENCODERS = re.compile(r".*_enc$")  # timm's feature encoders: no classifier, so nothing to replace

@@ -6,9 +6,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from tunelab.run_records import flat_params
-from tunelab.tracking import tracking_uri
-from tunelab.train import train
+from tunelab.cli.train import train
+from tunelab.tracking.run_records import flat_params
+from tunelab.tracking.runs import tracking_uri
 
 
 def test_flat_params_clip_only_what_is_too_long(cfg_factory):

@@ -10,10 +10,10 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tunelab.cli.train import train
 from tunelab.config import conf_dir
+from tunelab.engine.module import FineTuneModule
 from tunelab.errors import TunelabError
-from tunelab.module import FineTuneModule
-from tunelab.train import train
 from conftest import VENV_BIN, only_run, run_cli, skip_without_fashion
 
 pytestmark = pytest.mark.slow
@@ -189,7 +189,7 @@ def test_ctrl_c_marks_run_killed_not_finished(tmp_path):
 def test_a_bad_loss_is_caught_within_the_check_window_naming_its_own_step(cfg_factory, monkeypatch):
     """The loss is read on the host once per LOSS_CHECK_EVERY steps (a read per step stalls a
     GPU): the run still fails within that window, naming the step where the loss went bad."""
-    from tunelab.module import LOSS_CHECK_EVERY
+    from tunelab.engine.module import LOSS_CHECK_EVERY
 
     steps_run, real_loss = [], FineTuneModule._loss
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tunelab.train import train
+from tunelab.cli.train import train
 from conftest import only_run, run_cli, path_table, skip_without_espeak, write_audio_folder
 
 pytestmark = pytest.mark.slow

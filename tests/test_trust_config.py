@@ -24,8 +24,8 @@ from test_security import error_lines, mlflow_runs, plant_malicious_checkpoint, 
 
 import tunelab
 from tunelab.config import build, check_targets
+from tunelab.config.targets import refusal
 from tunelab.errors import TunelabError
-from tunelab.targets import refusal
 
 SMOKE = ["debug=smoke", "model.arch=test_efficientnet", "model.pretrained=false", "data.image_size=32"]
 TEXT = ["debug=smoke", "model=minilm", "data=drug_reviews"]
@@ -128,7 +128,7 @@ def test_env_set_cannot_widen_the_allow_list(tmp_path):
 def test_git_runs_with_a_clean_environment(tmp_path, monkeypatch):
     """GIT_CONFIG_* in the environment can make ``git status`` run a command (core.fsmonitor);
     the commit tunelab records is read with a clean environment."""
-    from tunelab.tracking import git_commit
+    from tunelab.tracking.runs import git_commit
 
     control, marker = tmp_path / "control", tmp_path / "pwned"
     hook = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "core.fsmonitor"}
@@ -251,10 +251,10 @@ def _metrics_that_load_models() -> list[str]:
 
 
 def test_entry_points_and_model_loading_metrics_are_never_targets():
-    """``tunelab.ui.main`` would turn a run into an unauthenticated server; CLIPScore & co. load
+    """``tunelab.cli.ui.main`` would turn a run into an unauthenticated server; CLIPScore & co. load
     models (CLIPScore with trust_remote_code for some names). Discovered, not listed."""
     scripts, metrics = _console_scripts(), _metrics_that_load_models()
-    assert "tunelab.ui.main" in scripts and "torchmetrics.multimodal.CLIPScore" in metrics
+    assert "tunelab.cli.ui.main" in scripts and "torchmetrics.multimodal.CLIPScore" in metrics
     assert [t for t in scripts + metrics if refusal(t, "x") is None] == []
     for allowed in ("torch.optim.AdamW", "torch.optim.adamw.AdamW", "torchmetrics.classification.MulticlassAccuracy",
                     "lightning.pytorch.callbacks.ModelCheckpoint", "torch.optim.lr_scheduler.OneCycleLR"):
@@ -304,7 +304,7 @@ def test_a_misspelt_key_in_an_experiment_file_names_the_file(tmp_path, body, key
 
 def test_every_settings_mapping_refuses_an_unknown_key():
     """Discovered from the composed config: every top-level mapping without a _target_."""
-    from tunelab.plan import as_hydra_job, compose_run
+    from tunelab.engine.plan import as_hydra_job, compose_run
 
     with as_hydra_job(compose_run(SMOKE)) as cfg:
         mappings = [str(k) for k in cfg if OmegaConf.is_dict(cfg._get_node(k)) and "_target_" not in cfg[k]]

@@ -339,7 +339,7 @@ def test_cli_phantom_classes_are_one_line_before_any_run(tmp_path):
 def test_class_metric_keys_are_distinct_valid_and_say_which_class():
     from mlflow.utils.validation import _validate_metric_name
 
-    from tunelab.evaluation import class_metric_keys
+    from tunelab.engine.evaluation import class_metric_keys
 
     long = "a long class name that goes on past sixty characters before it " * 2
     classes = ["a,b", "a;b", long + "ends one way", long + "ends another", "cat", "a_b_1", "", ".", "..",
@@ -361,9 +361,9 @@ def test_a_real_run_logs_one_distinct_key_per_class_and_the_mapping(tmp_path, mo
     class_metric_keys.json naming each key's class."""
     from mlflow.tracking import MlflowClient
 
-    from tunelab import eval_cli
-    from tunelab.tracking import tracking_uri
-    from tunelab.train import train
+    from tunelab.cli import eval as eval_cli
+    from tunelab.cli.train import train
+    from tunelab.tracking.runs import tracking_uri
 
     long = "x" * 60
     names = ["a,b", "a;b", f"{long}-first", f"{long}-second"]

@@ -28,10 +28,10 @@ from test_faults import PROBE_ENV, TINY, final_weights, runs
 from test_security import plant_malicious_checkpoint
 
 from tunelab.errors import Preempted, TunelabError
-from tunelab.preemption import (STALE_ENV, STAMP_RECIPE, STAMP_RUN, TAG_CHECKPOINT, TAG_EARLIER_DIRS, TAG_HEARTBEAT,
+from tunelab.tracking.preemption import (STALE_ENV, STAMP_RECIPE, STAMP_RUN, TAG_CHECKPOINT, TAG_EARLIER_DIRS, TAG_HEARTBEAT,
                                 TAG_OUTPUT_DIR, TAG_PID, TAG_PROCESS, TAG_RESUMED_FROM, Heartbeat, attempt_tags, death,
                                 recipe_hash, resolve_resume, stale_after_s)
-from tunelab.tracking import mlflow_run
+from tunelab.tracking.runs import mlflow_run
 
 IN_PROCESS = [o for o in TINY if o != "debug=smoke"]  # compose_cfg adds debug=smoke itself
 
@@ -101,7 +101,7 @@ def home(tmp_path_factory) -> Path:
 @pytest.fixture
 def lab(home, request, monkeypatch, caplog) -> Lab:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    caplog.set_level(logging.INFO, logger="tunelab.preemption")
+    caplog.set_level(logging.INFO, logger="tunelab.tracking.preemption")
     return Lab(home, re.sub(r"\W+", "_", request.node.name))
 
 

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from test_security import mlflow_runs, train_cli
 
-from tunelab.redaction import MIN_LENGTH, RedactFilter, Redactor, env_reads, marker, safe_names, withheld_values
+from tunelab.config.redaction import MIN_LENGTH, RedactFilter, Redactor, env_reads, marker, safe_names, withheld_values
 
 # An experiment file in the user's own config folder: each spelling of an environment read.
 LEAKY_EXPERIMENT = """# @package _global_
@@ -172,7 +172,7 @@ def test_short_values_are_replaced_only_where_they_are_a_whole_value():
 
 def test_log_lines_and_tracebacks_are_redacted(monkeypatch):
     """The filter tunelab puts on Hydra's console and .log handlers rewrites the line as written."""
-    from tunelab import redaction
+    from tunelab.config import redaction
 
     monkeypatch.setattr(redaction, "_active", Redactor({"sk-0123456789": "MY_API_KEY"}))
     lines = []

@@ -67,8 +67,8 @@ def payloads(marker: Path) -> dict:
                              "pathlib.Path.write_text", lambda cfg, meta: instantiate(cfg.callbacks.evil)),
         # spelled under an allowed module, it resolves to pathlib.Path.touch (trained.py imports Path)
         "interpolated-target": (lambda config, meta: config.update(
-            g={"method": "Path.touch"}, model={**_touch(marker), "_target_": "tunelab.trained.${g.method}"}),
-            "model._target_='tunelab.trained.${g.method}' is an interpolation", build_model),
+            g={"method": "Path.touch"}, model={**_touch(marker), "_target_": "tunelab.engine.trained.${g.method}"}),
+            "model._target_='tunelab.engine.trained.${g.method}' is an interpolation", build_model),
         "env-target": (model({**_touch(marker), "_target_": "${oc.env:TUNELAB_TEST_UNSET,pathlib.Path.touch}"}),
                        "${oc.env:TUNELAB_TEST_UNSET", build_model),
         "meta-model-kwargs": (lambda config, meta: meta["model_kwargs"].update(kwargs=_touch(marker)),
@@ -181,7 +181,7 @@ def test_each_planted_config_really_runs_code_when_built_naively(stored, tmp_pat
 def test_a_planted_stored_config_is_refused_wherever_it_is_stored(stored, shared_store, tmp_path, payload, spot):
     """What every load path starts with (trained.resolve: a checkpoint, runs:/ID): refused in one
     line naming where the config was read and the target, before anything is built."""
-    from tunelab.trained import resolve
+    from tunelab.engine.trained import resolve
 
     marker = tmp_path / "pwned"
     config, meta = planted(stored, payload, marker)
@@ -209,7 +209,7 @@ def test_trust_remote_code_anywhere_in_a_stored_config_is_refused(stored, tmp_pa
     """``trust_remote_code`` runs the Python files shipped with a model folder (shown in the
     allow-list's own tests); a stored config may not switch it on, at any depth, in any spelling
     of true; ``false`` is harmless and loads."""
-    from tunelab.trained import from_checkpoint
+    from tunelab.engine.trained import from_checkpoint
 
     for i, (where, value) in enumerate([("model", True), ("model.config_overrides", True),
                                         ("model.kwargs", "yes"), ("data", 1)]):
@@ -256,7 +256,9 @@ def test_every_load_path_refuses_a_planted_stored_config(stored, shared_store, t
     target assembled by interpolation, the meta's model arguments): the console scripts exit 2
     with one line naming where it was read and the target (init_from and the pyfunc raise that
     line), nothing is built or exported, and no MLflow run starts."""
-    from tunelab import eval_cli, export, monitor
+    from tunelab.cli import eval as eval_cli
+    from tunelab.cli import export
+    from tunelab.cli import monitor
 
     marker = tmp_path / "pwned"
     config, meta = planted(stored, payload, marker)
@@ -270,7 +272,7 @@ def test_every_load_path_refuses_a_planted_stored_config(stored, shared_store, t
         from conftest import compose_cfg
         from test_security import TINY
 
-        from tunelab.build import build_parts
+        from tunelab.engine.build import build_parts
 
         with pytest.raises(TunelabError) as refused:
             build_parts(compose_cfg(tmp_path, [*TINY[1:], f"init_from={ckpt}"]))
@@ -278,7 +280,7 @@ def test_every_load_path_refuses_a_planted_stored_config(stored, shared_store, t
     elif path.startswith("pyfunc"):
         import mlflow.pyfunc
 
-        from tunelab import pyfunc_model
+        from tunelab.deploy import pyfunc_model
 
         artifacts = {"checkpoint": str(ckpt)}
         if "artifact" in path:  # registered before checkpoints carried their config
@@ -319,7 +321,7 @@ def test_model_checkpoint_never_reads_a_stored_config_and_init_from_takes_a_lone
     from conftest import compose_cfg
     from test_security import TINY
 
-    from tunelab.build import build_parts
+    from tunelab.engine.build import build_parts
 
     marker = tmp_path / "pwned"
     evil = plant_inside(stored, tmp_path / "evil", *planted(stored, "model-target", marker))
@@ -344,8 +346,12 @@ def test_a_checkpoint_copied_alone_still_evaluates_exports_and_serves(trained_ru
     import pandas as pd
     from PIL import Image
 
-    from tunelab import eval_cli, export, pyfunc_model
-    from tunelab.preprocess import encode_image
+    from tunelab.cli import eval as eval_cli
+
+    from tunelab.cli import export
+
+    from tunelab.data.preprocess import encode_image
+    from tunelab.deploy import pyfunc_model
 
     alone = tmp_path / "empty" / trained_run.best.name
     alone.parent.mkdir()
@@ -384,7 +390,7 @@ def test_predict_refuses_preprocessing_that_ships_code(tmp_path, in_process, cap
     tokenizer_config.json whose auto_map names Python in the folder runs it once trusted (the
     control, in a child process with its own module cache). tunelab-predict refuses it in one line
     (never transformers' question at a terminal) and the marker never appears."""
-    from tunelab import predict
+    from tunelab.cli import predict
 
     marker = tmp_path / "pwned"
     folder = tmp_path / "exported"

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tunelab import ui
-from tunelab.ui import free_port
+from tunelab.cli import ui
+from tunelab.cli.train import train
 from tunelab.errors import TunelabError
-from tunelab.train import train
+from tunelab.ports import free_port
 from conftest import VENV_BIN
 
 
@@ -129,7 +129,7 @@ def test_ui_creates_a_new_store_only_when_asked(tmp_path, monkeypatch):
 
 def test_ui_prints_a_link_to_the_runs_table_of_the_experiment_trained_in_last(cfg_factory, monkeypatch, capsys):
     """Not MLflow 3's GenAI landing page: the classic runs table, in the view tunelab saved."""
-    from tunelab.tracking import mlflow_run
+    from tunelab.tracking.runs import mlflow_run
 
     cfg = cfg_factory()
     with mlflow_run(cfg) as run:

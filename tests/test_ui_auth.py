@@ -34,8 +34,8 @@ from conftest import VENV_BIN, run_cli
 from mlflow.tracking import MlflowClient
 from test_security import TINY, error_lines, train_cli
 
-from tunelab import ui
-from tunelab.ui import free_port
+from tunelab.cli import ui
+from tunelab.ports import free_port
 from tunelab.umask import PRIVATE, private_files
 
 ADMIN, ADMIN_PASSWORD = "admin", "pw-ADMIN-4c1e9b7d"  # the admin's, and the clients' MLFLOW_TRACKING_PASSWORD

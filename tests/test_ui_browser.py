@@ -5,7 +5,7 @@ of the experiment (not MLflow 3's GenAI landing page), with the objective as a c
 parent run is one row; its [+] shows the four trials nested below it. Ticking the trials and
 pressing "Compare" lists their parameters side by side: only what the sweep varied differs, and no
 folder or store location is among them (those are tags). The shared steps live in
-tunelab.ui_browser (scripts/ui_screenshot.py uses them too).
+tests/helpers/ui_browser.py (scripts/ui_screenshot.py uses them too).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import pytest
 
 from conftest import run_cli
 from test_sweeps import SMOKE_GRID
-from tunelab import ui_browser
-from tunelab.run_records import is_location
-from tunelab.ui_links import run_link
+from helpers import ui_browser
+from tunelab.tracking.links import run_link
+from tunelab.tracking.run_records import is_location
 
 # What a sweep over optimizer.lr and strategy may vary: the two overrides (as config values, as
 # sweep.* params and as the strategy's chosen file) and the strategy group's own settings.

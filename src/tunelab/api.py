@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from tunelab.plan import as_hydra_job, check_command, compose_run
+from tunelab.engine.plan import as_hydra_job, check_command, compose_run
 from tunelab.errors import TunelabError
 
 
@@ -30,8 +30,8 @@ def fit(overrides: Sequence[str] = ()):
     ``RunResult`` (``run_id``, ``metrics``, ``tracking_uri``, ``output_dir``)."""
     from hydra.types import RunMode
 
-    from tunelab.preflight import check_writable
-    from tunelab.train import run_job
+    from tunelab.cli.train import run_job
+    from tunelab.config.preflight import check_writable
     from tunelab.umask import private_files
 
     with private_files():  # the run's files are private, as with tunelab-train (tunelab/umask.py)

@@ -18,7 +18,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("tunelab")
-TRIAL_OVERRIDE = "+hydra.job.env_set.TUNELAB_OPTUNA_TRIAL"  # see tunelab.sweep.job.TRIAL_ENV
+TRIAL_OVERRIDE = "+hydra.job.env_set.TUNELAB_OPTUNA_TRIAL"  # see tunelab.tracking.sweep_job.TRIAL_ENV
 
 
 class OptunaSweeper(Sweeper):

@@ -340,7 +340,7 @@ class ImageDataModule(TaskDataModule):
                 "interpolation": cfg.get("interpolation", "bilinear")}
 
     def _transform(self, training: bool):
-        from tunelab.preprocess import image_eval_transform
+        from tunelab.data.preprocess import image_eval_transform
 
         s = self.eval_settings()
         if training and self.augment is not None:

@@ -19,7 +19,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab.sweep.job import PARENT_ENV, SWEPT_ENV
+from tunelab.tracking.sweep_job import PARENT_ENV, SWEPT_ENV
 
 log = logging.getLogger("tunelab")
 
@@ -51,8 +51,8 @@ class SweepTracker(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        from tunelab.tracking import artifact_location, check_reachable, experiment_id, tracking_uri
-        from tunelab.ui_links import save_view
+        from tunelab.tracking.links import save_view
+        from tunelab.tracking.runs import artifact_location, check_reachable, experiment_id, tracking_uri
 
         uri = tracking_uri(config)
         check_reachable(uri)
@@ -130,7 +130,7 @@ class SweepTracker(Callback):
         registered = None
         name = config.logger.get("register_best")
         if best is not None and name and status is None:
-            from tunelab.registry import register_run_model
+            from tunelab.deploy.registry import register_run_model
 
             registered = register_run_model(client, best.run_id, str(name))
         if status is None:
@@ -151,6 +151,6 @@ class SweepTracker(Callback):
 
 def sweep_hint(client, uri: str, exp_id: str, objective: str, varied: list[str]) -> str:
     """The UI link for a sweep: its experiment's runs, with the objective and the varied keys as columns."""
-    from tunelab.ui_links import runs_page, save_view, ui_hint
+    from tunelab.tracking.links import runs_page, save_view, ui_hint
 
     return ui_hint(uri, runs_page(exp_id, save_view(client, exp_id, objective, [f"sweep.{k}" for k in varied])))

@@ -89,7 +89,7 @@ def format_table(trials: list[Trial], objective: str, mode: str) -> str:
 
 def plot(trials: list[Trial], objective: str, mode: str, path: Path) -> Path | None:
     """Objective per trial in launch order, with the best so far: how the sweep progressed."""
-    from tunelab.plots import figure, save
+    from tunelab.tracking.plots import figure, save
 
     done = [t for t in sorted(trials, key=lambda t: t.start) if t.value is not None and math.isfinite(t.value)]
     if not done:

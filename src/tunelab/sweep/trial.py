@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 
 from tunelab.errors import TrialPruned
-from tunelab.sweep.job import Job
+from tunelab.tracking.sweep_job import Job
 
 log = logging.getLogger("tunelab")
 

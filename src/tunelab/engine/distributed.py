@@ -2,7 +2,7 @@
 
 Lightning's own DDP launcher re-runs ``sys.argv`` for every extra rank, which under a Hydra
 multirun starts a new sweep per rank (lightning#18175). tunelab starts ranks 1..N-1 itself,
-each from the job's *resolved* config file (``python -m tunelab.rank_worker CONFIG``), and the
+each from the job's *resolved* config file (``python -m tunelab.cli.rank_worker CONFIG``), and the
 job's own process becomes rank 0; Lightning then sees ``LOCAL_RANK`` set and launches nothing.
 Ranks started by torchrun or SLURM's srun are joined as they are.
 
@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.errors import TunelabError
-from tunelab.ui import free_port
+from tunelab.ports import free_port
 
 log = logging.getLogger("tunelab")
 RANK_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -105,7 +105,7 @@ class RankGroup:
             env = {**os.environ, **self.env, "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": str(threads)}
             out = open(self.folder / f"rank{rank}.log", "w")
             self.processes.append(subprocess.Popen(
-                [sys.executable, "-m", "tunelab.rank_worker", str(self.config_path)],
+                [sys.executable, "-m", "tunelab.cli.rank_worker", str(self.config_path)],
                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         threading.Thread(target=self._watch, name="tunelab-rank-watch", daemon=True).start()
         log.info("ddp: started ranks 1..%d (logs %s/rank<N>.log), this process is rank 0",

@@ -1,7 +1,7 @@
 """Where the config tree lives, which ``_target_``s may be built, and checked instantiation.
 
 Configs come from colleagues and the internet; ``hydra.utils.instantiate`` would import and
-call any dotted path. tunelab builds only the targets ``tunelab.targets`` allows, checked on
+call any dotted path. tunelab builds only the targets ``tunelab.config.targets`` allows, checked on
 the whole tree before anything starts and again on the resolved node it builds.
 """
 
@@ -17,12 +17,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from tunelab.config.targets import check_target, refusal
 from tunelab.errors import TunelabError
-from tunelab.targets import check_target, refusal
 
 def conf_dir() -> Path:
     """The config root: ``$TUNELAB_CONF``, the copy inside a wheel, or the checkout's ``conf/``."""
-    candidates = [os.environ.get("TUNELAB_CONF"), Path(__file__).parent / "_conf", Path(__file__).resolve().parents[2] / "conf"]
+    candidates = [os.environ.get("TUNELAB_CONF"), Path(__file__).parents[1] / "_conf", Path(__file__).resolve().parents[3] / "conf"]
     for candidate in candidates:
         if candidate and (Path(candidate) / "train.yaml").is_file():
             return Path(candidate).resolve()
@@ -41,7 +41,7 @@ _register_resolvers()
 
 
 def check_targets(node: Any, path: str = "") -> None:
-    """Refuse any ``_target_`` that is not an allowed object (``tunelab.targets``), anywhere in
+    """Refuse any ``_target_`` that is not an allowed object (``tunelab.config.targets``), anywhere in
     the tree: judged on the name that will be built, so an interpolated target is refused and a
     node made by a resolver (``${oc.create:...}``) is judged after it resolves."""
     if isinstance(node, (DictConfig, ListConfig)) and (node._is_none() or node._is_missing()):
@@ -388,7 +388,7 @@ def check_config(cfg: DictConfig) -> None:
         if not isinstance(module, DictConfig):
             raise TunelabError(f"module must be a mapping of settings, got {_shown(module)}.")
 
-        known = _settings("tunelab.module.FineTuneModule")
+        known = _settings("tunelab.engine.module.FineTuneModule")
         allowed = (known[0] if known else set()) - _MODULE_FILLED
         unknown = sorted(str(k) for k in module if str(k) not in allowed)
         if known and unknown:

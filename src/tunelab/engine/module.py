@@ -33,11 +33,11 @@ from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 from torchmetrics.utilities import dim_zero_cat
 
 from tunelab.adapters import Adapter
+from tunelab.engine.evaluation import auroc_note, macro_auroc
+from tunelab.engine.perf import compile_model, compile_options, fused_kwargs, to_channels_last
+from tunelab.engine.schedules import constant
+from tunelab.engine.strategies import Stage
 from tunelab.errors import TunelabError
-from tunelab.evaluation import auroc_note, macro_auroc
-from tunelab.perf import compile_model, compile_options, fused_kwargs, to_channels_last
-from tunelab.schedules import constant
-from tunelab.strategies import Stage
 
 # How BatchNorm layers behave in training mode:
 #   eval:        every layer always uses (and keeps) its running statistics: the Keras

@@ -70,9 +70,9 @@ def check_classes(model_classes: list[str], data_classes: list[str], data_name: 
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
-    from tunelab import evaluation
     from tunelab.config import build
-    from tunelab.trained import Predictor, load_adapter, resolve, store_client
+    from tunelab.engine import evaluation
+    from tunelab.engine.trained import Predictor, load_adapter, resolve, store_client
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="tunelab-eval-") as tmp:
@@ -111,9 +111,9 @@ def _log(trained, args, metrics, out, task: str, tmp: Path, uri: str | None) -> 
     """An MLflow run in ``<experiment>-eval`` (tag ``tunelab.kind=eval``), so a sweep's comparison
     holds training runs only, in the store the user chose (``uri``: --store, MLFLOW_TRACKING_URI
     or the default store; never one a stored config names)."""
-    from tunelab import evaluation
-    from tunelab.tracking import mlflow_run, user_store
-    from tunelab.ui_links import run_link, shown_uri
+    from tunelab.engine import evaluation
+    from tunelab.tracking.links import run_link, shown_uri
+    from tunelab.tracking.runs import mlflow_run, user_store
 
     name = f"eval {args.split} of {trained.run_id or Path(args.source).name}"
     with mlflow_run(user_store(trained.cfg), run_name=name, kind="eval", uri=uri) as run:

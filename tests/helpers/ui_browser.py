@@ -8,7 +8,7 @@ used, so importing this module costs nothing where they are missing.
 What a person does in MLflow 3.17, and what these helpers do:
 
 1. open the link tunelab prints (``#/experiments/ID/runs?workflowType=machine_learning&viewStateShareKey=
-   KEY``, tunelab.ui_links.runs_page): the runs table, with the objective as a column (open_link).
+   KEY``, tunelab.tracking.links.runs_page): the runs table, with the objective as a column (open_link).
    The bare ``#/experiments/ID`` lands on the *GenAI* overview instead, with a "Detect Issues"
    pop-over that blocks the page (dismissed with "Got it"); there the sidebar's switch from
    "GenAI" to "Model training" shows the runs table (open_runs_table). An "MLflow Assistant" side
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tunelab.outage import healthy
-from tunelab.ui import free_port
+from tunelab.ports import free_port
+from tunelab.tracking.outage import healthy
 
 CHROMIUM = Path("/usr/bin/chromium")
 # No sandbox (containers, root); no GPU; and none of Chromium's own traffic (updates, sync, QUIC
@@ -59,7 +59,7 @@ def missing_browser() -> str | None:
 
 def _tunelab_ui() -> list[str]:
     script = Path(sys.executable).parent / "tunelab-ui"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "tunelab.ui"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "tunelab.cli.ui"]
 
 
 @contextlib.contextmanager

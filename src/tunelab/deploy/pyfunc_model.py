@@ -25,7 +25,7 @@ warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` me
 
 class TunelabModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from tunelab.trained import Predictor, from_artifacts, load_adapter
+        from tunelab.engine.trained import Predictor, from_artifacts, load_adapter
 
         # the config inside the checkpoint (or, registered before checkpoints carried it, the
         # config artifact), held to the allow-list before anything is built from it
@@ -35,7 +35,7 @@ class TunelabModel(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor(self.adapter, self.meta["task"]).eval()
 
     def _inputs(self, data):
-        from tunelab.preprocess import Preprocessor
+        from tunelab.data.preprocess import Preprocessor
 
         if not hasattr(self, "preprocess"):
             config = self.adapter.data_config

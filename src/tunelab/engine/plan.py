@@ -18,8 +18,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab.config import check_config, check_targets, conf_dir
+from tunelab.config.hydra_guard import check_hydra
 from tunelab.errors import TunelabError
-from tunelab.hydra_guard import check_hydra
 
 MAX_COMBINATIONS = 256  # a grid this large is checked on its first combinations only, and says so
 
@@ -119,7 +119,7 @@ def _from_experiment(choices: dict | None) -> str:
 
 def check_no_remote_code(cfg: DictConfig) -> None:
     """``trust_remote_code`` runs a model folder's Python: tunelab never sets it, and no config may."""
-    from tunelab.hydra_guard import walk_config
+    from tunelab.config.hydra_guard import walk_config
 
     for path, _ in walk_config(cfg):
         if path.rsplit(".", 1)[-1] == "trust_remote_code":
@@ -185,7 +185,7 @@ def combinations(overrides: list[str]) -> tuple[list[list[str]], str]:
 def check_run(overrides: list[str], deep: bool = True) -> str:
     """Validate one run's config; with ``deep`` also its data, model and stage plan. Returns the
     plan as text, raises TunelabError with the first problem."""
-    from tunelab.preflight import check_required_groups
+    from tunelab.config.preflight import check_required_groups
 
     check_required_groups(overrides)
     cfg = compose_run(overrides)
@@ -196,7 +196,7 @@ def check_run(overrides: list[str], deep: bool = True) -> str:
         validate(cfg, choices)
         if not deep:
             return f"config valid: {picked}"
-        from tunelab.build import plan_parts
+        from tunelab.engine.build import plan_parts
 
         return f"{picked}\n{plan_parts(cfg)}"
 

@@ -66,8 +66,8 @@ THRESHOLDS = {"monitor/prediction_psi": 0.25, "monitor/embedding_shift": 0.5, "m
 @torch.no_grad()
 def signals(adapter, batches) -> Signals:
     """Softmax and head inputs for every batch of model inputs."""
-    from tunelab.evaluation import to_device
-    from tunelab.retention import forward_with_features
+    from tunelab.engine.evaluation import to_device
+    from tunelab.engine.retention import forward_with_features
 
     head = next(g for g in adapter.groups if g.name == "head").param_names
     probs, feats = [], []
@@ -79,7 +79,7 @@ def signals(adapter, batches) -> Signals:
 
 
 def report_plot(reference: Signals, current: Signals, metrics: dict, classes: list[str], path: Path) -> Path:
-    from tunelab.plots import figure, save
+    from tunelab.tracking.plots import figure, save
 
     fig, (left, right) = figure((10, 3.8), ncols=2)
     n = reference.probs.shape[1]
@@ -119,10 +119,10 @@ def parse_args(argv):
 def monitor(args) -> tuple[dict[str, float], list[str]]:
     import os
 
+    from tunelab.cli.predict import read_inputs
     from tunelab.config import build
-    from tunelab.predict import read_inputs
-    from tunelab.preprocess import Preprocessor
-    from tunelab.trained import load_adapter, resolve, store_client
+    from tunelab.data.preprocess import Preprocessor
+    from tunelab.engine.trained import load_adapter, resolve, store_client
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="tunelab-monitor-") as tmp:
@@ -152,7 +152,7 @@ def monitor(args) -> tuple[dict[str, float], list[str]]:
 def _log(trained, args, metrics, reference, current, tmp: Path, uri: str | None) -> None:
     """An MLflow run in ``<experiment>-monitor`` (tag ``tunelab.kind=monitor``), in the store the
     user chose (``uri``; never one a stored config names)."""
-    from tunelab.tracking import mlflow_run, user_store
+    from tunelab.tracking.runs import mlflow_run, user_store
 
     with mlflow_run(user_store(trained.cfg), run_name=f"monitor {args.inputs.name}", kind="monitor", uri=uri) as run:
         run.set_tag("tunelab.monitor_inputs", str(args.inputs))

@@ -125,7 +125,7 @@ def _plugin_targets() -> frozenset[str]:
     from hydra.core.plugins import Plugins
 
     from tunelab.config import conf_dir
-    from tunelab.targets import shipped_targets
+    from tunelab.config.targets import shipped_targets
 
     Plugins.instance()  # discovers hydra_plugins.*, which register their configs
     repo = ConfigStore.instance().repo.get("hydra", {})

@@ -13,7 +13,7 @@ of these, whatever its spelling (``torch.optim.adamw.AdamW`` is ``torch.optim.Ad
 - what the user's environment declares in ``TUNELAB_ALLOWED_TARGETS`` (module prefixes or
   symbols), read when tunelab starts: the environment decides, never a config file.
 
-Console-script entry points (``tunelab.ui.main``...) are never targets: a config may not turn a
+Console-script entry points (``tunelab.cli.ui.main``...) are never targets: a config may not turn a
 training run into a server.
 """
 

@@ -3,10 +3,9 @@ and the plot of every group's LR over the run with the stage boundaries."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from tunelab.adapters import LayerGroup
-from tunelab.strategies import Stage
+from tunelab.engine.strategies import Stage
 
 
 def stage_table(stages: list[Stage], groups: list[LayerGroup], sizes: dict[str, int],
@@ -37,45 +36,3 @@ def stage_table(stages: list[Stage], groups: list[LayerGroup], sizes: dict[str, 
     if any(s.patterns for s in stages):
         lines.append("* only parameters matching " + " | ".join(sorted({p for s in stages for p in s.patterns})))
     return "\n".join(lines)
-
-
-def plot_lr_history(history: list[tuple[int, dict[str, float]]], boundaries: list[tuple[int, str]],
-                    path: Path) -> Path:
-    """One line per layer group (LR against optimizer step), dashed lines at stage starts."""
-    from tunelab.plots import figure, save
-
-    steps = [step for step, _ in history]
-    groups = list(history[0][1]) if history else []
-    fig, ax = figure((10, 4.5))
-    for g in groups:
-        ax.plot(steps, [lrs[g] for _, lrs in history], label=g, linewidth=1.2, drawstyle="steps-post")
-    for step, name in boundaries:
-        ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
-        ax.annotate(name, (step, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", fontsize=8)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("learning rate")
-    ax.set_title("LR per layer group (0 = frozen)")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return save(fig, path)
-
-
-def plot_confusion(matrix, classes: list[str], path: Path) -> Path:
-    """Test-set confusion matrix: counts, rows = true class, columns = predicted."""
-    from tunelab.plots import figure, save
-
-    n = len(classes)
-    fig, ax = figure((min(12, 2 + 0.5 * n), min(12, 1.6 + 0.5 * n)))
-    ax.imshow(matrix, cmap="Blues")
-    names = [c[:14] for c in classes]
-    ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(n), names, fontsize=7)
-    if n <= 20:
-        peak = max(int(matrix.max()), 1)
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, int(matrix[i][j]), ha="center", va="center", fontsize=7,
-                        color="white" if matrix[i][j] > peak / 2 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("test confusion matrix")
-    return save(fig, path)

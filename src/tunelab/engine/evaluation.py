@@ -156,7 +156,7 @@ def class_key_table(classes: list[str], prefix: str = "") -> str:
 
 def reliability_plot(out: Outputs, path: Path, bins: int = 15) -> Path:
     """Confidence vs accuracy per bin: a calibrated model sits on the diagonal."""
-    from tunelab.plots import figure, save
+    from tunelab.tracking.plots import figure, save
 
     probs = torch.softmax(out.scores, dim=1)
     confidence, predicted = probs.max(dim=1)
@@ -181,7 +181,7 @@ def reliability_plot(out: Outputs, path: Path, bins: int = 15) -> Path:
 
 
 def residual_plot(out: Outputs, path: Path) -> Path:
-    from tunelab.plots import figure, save
+    from tunelab.tracking.plots import figure, save
 
     pred, y = out.scores.float().flatten().numpy(), out.targets.float().flatten().numpy()
     fig, ax = figure((5, 4))

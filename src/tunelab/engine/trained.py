@@ -220,7 +220,7 @@ def store_client(store: Path | None = None):
 
     from mlflow.tracking import MlflowClient
 
-    from tunelab.ui import default_store
+    from tunelab.tracking.store import default_store
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") if store is None else None
     return MlflowClient(uri or f"sqlite:///{(store or default_store()).expanduser().resolve()}")
@@ -248,8 +248,8 @@ def resolve(source: str, client, folder: Path | None = None) -> Trained:
 
 def load_adapter(trained: Trained):
     """The adapter the run trained, with its fine-tuned weights (read with ``weights_only=True``)."""
-    from tunelab.build import accepted
     from tunelab.config import build
+    from tunelab.engine.build import accepted
 
     cfg, meta = trained.cfg, trained.meta
     adapter = build(cfg.model, "model", num_outputs=int(meta["num_outputs"]), lora=cfg.get("lora"),

@@ -7,9 +7,9 @@ import time
 
 import lightning as L
 
-from tunelab.distributed import rewrap_ddp
+from tunelab.engine.distributed import rewrap_ddp
+from tunelab.engine.strategies import stage_at
 from tunelab.errors import TunelabError
-from tunelab.strategies import stage_at
 
 log = logging.getLogger(__name__)
 

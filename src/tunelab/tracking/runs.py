@@ -23,14 +23,14 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 import tunelab
+from tunelab.config.redaction import RedactingClient, redact_value, redacted_yaml
 from tunelab.errors import Preempted, TrialPruned, TunelabError
-from tunelab.outage import Outage, bound_retries, healthy
-from tunelab.preemption import TAG_CHECKPOINT, TAG_RECIPE, attempt_tags, continue_run, recipe_hash
-from tunelab.redaction import RedactingClient, redact_value, redacted_yaml
-from tunelab.sweep.job import current_job
-from tunelab.sweep.job import run_name as job_run_name
-from tunelab.run_records import clip as _clip, config_choices, config_hash, default_run_name, run_records
-from tunelab.ui_links import save_view, shown_uri
+from tunelab.tracking.links import save_view, shown_uri
+from tunelab.tracking.outage import Outage, bound_retries, healthy
+from tunelab.tracking.preemption import TAG_CHECKPOINT, TAG_RECIPE, attempt_tags, continue_run, recipe_hash
+from tunelab.tracking.run_records import clip as _clip, config_choices, config_hash, default_run_name, run_records
+from tunelab.tracking.sweep_job import current_job
+from tunelab.tracking.sweep_job import run_name as job_run_name
 
 
 class _RunLogger(MLFlowLogger):
@@ -74,7 +74,7 @@ class Run:
         """Every param group's LR at every optimizer step as ``lr/<group>``, plus a PNG of it."""
         from mlflow.entities import Metric
 
-        from tunelab.stage_report import plot_lr_history
+        from tunelab.tracking.plots import plot_lr_history
 
         if not history:
             return
@@ -86,7 +86,7 @@ class Run:
             self.log_artifact(plot_lr_history(history, stages, Path(tmp) / "lr_schedule.png"))
 
     def log_confusion(self, matrix, classes: list[str]) -> None:
-        from tunelab.stage_report import plot_confusion
+        from tunelab.tracking.plots import plot_confusion
 
         with tempfile.TemporaryDirectory() as tmp:
             self.log_artifact(plot_confusion(matrix.cpu().numpy(), classes, Path(tmp) / "confusion_matrix.png"))

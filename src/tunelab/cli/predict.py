@@ -24,7 +24,7 @@ class Exported:
     """An export folder: its runtime session, labels and preprocessing."""
 
     def __init__(self, folder: Path, runtime: str = "auto"):
-        from tunelab.preprocess import Preprocessor
+        from tunelab.data.preprocess import Preprocessor
 
         self.folder = Path(folder)
         meta_path = self.folder / "tunelab_export.json"

@@ -19,7 +19,7 @@ def model_meta(parts) -> dict:
     dm, adapter = parts.datamodule, parts.adapter
     meta = {"task": dm.task, "modality": adapter.modality, "num_outputs": dm.num_outputs,
             "classes": dm.classes if dm.task == "classification" else [], "model_kwargs": dm.model_kwargs}
-    from tunelab.preprocess import settings_from
+    from tunelab.data.preprocess import settings_from
 
     meta["preprocess"] = settings_from(dm, adapter)
     return meta
@@ -31,7 +31,7 @@ def _example(meta: dict):
     import pandas as pd
     from PIL import Image
 
-    from tunelab.preprocess import encode_image
+    from tunelab.data.preprocess import encode_image
 
     modality = meta["modality"]
     if modality == "text":
@@ -47,14 +47,14 @@ def register_run_model(client: MlflowClient, run_id: str, name: str) -> str:
     A name read from the environment is withheld like every other record (redaction.py)."""
     import mlflow
 
-    from tunelab import pyfunc_model
-    from tunelab.redaction import redact_value
+    from tunelab.config.redaction import redact_value
+    from tunelab.deploy import pyfunc_model
 
     name = redact_value(name)
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a file or three, no bars
 
-    from tunelab.trained import from_run
+    from tunelab.engine.trained import from_run
 
     with tempfile.TemporaryDirectory() as tmp:
         trained = from_run(client, run_id, Path(tmp))

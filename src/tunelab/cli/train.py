@@ -16,8 +16,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from tunelab.plan import validate
 from tunelab.config import build, check_targets, conf_dir
+from tunelab.engine.plan import validate
 from tunelab.errors import Preempted, TunelabError
 
 # torch, Lightning and MLflow are imported inside train(): `tunelab-train --help` and
@@ -56,8 +56,8 @@ def core_callbacks(parts=None) -> list:
     """The callbacks that are how tunelab works, not options: stages, exact resumes, and the
     cached-feature fast path when the run plans one."""
     from tunelab.data.sampling import MidEpochResume
-    from tunelab.feature_cache import FeatureCache
-    from tunelab.stage_callback import StageCallback
+    from tunelab.engine.feature_cache import FeatureCache
+    from tunelab.engine.stage_callback import StageCallback
 
     cache = parts is not None and parts.cache_plan is not None and parts.cache_plan.epochs is not None
     return [StageCallback(), MidEpochResume(), *([FeatureCache(parts.cache_plan, parts.adapter)] if cache else [])]
@@ -70,10 +70,10 @@ def _callbacks(cfg: DictConfig, parts, job=None) -> list:
 
         extra.append(OptunaPruning(optuna_trial(job), str(cfg.objective)))
     if cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
-        from tunelab.progress import ObjectiveProgressBar
+        from tunelab.engine.progress import ObjectiveProgressBar
 
         extra.append(ObjectiveProgressBar(cfg.get("objective")))
-    from tunelab.perf import EpochThroughput
+    from tunelab.engine.perf import EpochThroughput
 
     return [*core_callbacks(parts), EpochThroughput(), *extra]
 
@@ -95,12 +95,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def run_job(cfg: DictConfig) -> RunResult:
     """train(), returning the MLflow run id as well (the notebook API's fit())."""
-    from tunelab.distributed import local_world_size, rank_processes
-    from tunelab.preemption import SigtermGuard, resolve_resume
-    from tunelab.redaction import protect
-    from tunelab.run_records import config_choices
-    from tunelab.sweep.job import current_job
+    from tunelab.config.redaction import protect
+    from tunelab.engine.distributed import local_world_size, rank_processes
     from tunelab.sweep.trial import share_machine
+    from tunelab.tracking.preemption import SigtermGuard, resolve_resume
+    from tunelab.tracking.run_records import config_choices
+    from tunelab.tracking.sweep_job import current_job
 
     protect(cfg)  # first: what the config read from the environment is in no record, log or error line
     # every _target_ of the tree, values no type catches and unknown keys: before data, model or run exist
@@ -119,12 +119,12 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from tunelab.build import build_parts
-    from tunelab.distributed import RankAgreement, global_rank
-    from tunelab.preemption import PreemptionCheckpoint, resume_callbacks
-    from tunelab.registry import model_meta
-    from tunelab.run_records import config_hash
-    from tunelab.tracking import mlflow_run, no_run
+    from tunelab.deploy.registry import model_meta
+    from tunelab.engine.build import build_parts
+    from tunelab.engine.distributed import RankAgreement, global_rank
+    from tunelab.tracking.preemption import PreemptionCheckpoint, resume_callbacks
+    from tunelab.tracking.run_records import config_hash
+    from tunelab.tracking.runs import mlflow_run, no_run
 
     rank = global_rank()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -188,7 +188,7 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
         if parts.module.test_confusion_matrix is not None:
             run.log_confusion(parts.module.test_confusion_matrix, dm.classes)
         if rank == 0 and dm.ood_names():  # shifted copies of the test split: how much is lost
-            from tunelab.evaluation import shifted_splits
+            from tunelab.engine.evaluation import shifted_splits
 
             log.info("testing on shifted copies of the test split: %s", ", ".join(dm.ood_names()))
 
@@ -231,8 +231,8 @@ def _last_checkpoint(cfg: DictConfig) -> str | None:
 
 
 def _retention(cfg: DictConfig, parts) -> dict[str, float]:
-    from tunelab.evaluation import to_device
-    from tunelab.retention import measure
+    from tunelab.engine.evaluation import to_device
+    from tunelab.engine.retention import measure
 
     inputs = parts.datamodule.first_inputs("test", int(cfg.retention.samples))  # the reference batch
     device = next(parts.module.parameters()).device
@@ -251,7 +251,7 @@ def _write_beside_checkpoints(cfg: DictConfig, meta: str, module, rank: int) -> 
     and on rank 0 as files beside the checkpoints (what checkpoints from before that rely on)."""
     from omegaconf import OmegaConf
 
-    from tunelab.redaction import redact, redacted_yaml
+    from tunelab.config.redaction import redact, redacted_yaml
 
     config, meta = redacted_yaml(cfg), redact(meta)
     # parsed back from the very text of resolved_config.yaml: the checkpoint holds the same config,
@@ -270,7 +270,7 @@ def _register(cfg: DictConfig, run, job) -> str | None:
     name = cfg.logger.get("register_best")
     if not name or job is not None or run.run_id is None:
         return None
-    from tunelab.registry import register_run_model
+    from tunelab.deploy.registry import register_run_model
 
     return register_run_model(run.client, run.run_id, str(name))
 
@@ -294,8 +294,8 @@ def _summary(metrics: dict[str, float], task: str) -> list[str]:
 
 
 def _report(run, metrics: dict[str, float], seconds: float, task: str, registered: str | None = None) -> None:
-    from tunelab.redaction import redact
-    from tunelab.ui_links import run_link, shown_uri
+    from tunelab.config.redaction import redact
+    from tunelab.tracking.links import run_link, shown_uri
 
     shown = {k: metrics[k] for k in SHOWN[task] if k in metrics}
     lines = [
@@ -314,13 +314,13 @@ def _report(run, metrics: dict[str, float], seconds: float, task: str, registere
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from tunelab.sweep.job import current_job
+    from tunelab.tracking.sweep_job import current_job
 
     try:
         metrics = train(cfg)
     except TunelabError as err:
         if current_job() is not None:
-            from tunelab.redaction import redact
+            from tunelab.config.redaction import redact
 
             print(f"tunelab-train: error: {redact(str(err))}", file=sys.stderr)
             raise  # one failed trial: Hydra records it and the sweeper decides whether to go on
@@ -340,7 +340,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def _exit_with(err: TunelabError) -> None:
     """The one way a user error ends tunelab-train: one line, exit status 2, no traceback."""
-    from tunelab.redaction import redact
+    from tunelab.config.redaction import redact
 
     print(f"tunelab-train: error: {redact(str(err))}", file=sys.stderr)
     sys.exit(2)
@@ -369,9 +369,9 @@ def _guard_hydra_callbacks() -> None:
 
 
 def main() -> None:
-    from tunelab.plan import check_before_hydra, main_check
-    from tunelab.preflight import preflight
-    from tunelab.targets import freeze_environment
+    from tunelab.config.preflight import preflight
+    from tunelab.config.targets import freeze_environment
+    from tunelab.engine.plan import check_before_hydra, main_check
     from tunelab.umask import set_for_cli
 
     freeze_environment()  # what tunelab trusts is read now, before Hydra applies anything
@@ -394,7 +394,7 @@ def _check_tracking_server() -> None:
     """A dead server or a refused login (tunelab-ui --auth), before Hydra writes anything."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri.startswith(("http://", "https://")):
-        from tunelab.tracking import check_reachable
+        from tunelab.tracking.runs import check_reachable
 
         check_reachable(uri)
 

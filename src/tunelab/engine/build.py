@@ -10,11 +10,11 @@ from omegaconf import DictConfig, open_dict
 from tunelab.adapters import Adapter
 from tunelab.config import build, check_config, check_targets
 from tunelab.data.datamodule import TaskDataModule
-from tunelab.module import FineTuneModule
-from tunelab.stage_report import stage_table
+from tunelab.engine.feature_cache import CachePlan, plan_cache
+from tunelab.engine.module import FineTuneModule
+from tunelab.engine.stage_report import stage_table
+from tunelab.engine.strategies import Stage, check_stages, compress, keep_frozen
 from tunelab.errors import TunelabError
-from tunelab.feature_cache import CachePlan, plan_cache
-from tunelab.strategies import Stage, check_stages, compress, keep_frozen
 
 
 @dataclass
@@ -107,8 +107,8 @@ def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Pa
         )
     lineage = {}
     if cfg.get("init_from"):  # re-training: start from a trained model instead of the pretrained one
-        from tunelab.tracking import tracking_uri
-        from tunelab.trained import init_from
+        from tunelab.engine.trained import init_from
+        from tunelab.tracking.runs import tracking_uri
 
         lineage = init_from(adapter, str(cfg.init_from), tracking_uri(cfg))
     datamodule.set_model_data_config(adapter.data_config)
@@ -133,7 +133,7 @@ def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Pa
                       module.batchnorm, full_epochs=_full_epochs(cfg.trainer.get("limit_train_batches")))
     pretrained = None
     if (cfg.get("retention") or {}).get("enabled"):
-        from tunelab.retention import snapshot
+        from tunelab.engine.retention import snapshot
 
         pretrained = snapshot(adapter.model)
     return Parts(datamodule, adapter, stages, module, float(cfg.optimizer.lr), pretrained, lineage, plan, notes)

@@ -1,29 +1,17 @@
 """``tunelab-ui``: open the MLflow UI on tunelab's local store (127.0.0.1 unless asked; with
---auth behind MLflow's login, which --allow-remote requires: see tunelab/ui_auth.py)."""
+--auth behind MLflow's login, which --allow-remote requires: see tunelab/tracking/auth.py)."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.tracking.store import default_store
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def default_store() -> Path:
-    """Where ``tunelab-train`` logs by default: ``$TUNELAB_HOME/outputs`` or ``./outputs``."""
-    return Path(os.environ.get("TUNELAB_HOME", ".")).expanduser().resolve() / "outputs" / "mlflow.db"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -96,7 +84,7 @@ def landing_page(uri: str, experiment: str | None = None) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from tunelab.ui_links import DEFAULT_VIEW_TAG, runs_page
+    from tunelab.tracking.links import DEFAULT_VIEW_TAG, runs_page
 
     try:
         client = MlflowClient(uri)
@@ -150,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     new_store = uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file()  # --create
     created_admin = None
     if args.auth:
-        from tunelab.ui_auth import prepare
+        from tunelab.tracking.auth import prepare
 
         stem = Path(uri[len("sqlite:///"):]).stem if uri.startswith("sqlite:///") else "mlflow"
         try:

@@ -100,8 +100,8 @@ def to_hf(adapter, out: Path) -> dict:
 def export(trained, out: Path, formats: list[str], tolerance: float = 1e-3) -> dict:
     from tunelab.adapters.lora import merge_lora
     from tunelab.config import build
-    from tunelab.preprocess import settings_from
-    from tunelab.trained import Predictor, load_adapter
+    from tunelab.data.preprocess import settings_from
+    from tunelab.engine.trained import Predictor, load_adapter
 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -152,7 +152,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> None:
     import os
 
-    from tunelab.trained import resolve, store_client
+    from tunelab.engine.trained import resolve, store_client
     from tunelab.umask import set_for_cli
 
     set_for_cli("tunelab-export")  # private files (tunelab/umask.py)

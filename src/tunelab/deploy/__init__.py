@@ -1,0 +1,1 @@
+"""Trained models leaving training: the model registry and the MLflow pyfunc flavour."""

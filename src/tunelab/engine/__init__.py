@@ -1,0 +1,1 @@
+"""Training: the Lightning module, strategies and stages, callbacks, evaluation, distributed ranks."""
