@@ -264,7 +264,7 @@ def raw_loop(model, batch, trainable: set[str], args, device, steps: int) -> tup
 
 
 def tunelab_loop(cfg, data: SyntheticData, args, device) -> tuple[float, float, object]:
-    from tunelab.cli.train import core_callbacks
+    from tunelab.engine.recipe import core_callbacks
     from tunelab.config import build
     from tunelab.engine.build import build_parts
 
@@ -349,7 +349,7 @@ def mfu(flops_per_sample: float, raw_sps: float, tl_sps: float, device) -> dict:
 def cached_probe(args, device) -> dict:
     """A 10-epoch linear probe on the default data (augmentation off), cached vs not: fit time
     and the largest difference between the two trained heads."""
-    from tunelab.cli.train import core_callbacks
+    from tunelab.engine.recipe import core_callbacks
     from tunelab.config import build
     from tunelab.engine.build import build_parts
 

@@ -125,7 +125,7 @@ def step_profile(overrides: list[str], steps: int = 60, warmup: int = 20) -> dic
 
     from lightning.pytorch import Callback
 
-    from tunelab.cli.train import core_callbacks
+    from tunelab.engine.recipe import core_callbacks
     from tunelab.config import build
     from tunelab.engine.build import build_parts
 

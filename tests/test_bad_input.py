@@ -103,7 +103,7 @@ def test_cli_schedule_past_the_last_epoch_names_both_settings(tmp_path):
     # misspelt keys added with + (without +, Hydra refuses them: tests/test_train.py)
     (["+optimizer.lrr=1e-3"], (r"^optimizer\.lrr is not a setting of torch\.optim\.AdamW \(it takes .*\blr\b.*\); "
                                r"remove it or fix its spelling\.$")),
-    (["+strategy.head_epoch=2"], (r"^strategy\.head_epoch is not a setting of tunelab\.strategies\.freeze_unfreeze "
+    (["+strategy.head_epoch=2"], (r"^strategy\.head_epoch is not a setting of tunelab\.engine\.strategies\.freeze_unfreeze "
                                   r"\(it takes .*head_epochs")),
     (["+module.layer_decy=0.5"], r"^module\.layer_decy is not a module setting \(settings: .*layer_decay"),
     # learning rates <= 0 (optimizer.lr=0: tests/test_train.py)

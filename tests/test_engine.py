@@ -225,7 +225,7 @@ class _StopAt(L.Callback):
 def test_interrupted_and_resumed_equals_uninterrupted(cfg_factory, tmp_path):
     """4 epochs, stage change at epoch 2, random augmentation and dropout on: stopping in the
     middle of epoch 3 and resuming gives the same final weights as never stopping."""
-    from tunelab.cli.train import core_callbacks
+    from tunelab.engine.recipe import core_callbacks
 
     overrides = ["strategy.head_epochs=2", "trainer.max_epochs=4", "trainer.limit_train_batches=4",
                  "trainer.limit_val_batches=1", "model.drop_rate=0.3", "module.stage_rewarmup=3"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.cli.train import core_callbacks
+from tunelab.engine.recipe import core_callbacks
 from tunelab.config import build
 from tunelab.engine.build import build_parts
 from tunelab.errors import TunelabError

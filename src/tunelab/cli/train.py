@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import pickle
 import sys
 import time
 import warnings
@@ -52,17 +50,6 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*Using `DistributedSampler` with the dataloaders.*")
 
 
-def core_callbacks(parts=None) -> list:
-    """The callbacks that are how tunelab works, not options: stages, exact resumes, and the
-    cached-feature fast path when the run plans one."""
-    from tunelab.data.sampling import MidEpochResume
-    from tunelab.engine.feature_cache import FeatureCache
-    from tunelab.engine.stage_callback import StageCallback
-
-    cache = parts is not None and parts.cache_plan is not None and parts.cache_plan.epochs is not None
-    return [StageCallback(), MidEpochResume(), *([FeatureCache(parts.cache_plan, parts.adapter)] if cache else [])]
-
-
 def _callbacks(cfg: DictConfig, parts, job=None) -> list:
     extra = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node]
     if job is not None and job.trial is not None:  # a trial of tunelab's Optuna sweeper
@@ -74,6 +61,8 @@ def _callbacks(cfg: DictConfig, parts, job=None) -> list:
 
         extra.append(ObjectiveProgressBar(cfg.get("objective")))
     from tunelab.engine.perf import EpochThroughput
+
+    from tunelab.engine.recipe import core_callbacks
 
     return [*core_callbacks(parts), EpochThroughput(), *extra]
 
@@ -117,9 +106,8 @@ def run_job(cfg: DictConfig) -> RunResult:
 
 def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from tunelab.deploy.registry import model_meta
+    from tunelab.engine import recipe
     from tunelab.engine.build import build_parts
     from tunelab.engine.distributed import RankAgreement, global_rank
     from tunelab.tracking.preemption import PreemptionCheckpoint, resume_callbacks
@@ -129,140 +117,61 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
     rank = global_rank()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     parts = build_parts(cfg)
-    dm, table = parts.datamodule, parts.stage_table()
     if rank == 0:
         log.info("%s", parts.describe(cfg.strategy._target_.rsplit(".", 1)[-1]))
-
     start = time.monotonic()
     # One MLflow run per job, whatever the number of ranks: only global rank 0 logs.
     with (mlflow_run(cfg, run_name=cfg.get("run_name")) if rank == 0 else no_run()) as run:
         if ranks is not None:
             ranks.on_failure = run.fail  # a dead sibling rank fails this run at once
-        for key, value in (parts.lineage or {}).items():
-            run.set_tag(key, value)
-        meta = json.dumps(model_meta(parts), indent=1)
-        run.log_text(table, "stage_table.txt")
-        run.log_text(meta, "model_meta.json")  # with config.yaml: what rebuilds the model later
-        # the same two inside every checkpoint and (rank 0) beside them, for tunelab-eval / export
-        _write_beside_checkpoints(cfg, meta, parts.module, rank)
+        _describe_run(cfg, run, parts, rank)
         callbacks = _callbacks(cfg, parts, job if rank == 0 else None)
-        agreement = RankAgreement(config_hash(cfg))
-        preemption = PreemptionCheckpoint(cfg.paths.output_dir)
+        agreement, preemption = RankAgreement(config_hash(cfg)), PreemptionCheckpoint(cfg.paths.output_dir)
         callbacks += [agreement, preemption, *resume_callbacks(cfg, run)]  # stamp + heartbeat: resume=auto after a crash
         trainer = build(cfg.trainer, "trainer", logger=run.lightning_logger(), callbacks=callbacks)
-        try:
-            with guard.lightning(), ranks.blame() if ranks is not None else contextlib.nullcontext():
-                trainer.fit(parts.module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-        except pickle.UnpicklingError as err:  # ckpt_path holds Python objects: refused, never run
-            from tunelab.adapters.weights import checkpoint_error
-
-            raise checkpoint_error(cfg.ckpt_path, "ckpt_path", err) from None
-        except SystemExit:
-            if trainer.received_sigterm:  # Lightning stopped at a batch boundary; the checkpoint is saved
-                raise Preempted(preemption.saved) from None
-            if trainer.interrupted:  # Lightning turns Ctrl+C into sys.exit(1) after shutting down
-                raise KeyboardInterrupt("training interrupted") from None
-            raise
-        if trainer.interrupted:
-            raise KeyboardInterrupt("training interrupted")
+        recipe.fit(trainer, parts, cfg, guard, ranks, preemption)
         run.log_lr_history(parts.module.lr_history, parts.module.stage_log)
-        _log_stage_starts(trainer, parts.module)
-        # the last stage's trainable set (what a run tunes in the end), for comparing strategies
-        weights = list(parts.adapter.model.parameters())
-        run.log_metrics({"params/trainable": float(sum(p.numel() for p in weights if p.requires_grad)),
-                         "params/total": float(sum(p.numel() for p in weights))})
-        checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
-        best = checkpoint.best_model_path if checkpoint else ""
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # last epoch's
-        if checkpoint and checkpoint.best_model_score is not None:
-            metrics[checkpoint.monitor] = float(checkpoint.best_model_score)  # the tested weights'
-        try:
-            with guard.lightning(), ranks.blame() if ranks is not None else contextlib.nullcontext():
-                results = trainer.test(parts.module, datamodule=dm, ckpt_path=best or None, weights_only=True,
-                                       verbose=False)
-        except SystemExit:
-            if trainer.received_sigterm:  # training is complete: resuming from last.ckpt only tests again
-                raise Preempted(_last_checkpoint(cfg)) from None
-            raise
-        metrics.update(results[0] if results else {})
+        recipe.log_stage_starts(trainer, parts.module)
+        run.log_metrics(recipe.parameter_counts(parts.adapter.model))
+        best, metrics = recipe.best_and_last_metrics(trainer, callbacks)
+        metrics.update(recipe.test(trainer, parts, cfg, best, guard, ranks))
         if parts.module.test_confusion_matrix is not None:
-            run.log_confusion(parts.module.test_confusion_matrix, dm.classes)
-        if rank == 0 and dm.ood_names():  # shifted copies of the test split: how much is lost
-            from tunelab.engine.evaluation import shifted_splits
-
-            log.info("testing on shifted copies of the test split: %s", ", ".join(dm.ood_names()))
-
-            shifted = shifted_splits(parts.module, dm, metrics, _batch_limit(cfg.trainer.get("limit_test_batches")))
-            metrics.update(shifted)
-            run.log_metrics(shifted)
-        if rank == 0 and parts.pretrained is not None:  # what fine-tuning cost the pretrained model
-            log.info("measuring retention: weight drift and CKA against the pretrained model (retention.enabled)")
-            retained = _retention(cfg, parts)
-            metrics.update(retained)
-            run.log_metrics(retained)
+            run.log_confusion(parts.module.test_confusion_matrix, parts.datamodule.classes)
+        if rank == 0:
+            checked = recipe.after_training(cfg, parts, metrics)
+            metrics.update(checked)
+            run.log_metrics(checked)
         run.log_metrics({"time/fit_seconds": time.monotonic() - start})
-        if rank == 0:  # the results on disk too: they survive a tracking server that went down
-            (Path(str(cfg.paths.output_dir)) / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-        if best:
-            run.log_artifact(best, "checkpoints")
-        if agreement.hashes:
-            run.set_tag("tunelab.rank_config_hashes", ",".join(agreement.hashes))
-        if ranks is not None:
-            ranks.join()  # every rank must end cleanly before the run may be FINISHED
+        _finish_run(cfg, run, metrics, best, agreement, ranks, rank)
         registered = _register(cfg, run, job) if best else None
     if rank == 0:
-        _report(run, metrics, time.monotonic() - start, dm.task, registered)
+        _report(run, metrics, time.monotonic() - start, parts.datamodule.task, registered)
     return RunResult(run.run_id, metrics, run.tracking_uri if rank == 0 else None, str(cfg.paths.output_dir))
 
 
-def _log_stage_starts(trainer, module) -> None:
-    """The ``stage`` metric at every stage's first step, not only at epoch ends: a stage shorter
-    than an epoch (a compressed smoke schedule, step-based stages) shows up in its history too."""
-    names, previous = [s.name for s in module.stages], None
-    for step, name in module.stage_log:  # set_stage runs again at setup and on resume: log changes only
-        if trainer.logger and name != previous:
-            trainer.logger.log_metrics({"stage": float(names.index(name))}, step=step)
-        previous = name
+def _describe_run(cfg: DictConfig, run, parts, rank: int) -> None:
+    """The stage table, the model's description and its lineage, in the run and the checkpoints."""
+    from tunelab.engine.recipe import model_meta, store_description
+
+    for key, value in (parts.lineage or {}).items():
+        run.set_tag(key, value)
+    meta = json.dumps(model_meta(parts), indent=1)
+    run.log_text(parts.stage_table(), "stage_table.txt")
+    run.log_text(meta, "model_meta.json")  # with config.yaml: what rebuilds the model later
+    store_description(cfg, meta, parts.module, rank)  # inside every checkpoint, and beside them
 
 
-def _last_checkpoint(cfg: DictConfig) -> str | None:
-    last = Path(str(cfg.paths.output_dir)) / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() else None
-
-
-def _retention(cfg: DictConfig, parts) -> dict[str, float]:
-    from tunelab.engine.evaluation import to_device
-    from tunelab.engine.retention import measure
-
-    inputs = parts.datamodule.first_inputs("test", int(cfg.retention.samples))  # the reference batch
-    device = next(parts.module.parameters()).device
-    return measure(parts.pretrained, parts.module.model, parts.adapter.groups, to_device(inputs, device),
-                   parts.adapter.pretrained_head, parts.adapter.data_config, parts.adapter.pretrained_task)
-
-
-def _batch_limit(limit) -> int | None:
-    """Lightning's limit_*_batches (an int, or a fraction where 1.0 = all) as a batch count."""
-    return int(limit) if isinstance(limit, int) and not isinstance(limit, bool) else None
-
-
-def _write_beside_checkpoints(cfg: DictConfig, meta: str, module, rank: int) -> None:
-    """The config and meta that rebuild the model, without values read from the environment:
-    inside every checkpoint the module saves, so a .ckpt copied alone still describes its model,
-    and on rank 0 as files beside the checkpoints (what checkpoints from before that rely on)."""
-    from omegaconf import OmegaConf
-
-    from tunelab.config.redaction import redact, redacted_yaml
-
-    config, meta = redacted_yaml(cfg), redact(meta)
-    # parsed back from the very text of resolved_config.yaml: the checkpoint holds the same config,
-    # as plain containers (torch.load(weights_only=True) reads those, never OmegaConf objects)
-    module.stored_run = {"config": OmegaConf.to_container(OmegaConf.create(config)), "meta": json.loads(meta)}
-    if rank != 0:
-        return
-    folder = Path(str(cfg.paths.output_dir))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "resolved_config.yaml").write_text(config)
-    (folder / "model_meta.json").write_text(meta)
+def _finish_run(cfg: DictConfig, run, metrics: dict[str, float], best: str, agreement, ranks, rank: int) -> None:
+    """The results on disk (they survive a tracking server that went down), the tested checkpoint,
+    the ranks' config hashes; then every rank must end cleanly before the run may be FINISHED."""
+    if rank == 0:
+        (Path(str(cfg.paths.output_dir)) / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    if best:
+        run.log_artifact(best, "checkpoints")
+    if agreement.hashes:
+        run.set_tag("tunelab.rank_config_hashes", ",".join(agreement.hashes))
+    if ranks is not None:
+        ranks.join()
 
 
 def _register(cfg: DictConfig, run, job) -> str | None:

@@ -15,16 +15,6 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 
-def model_meta(parts) -> dict:
-    dm, adapter = parts.datamodule, parts.adapter
-    meta = {"task": dm.task, "modality": adapter.modality, "num_outputs": dm.num_outputs,
-            "classes": dm.classes if dm.task == "classification" else [], "model_kwargs": dm.model_kwargs}
-    from tunelab.data.preprocess import settings_from
-
-    meta["preprocess"] = settings_from(dm, adapter)
-    return meta
-
-
 def _example(meta: dict):
     """What a client sends to the served model: one column of raw inputs."""
     import numpy as np

@@ -394,7 +394,7 @@ class FineTuneModule(L.LightningModule):
             "stage_index": self.stage_index,
             "stage_start_step": self.stage_start_step,
             "schedule": self.lr_shape.state_dict() if hasattr(self.lr_shape, "state_dict") else None,
-            # the resolved config and model meta (train._write_beside_checkpoints), plain containers:
+            # the resolved config and model meta (engine.recipe.store_description), plain containers:
             # a .ckpt copied alone still says how to rebuild its model (trained.from_checkpoint)
             **(getattr(self, "stored_run", None) or {}),
         }
