@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the browser helpers live with the tests that use them
 
 from helpers import ui_browser  # noqa: E402
+from helpers.ui_server import start_ui  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except LookupError as error:
         sys.exit(f"ui_screenshot: {error}")
     split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
-    with ui_browser.start_ui(args.store) as url, \
+    with start_ui(args.store) as url, \
             ui_browser.browser_page({"width": args.width, "height": args.height}) as page:
         try:
             children = ui_browser.open_sweep_page(page, url, sweep, show=split(args.metrics), hide=split(args.hide))

@@ -76,3 +76,22 @@ def test_every_shipped_target_resolves(where, target):
     assert callable(get_object(target)), f"{where}: {target}"
     if not target.startswith(("hydra_plugins.", "hydra.")):  # Hydra builds its own plugins; tunelab builds the rest
         assert refusal(target, where) is None, f"{where}: the allow-list refuses {target}"
+
+
+def test_every_mlflow_tag_name_is_written_in_one_module():
+    """A ``"tunelab.<name>"`` string in the package is either a module path or a tag name from
+    tunelab.tracking.tag_names, never a tag spelt out again elsewhere."""
+    import ast
+
+    from tunelab.tracking import tag_names
+
+    known = {value for name, value in vars(tag_names).items() if name.isupper()}
+    assert {"tunelab.config_hash", "tunelab.recipe_hash", "tunelab.best_run_id"} <= known
+    spelt = []
+    for file in sorted((ROOT / "src" / "tunelab").rglob("*.py")):
+        if file.name == "tag_names.py":
+            continue
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in known:
+                spelt.append(f"{file.relative_to(ROOT)}:{node.lineno}: {node.value}")
+    assert not spelt, "\n".join(spelt)

@@ -147,7 +147,7 @@ def test_a_server_that_dies_mid_run_and_comes_back_loses_nothing(tmp_path):
     """The server dies after step 2 and is back (same store, same port) after step 6: training
     never stops, the metrics of the outage are sent when it is back, the run ends FINISHED."""
     from tunelab.ports import free_port
-    from helpers.ui_browser import start_ui
+    from helpers.ui_server import start_ui
 
     store, port = tmp_path / "server.db", free_port()
     with start_ui(store, port=port, create=True) as url:
@@ -170,7 +170,7 @@ def test_a_server_that_dies_mid_run_and_comes_back_loses_nothing(tmp_path):
 @pytest.mark.slow
 def test_a_server_that_stays_down_keeps_the_results_on_disk_and_says_so(tmp_path):
     from tunelab.ports import free_port
-    from helpers.ui_browser import start_ui
+    from helpers.ui_server import start_ui
 
     with start_ui(tmp_path / "server.db", port=free_port(), create=True) as url:
         proc, flags = _train_against(tmp_path, url, [2])

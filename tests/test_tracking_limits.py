@@ -30,3 +30,19 @@ def test_a_run_with_a_huge_value_finishes_and_keeps_it_in_config_yaml(cfg_factor
     assert run.data.params["strategy.patterns"].endswith("...")
     config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert long_text in open(config).read()
+
+
+def test_the_ranks_that_log_nothing_still_refuse_a_name_run_does_not_have():
+    """Ranks > 0 log to a NoRun: every Run method does nothing there, and a misspelt one fails
+    as it would on rank 0 instead of passing silently."""
+    from tunelab.tracking.runs import NoRun, Run
+
+    run = NoRun()
+    methods = [name for name in vars(Run) if not name.startswith("_") and callable(getattr(Run, name))]
+    assert {"log_metrics", "set_tag", "fail", "log_artifact"} <= set(methods)
+    for name in methods:
+        if name != "lightning_logger":
+            assert getattr(run, name)("any", key="value") is None
+    assert run.lightning_logger() is False and run.run_id is None
+    with pytest.raises(AttributeError, match="log_metric"):
+        run.log_metric({"val/acc": 1.0})

@@ -28,9 +28,9 @@ from test_faults import PROBE_ENV, TINY, final_weights, runs
 from test_security import plant_malicious_checkpoint
 
 from tunelab.errors import Preempted, TunelabError
-from tunelab.tracking.preemption import (STALE_ENV, STAMP_RECIPE, STAMP_RUN, TAG_CHECKPOINT, TAG_EARLIER_DIRS, TAG_HEARTBEAT,
-                                TAG_OUTPUT_DIR, TAG_PID, TAG_PROCESS, TAG_RESUMED_FROM, Heartbeat, attempt_tags, death,
-                                recipe_hash, resolve_resume, stale_after_s)
+from tunelab.tracking import tag_names
+from tunelab.tracking.preemption import (STALE_ENV, STAMP_RECIPE, STAMP_RUN, Heartbeat, attempt_tags, death, recipe_hash,
+                                         resolve_resume, stale_after_s)
 from tunelab.tracking.runs import mlflow_run
 
 IN_PROCESS = [o for o in TINY if o != "debug=smoke"]  # compose_cfg adds debug=smoke itself
@@ -87,9 +87,9 @@ class Lab:
                                    run.run_id, step=3)
         client = run.client
         client.update_run(run.run_id, status="RUNNING")
-        space = client.get_run(run.run_id).data.tags[TAG_PROCESS].rpartition("/")[0]
-        client.set_tag(run.run_id, TAG_PID, str(dead_pid()))
-        client.set_tag(run.run_id, TAG_PROCESS, f"{space}/{time.time():.2f}")
+        space = client.get_run(run.run_id).data.tags[tag_names.PROCESS].rpartition("/")[0]
+        client.set_tag(run.run_id, tag_names.PID, str(dead_pid()))
+        client.set_tag(run.run_id, tag_names.PROCESS, f"{space}/{time.time():.2f}")
         return client, run.run_id, last
 
 
@@ -144,7 +144,7 @@ def test_a_retagged_checkpoint_is_refused_and_never_loaded(lab, tmp_path, caplog
             assert marker.exists()
             marker.unlink()
         assert target.is_file(), attack  # all the old resume=auto asked of the tag before it loaded the file
-        client.set_tag(run_id, TAG_CHECKPOINT, str(target))
+        client.set_tag(run_id, tag_names.PREEMPTED_CHECKPOINT, str(target))
         caplog.clear()
         cfg = lab.resume()
         assert cfg.get("ckpt_path") is None and cfg.get("_resume_run_id") is None, attack  # a new run instead
@@ -152,7 +152,7 @@ def test_a_retagged_checkpoint_is_refused_and_never_loaded(lab, tmp_path, caplog
         assert reason in line and "\n" not in line, (attack, line)
         assert not marker.exists(), attack
 
-    client.set_tag(run_id, TAG_CHECKPOINT, str(checkpoint))
+    client.set_tag(run_id, tag_names.PREEMPTED_CHECKPOINT, str(checkpoint))
     cfg = lab.resume()
     assert cfg.ckpt_path == str(checkpoint) and cfg._resume_run_id == run_id
 
@@ -165,14 +165,14 @@ def test_moving_the_run_folder_tag_too_is_refused(lab, tmp_path, caplog):
     forged = save_checkpoint(tmp_path / "attacker" / "checkpoints" / "preempted.ckpt", recipe, run_id)
     for folder, reason in ((tmp_path / "attacker", "is not under this command's outputs"),
                            ("/", "is not under this command's outputs"), ("/x\0y", "is not a usable path")):
-        client.set_tag(run_id, TAG_OUTPUT_DIR, str(folder))
-        client.set_tag(run_id, TAG_CHECKPOINT, str(forged))
+        client.set_tag(run_id, tag_names.OUTPUT_DIR, str(folder))
+        client.set_tag(run_id, tag_names.PREEMPTED_CHECKPOINT, str(forged))
         assert lab.resume().get("ckpt_path") is None
         assert reason in caplog.text, caplog.text
         caplog.clear()
 
 
-@pytest.mark.parametrize("tag", [TAG_RESUMED_FROM, TAG_EARLIER_DIRS])
+@pytest.mark.parametrize("tag", [tag_names.RESUMED_FROM, tag_names.EARLIER_OUTPUT_DIRS])
 def test_a_crashed_runs_tags_cannot_point_resume_elsewhere(lab, tmp_path, caplog, tag):
     """The crash route reads more tags (earlier folders, the checkpoint an attempt resumed
     from): pointed at a code-running checkpoint elsewhere, they are refused and the run
@@ -180,7 +180,7 @@ def test_a_crashed_runs_tags_cannot_point_resume_elsewhere(lab, tmp_path, caplog
     attacker, marker = tmp_path / "attacker", tmp_path / "pwned"
     client, run_id, last = lab.crashed_run()
     evil = plant_malicious_checkpoint(attacker / "checkpoints" / "last.ckpt", marker)
-    client.set_tag(run_id, tag, str(evil if tag == TAG_RESUMED_FROM else attacker))
+    client.set_tag(run_id, tag, str(evil if tag == tag_names.RESUMED_FROM else attacker))
     cfg = lab.resume()
     assert cfg.ckpt_path == str(last) and cfg._resume_run_id == run_id
     assert f"not resuming run {run_id} from {evil}" in caplog.text and not marker.exists()
@@ -197,15 +197,15 @@ def test_a_run_whose_process_lives_is_never_taken_over(lab, caplog):
 
 def test_death_is_judged_by_the_os_here_and_by_the_heartbeat_elsewhere(tmp_path, monkeypatch):
     mine = attempt_tags(tmp_path)
-    space = mine[TAG_PROCESS].rpartition("/")[0]
+    space = mine[tag_names.PROCESS].rpartition("/")[0]
     assert death(mine, 900) is None  # this process
-    assert "is gone" in death({**mine, TAG_PID: str(dead_pid())}, 900)
-    assert "is gone" in death({**mine, TAG_PROCESS: f"{space}/12345.00"}, 900)  # our pid, reused by another process
+    assert "is gone" in death({**mine, tag_names.PID: str(dead_pid())}, 900)
+    assert "is gone" in death({**mine, tag_names.PROCESS: f"{space}/12345.00"}, 900)  # our pid, reused by another process
     now = time.time()
-    elsewhere = {TAG_PID: "7", TAG_PROCESS: "other-host/boot1/pidns1/100.00", TAG_HEARTBEAT: str(int(now - 60))}
+    elsewhere = {tag_names.PID: "7", tag_names.PROCESS: "other-host/boot1/pidns1/100.00", tag_names.HEARTBEAT: str(int(now - 60))}
     assert death(elsewhere, 900, now) is None
-    assert "not been heard from for 20 min" in death({**elsewhere, TAG_HEARTBEAT: str(int(now - 1200))}, 900, now)
-    assert death({}, 900) is None and death({TAG_HEARTBEAT: "garbage"}, 900) is None  # cannot tell: alive
+    assert "not been heard from for 20 min" in death({**elsewhere, tag_names.HEARTBEAT: str(int(now - 1200))}, 900, now)
+    assert death({}, 900) is None and death({tag_names.HEARTBEAT: "garbage"}, 900) is None  # cannot tell: alive
 
 
 def test_a_bad_heartbeat_timeout_is_one_line_before_any_run(lab, monkeypatch):
@@ -233,10 +233,10 @@ def test_the_heartbeat_writes_at_most_once_per_interval_and_never_to_a_server_th
     heartbeat = Heartbeat(run, every=60, clock=clock)
     for _ in range(3):
         heartbeat.on_train_batch_end()
-    assert run.beats == [TAG_HEARTBEAT]  # 10 and 59 s: nothing; 61 s: one beat
+    assert run.beats == [tag_names.HEARTBEAT]  # 10 and 59 s: nothing; 61 s: one beat
     run.outage = type("Down", (), {"down": True})()
     heartbeat.on_test_batch_end()  # 130 s, but the server is down
-    assert run.beats == [TAG_HEARTBEAT]
+    assert run.beats == [tag_names.HEARTBEAT]
 
 
 # -- a real SIGKILL ------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_sigkill_mid_epoch_then_resume_auto_finishes_the_same_run_with_the_unint
     stamp = torch.load(last, map_location="cpu", weights_only=True)
     assert stamp[STAMP_RECIPE] == run.data.tags["tunelab.recipe_hash"] and stamp[STAMP_RUN] == run.info.run_id
     evil = plant_malicious_checkpoint(folder / "checkpoints" / "newer.ckpt", marker)
-    client.set_tag(run.info.run_id, TAG_RESUMED_FROM, str(evil))
+    client.set_tag(run.info.run_id, tag_names.RESUMED_FROM, str(evil))
 
     (flags / "go_4").touch()
     resumed = start_cli(root, *command, "resume=auto", env=PROBE_ENV)
@@ -295,8 +295,8 @@ def test_sigkill_mid_epoch_then_resume_auto_finishes_the_same_run_with_the_unint
     client, (again,) = runs(root)
     tags = again.data.tags
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
-    assert tags[TAG_RESUMED_FROM] == str(last) and tags[TAG_EARLIER_DIRS] == str(folder)
-    assert tags[TAG_PID] == str(resumed.pid) and tags[TAG_OUTPUT_DIR] != str(folder)
+    assert tags[tag_names.RESUMED_FROM] == str(last) and tags[tag_names.EARLIER_OUTPUT_DIRS] == str(folder)
+    assert tags[tag_names.PID] == str(resumed.pid) and tags[tag_names.OUTPUT_DIR] != str(folder)
     assert f"pid {crashing.pid}" in tags["tunelab.lost_attempts"]
     assert f"after step {stamp['global_step']}" in tags["tunelab.lost_attempts"]
     assert [m.step for m in client.get_metric_history(again.info.run_id, "resumed")] == [stamp["global_step"]]

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from tunelab.cli.train import train
 from tunelab.errors import TunelabError
 from tunelab.ports import free_port
 from conftest import VENV_BIN
+from helpers.ui_server import start_ui
 
 
 def _listening_addresses(port: int) -> set[str]:
@@ -36,28 +34,10 @@ def ui_server(tmp_path):
     store = tmp_path / "server" / "mlflow.db"  # not where tunelab-train's local default would go
     store.parent.mkdir(parents=True)
     MlflowClient(f"sqlite:///{store}").create_experiment("already-there")
-    port = free_port()
-    proc = subprocess.Popen([str(VENV_BIN / "tunelab-ui"), "--store", str(store), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    banner = proc.stdout.readline() + proc.stdout.readline()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail(f"tunelab-ui did not come up: {banner}{proc.stdout.read() if proc.poll() is not None else ''}")
-            time.sleep(0.5)
-    yield url, port, banner
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    console = tmp_path / "ui.log"
+    with start_ui(store, workers=None, log_path=console) as url:
+        banner = "".join(console.read_text().splitlines(keepends=True)[:2])
+        yield url, int(url.rsplit(":", 1)[1]), banner
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import pytest
 from conftest import run_cli
 from test_sweeps import SMOKE_GRID
 from helpers import ui_browser
+from helpers.ui_server import start_ui
 from tunelab.tracking.links import run_link
 from tunelab.tracking.run_records import is_location
 
@@ -42,7 +43,7 @@ def test_the_printed_link_shows_the_sweep_nested_and_its_trials_compare_on_what_
     assert link and f"#/experiments/{sweep.experiment_id}/runs?" in link.group(1), result.stdout[-2000:]
 
     started = time.monotonic()
-    with ui_browser.start_ui(store) as url, ui_browser.browser_page() as page:
+    with start_ui(store) as url, ui_browser.browser_page() as page:
         ui_browser.open_link(page, url, link.group(1))  # no clicks: the link alone reaches the runs table
         columns = ui_browser.shown_columns(page)
         assert "metrics.`val/acc`" in columns, f"the objective is not a column: {columns}"

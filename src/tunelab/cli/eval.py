@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.tracking import tag_names
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -117,9 +118,9 @@ def _log(trained, args, metrics, out, task: str, tmp: Path, uri: str | None) -> 
 
     name = f"eval {args.split} of {trained.run_id or Path(args.source).name}"
     with mlflow_run(user_store(trained.cfg), run_name=name, kind="eval", uri=uri) as run:
-        run.set_tag("tunelab.eval_source", args.source)
+        run.set_tag(tag_names.EVAL_SOURCE, args.source)
         if trained.run_id:
-            run.set_tag("tunelab.eval_of", trained.run_id)  # links the evaluation to its training run
+            run.set_tag(tag_names.EVAL_OF, trained.run_id)  # links the evaluation to its training run
         run.log_metrics(metrics)
         if task == "classification":
             run.log_confusion(evaluation.confusion(out), out.classes)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.tracking import tag_names
 
 RETRAIN_EXIT = 3
 
@@ -155,9 +156,9 @@ def _log(trained, args, metrics, reference, current, tmp: Path, uri: str | None)
     from tunelab.tracking.runs import mlflow_run, user_store
 
     with mlflow_run(user_store(trained.cfg), run_name=f"monitor {args.inputs.name}", kind="monitor", uri=uri) as run:
-        run.set_tag("tunelab.monitor_inputs", str(args.inputs))
+        run.set_tag(tag_names.MONITOR_INPUTS, str(args.inputs))
         if trained.run_id:
-            run.set_tag("tunelab.monitor_of", trained.run_id)
+            run.set_tag(tag_names.MONITOR_OF, trained.run_id)
         run.log_metrics(metrics)
         run.log_artifact(report_plot(reference, current, metrics, trained.classes, tmp / "monitor_report.png"))
 

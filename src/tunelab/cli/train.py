@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from tunelab.config import build, check_targets, conf_dir
 from tunelab.engine.plan import validate
 from tunelab.errors import Preempted, TunelabError
+from tunelab.tracking import tag_names
 
 # torch, Lightning and MLflow are imported inside train(): `tunelab-train --help` and
 # config errors answer in a second instead of after ten seconds of imports.
@@ -169,7 +170,7 @@ def _finish_run(cfg: DictConfig, run, metrics: dict[str, float], best: str, agre
     if best:
         run.log_artifact(best, "checkpoints")
     if agreement.hashes:
-        run.set_tag("tunelab.rank_config_hashes", ",".join(agreement.hashes))
+        run.set_tag(tag_names.RANK_CONFIG_HASHES, ",".join(agreement.hashes))
     if ranks is not None:
         ranks.join()
 

@@ -7,6 +7,7 @@ sweep registers only its best trial and no run pays for logging a model nobody a
 
 from __future__ import annotations
 
+from tunelab.tracking import tag_names
 import os
 import tempfile
 from contextlib import contextmanager
@@ -62,7 +63,7 @@ def register_run_model(client: MlflowClient, run_id: str, name: str) -> str:
                 registered_model_name=name,
             )
     version = info.registered_model_version
-    client.set_tag(run_id, "tunelab.registered_model", f"{name}/{version}")
+    client.set_tag(run_id, tag_names.REGISTERED_MODEL, f"{name}/{version}")
     return f"models:/{name}/{version}"
 
 

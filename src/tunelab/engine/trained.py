@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.errors import TunelabError
+from tunelab.tracking import tag_names
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -300,5 +301,5 @@ def init_from(adapter, source: str, uri: str) -> dict[str, str]:
                            "re-training needs the same model config.")
     adapter.model.load_state_dict(usable, strict=False)
     skipped = sorted(set(own) - set(usable))
-    return {"tunelab.init_from": source, "tunelab.init_from_run": trained.run_id or "",
-            "tunelab.init_from_skipped": ", ".join(skipped)[:4000] or "none"}
+    return {tag_names.INIT_FROM: source, tag_names.INIT_FROM_RUN: trained.run_id or "",
+            tag_names.INIT_FROM_SKIPPED: ", ".join(skipped)[:4000] or "none"}

@@ -19,6 +19,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.tracking import tag_names
 from tunelab.tracking.sweep_job import PARENT_ENV, SWEPT_ENV
 
 log = logging.getLogger("tunelab")
@@ -70,14 +71,14 @@ class SweepTracker(Callback):
             # Trials still RUNNING belong to the sweep that was killed: they will never end.
             for child in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run_id}' and "
                                                       "attributes.status = 'RUNNING'"):
-                client.set_tag(child.info.run_id, "tunelab.error", "interrupted: the sweep process died")
+                client.set_tag(child.info.run_id, tag_names.ERROR, "interrupted: the sweep process died")
                 client.set_terminated(child.info.run_id, "KILLED")
             log.info("sweep: resuming study %s under its parent run %s", key, run_id)
         else:
             sweep_dir = Path(str(config.hydra.sweep.dir))
-            tags = {"tunelab.sweep": "parent", "tunelab.sweep_dir": str(sweep_dir)}
+            tags = {tag_names.SWEEP: "parent", tag_names.SWEEP_DIR: str(sweep_dir)}
             if key:
-                tags["tunelab.study"] = key
+                tags[tag_names.STUDY] = key
             run_id = client.create_run(exp_id, run_name=f"sweep {sweep_dir.name}", tags=tags).info.run_id
             sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
             launcher = OmegaConf.to_container(config.hydra.launcher, resolve=False)
@@ -119,8 +120,8 @@ class SweepTracker(Callback):
             client.log_metric(run_id, f"sweep/{state.lower()}", n)
         if best is not None:
             client.log_metric(run_id, f"best/{objective}", best.value)
-            client.set_tag(run_id, "tunelab.best_run_id", best.run_id)
-            client.set_tag(run_id, "tunelab.best_trial", best.name)
+            client.set_tag(run_id, tag_names.BEST_RUN_ID, best.run_id)
+            client.set_tag(run_id, tag_names.BEST_TRIAL, best.name)
             for k, v in best.params.items():
                 client.set_tag(run_id, f"best.{k}", v)
         with tempfile.TemporaryDirectory() as tmp:

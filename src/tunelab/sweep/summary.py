@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tunelab.tracking import tag_names
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ def collect(client: MlflowClient, experiment_id: str, parent_id: str, objective:
     trials = []
     for run in runs:
         info, data = run.info, run.data
-        status = PRUNED if data.tags.get("tunelab.trial_state") == PRUNED else info.status
+        status = PRUNED if data.tags.get(tag_names.TRIAL_STATE) == PRUNED else info.status
         end = info.end_time or None
         trials.append(Trial(
             run_id=info.run_id,
@@ -40,8 +41,8 @@ def collect(client: MlflowClient, experiment_id: str, parent_id: str, objective:
             params={k[len("sweep."):]: v for k, v in data.params.items() if k.startswith("sweep.")},
             value=data.metrics.get(objective),
             seconds=(end - info.start_time) / 1000 if end and info.start_time else None,
-            label=f"trial {data.tags['tunelab.trial']}" if "tunelab.trial" in data.tags
-            else f"#{data.tags.get('tunelab.job_num', '?')}",
+            label=f"trial {data.tags[tag_names.TRIAL]}" if tag_names.TRIAL in data.tags
+            else f"#{data.tags.get(tag_names.JOB_NUM, '?')}",
             start=info.start_time or 0,
         ))
     return trials

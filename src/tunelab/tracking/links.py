@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tunelab.tracking import tag_names
 import hashlib
 import json
 from urllib.parse import quote
@@ -29,7 +30,7 @@ def shown_uri(uri: str) -> str:
 # MLflow stops nesting a sweep's trials under their parent run.
 UI_DEFAULT = "http://127.0.0.1:5000"  # where tunelab-ui serves a local store unless told otherwise
 VIEW_TAG = "mlflow.sharedViewState."
-DEFAULT_VIEW_TAG = "tunelab.view"  # the key of the experiment's view for tunelab-ui's link
+DEFAULT_VIEW_TAG = tag_names.VIEW  # the key of the experiment's view for tunelab-ui's link
 
 
 def save_view(client: MlflowClient, exp_id: str, objective: str, params: list[str] = (),

@@ -31,10 +31,15 @@ def bound_retries() -> None:
         os.environ.setdefault(key, value)
 
 
+def health_status(uri: str, timeout: float = 2.0) -> int:
+    """The HTTP status of a tracking server's ``/health``; OSError when nothing answers."""
+    with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+        return response.status
+
+
 def healthy(uri: str, timeout: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            return response.status == 200
+        return health_status(uri, timeout) == 200
     except OSError:
         return False
 

@@ -33,19 +33,11 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab.errors import Preempted, TunelabError
+from tunelab.tracking import tag_names
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "preempted.ckpt"
-TAG_CHECKPOINT = "tunelab.preempted_checkpoint"
-TAG_RECIPE = "tunelab.recipe_hash"
 # Each attempt of a run (the first, and every resume) records where it writes and who it is.
-TAG_OUTPUT_DIR = "tunelab.output_dir"
-TAG_EARLIER_DIRS = "tunelab.earlier_output_dirs"  # the folders of the attempts before, one a line
-TAG_HOST, TAG_PID = "tunelab.host", "tunelab.pid"
-TAG_PROCESS = "tunelab.process"  # machine, boot, pid namespace and start time: tells a reused pid from ours
-TAG_HEARTBEAT = "tunelab.heartbeat"  # unix seconds of the last sign of life
-TAG_RESUMED_FROM = "tunelab.resumed_from"
-TAG_LOST = "tunelab.lost_attempts"  # attempts that died without a checkpoint, and the steps they lost
 # Inside every checkpoint (plain strings, weights_only reads them): who saved it.
 STAMP_RECIPE, STAMP_RUN = "tunelab_recipe_hash", "tunelab_run_id"
 HEARTBEAT_EVERY = 60.0  # seconds; a beat is one tag write
@@ -134,7 +126,7 @@ class Heartbeat(L.Callback):
         if now - self.last < self.every or (outage is not None and outage.down):
             return  # a server that is down hears nothing: a beat never waits for its retries
         self.last = now
-        self.run.set_tag(TAG_HEARTBEAT, str(int(time.time())))
+        self.run.set_tag(tag_names.HEARTBEAT, str(int(time.time())))
 
     def on_train_batch_end(self, *args, **kwargs) -> None:
         self.beat()
@@ -172,9 +164,9 @@ def attempt_tags(output_dir) -> dict[str, str]:
     import psutil
 
     me = psutil.Process()
-    return {TAG_OUTPUT_DIR: str(Path(str(output_dir)).resolve()), TAG_HOST: socket.gethostname(),
-            TAG_PID: str(me.pid), TAG_PROCESS: f"{_process_space()}/{me.create_time():.2f}",
-            TAG_HEARTBEAT: str(int(time.time()))}
+    return {tag_names.OUTPUT_DIR: str(Path(str(output_dir)).resolve()), tag_names.HOST: socket.gethostname(),
+            tag_names.PID: str(me.pid), tag_names.PROCESS: f"{_process_space()}/{me.create_time():.2f}",
+            tag_names.HEARTBEAT: str(int(time.time()))}
 
 
 def stale_after_s() -> float:
@@ -202,12 +194,12 @@ def _alive(pid: int, started: float) -> bool:
 def death(tags: dict[str, str], stale_after: float, now: float | None = None) -> str | None:
     """Why the process of a run MLflow shows RUNNING is gone, or None while it may still live:
     on this machine the OS knows; elsewhere, a heartbeat older than ``stale_after`` seconds."""
-    who = f"pid {tags.get(TAG_PID)} on {tags.get(TAG_HOST)}"
-    space, _, started = tags.get(TAG_PROCESS, "").rpartition("/")
+    who = f"pid {tags.get(tag_names.PID)} on {tags.get(tag_names.HOST)}"
+    space, _, started = tags.get(tag_names.PROCESS, "").rpartition("/")
     try:
         if space == _process_space():
-            return None if _alive(int(tags[TAG_PID]), float(started)) else f"its process ({who}) is gone"
-        silent = (time.time() if now is None else now) - float(tags[TAG_HEARTBEAT])
+            return None if _alive(int(tags[tag_names.PID]), float(started)) else f"its process ({who}) is gone"
+        silent = (time.time() if now is None else now) - float(tags[tag_names.HEARTBEAT])
     except (KeyError, ValueError):  # started by an older tunelab, or tags that make no sense
         return None  # cannot tell: never take over a run that may be alive
     if silent <= stale_after:
@@ -247,7 +239,7 @@ def _outputs(cfg: DictConfig) -> Path:
 
 def recorded_folders(tags: dict[str, str]) -> list[str]:
     """The output folders a run's attempts recorded, newest first."""
-    folders = [tags.get(TAG_OUTPUT_DIR, ""), *tags.get(TAG_EARLIER_DIRS, "").splitlines()]
+    folders = [tags.get(tag_names.OUTPUT_DIR, ""), *tags.get(tag_names.EARLIER_OUTPUT_DIRS, "").splitlines()]
     return [f for f in dict.fromkeys(folders) if f.strip()]
 
 
@@ -300,9 +292,9 @@ def _resumable(run, recipe: str, outputs: Path, stale_after: float) -> Path | No
     with the reasons logged."""
     tags, run_id = run.data.tags, run.info.run_id
     if run.info.status == "KILLED":
-        if TAG_CHECKPOINT not in tags:
+        if tag_names.PREEMPTED_CHECKPOINT not in tags:
             return None  # stopped on purpose (Ctrl+C, a pruned trial): not for resume=auto
-        paths = [Path(tags[TAG_CHECKPOINT])]
+        paths = [Path(tags[tag_names.PREEMPTED_CHECKPOINT])]
     else:
         died = death(tags, stale_after)
         if died is None:
@@ -310,7 +302,7 @@ def _resumable(run, recipe: str, outputs: Path, stale_after: float) -> Path | No
             return None
         log.warning("resume=auto: run %s is RUNNING in MLflow but %s", run_id, died)
         paths = [Path(f) / "checkpoints" / "last.ckpt" for f in recorded_folders(tags)]
-        paths += [Path(tags[TAG_RESUMED_FROM])] if tags.get(TAG_RESUMED_FROM) else []
+        paths += [Path(tags[tag_names.RESUMED_FROM])] if tags.get(tag_names.RESUMED_FROM) else []
     try:
         folders = run_folders(run, outputs)
     except Refused as why:
@@ -348,7 +340,7 @@ def resolve_resume(cfg: DictConfig) -> None:
     recipe = recipe_hash(cfg)
     runs = [] if experiment is None else client.search_runs(
         [experiment.experiment_id], max_results=20, order_by=["attributes.start_time DESC"],
-        filter_string=f"tags.`{TAG_RECIPE}` = '{recipe}' and attributes.status != 'FINISHED' "
+        filter_string=f"tags.`{tag_names.RECIPE_HASH}` = '{recipe}' and attributes.status != 'FINISHED' "
                       "and attributes.status != 'FAILED'")
     for run in runs:
         checkpoint = _resumable(run, recipe, _outputs(cfg), stale_after)
@@ -371,12 +363,12 @@ def continue_run(client, run_id: str, checkpoint: str, output_dir) -> None:
     run = client.get_run(run_id)
     tags, step = run.data.tags, int(read_stamp(checkpoint).get("global_step") or 0)
     attempt = attempt_tags(output_dir)
-    earlier = [f for f in recorded_folders(tags) if f != attempt[TAG_OUTPUT_DIR]]
-    updates = {**attempt, TAG_RESUMED_FROM: checkpoint, **({TAG_EARLIER_DIRS: "\n".join(earlier)} if earlier else {})}
+    earlier = [f for f in recorded_folders(tags) if f != attempt[tag_names.OUTPUT_DIR]]
+    updates = {**attempt, tag_names.RESUMED_FROM: checkpoint, **({tag_names.EARLIER_OUTPUT_DIRS: "\n".join(earlier)} if earlier else {})}
     if run.info.status == "RUNNING":  # resolve_resume found its process dead
-        lost = (f"the attempt of pid {tags.get(TAG_PID)} on {tags.get(TAG_HOST)} died without a checkpoint "
+        lost = (f"the attempt of pid {tags.get(tag_names.PID)} on {tags.get(tag_names.HOST)} died without a checkpoint "
                 f"after step {step}; resumed from {checkpoint}")
-        updates[TAG_LOST] = "\n".join(filter(None, [tags.get(TAG_LOST), lost]))[-5000:]
+        updates[tag_names.LOST_ATTEMPTS] = "\n".join(filter(None, [tags.get(tag_names.LOST_ATTEMPTS), lost]))[-5000:]
         log.warning("resume=auto: %s", lost)
     client.update_run(run_id, status="RUNNING")
     client.log_batch(run_id, metrics=[Metric("resumed", 1.0, int(time.time() * 1000), step)],

@@ -11,7 +11,6 @@ import os
 import subprocess
 import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,10 @@ from omegaconf import DictConfig
 import tunelab
 from tunelab.config.redaction import RedactingClient, redact_value, redacted_yaml
 from tunelab.errors import Preempted, TrialPruned, TunelabError
+from tunelab.tracking import tag_names
 from tunelab.tracking.links import save_view, shown_uri
-from tunelab.tracking.outage import Outage, bound_retries, healthy
-from tunelab.tracking.preemption import TAG_CHECKPOINT, TAG_RECIPE, attempt_tags, continue_run, recipe_hash
+from tunelab.tracking.outage import Outage, bound_retries, health_status, healthy
+from tunelab.tracking.preemption import attempt_tags, continue_run, recipe_hash
 from tunelab.tracking.run_records import clip as _clip, config_choices, config_hash, default_run_name, run_records
 from tunelab.tracking.sweep_job import current_job
 from tunelab.tracking.sweep_job import run_name as job_run_name
@@ -96,7 +96,7 @@ class Run:
 
     def fail(self, reason: str) -> None:
         """End the run FAILED from outside the training loop (a dead DDP rank)."""
-        self.client.set_tag(self.run_id, "tunelab.error", reason[:5000])
+        self.client.set_tag(self.run_id, tag_names.ERROR, reason[:5000])
         self.client.set_terminated(self.run_id, "FAILED")
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
@@ -116,7 +116,11 @@ class NoRun:
         return False
 
     def __getattr__(self, name: str):
-        return lambda *args, **kwargs: None
+        """Run's methods do nothing here; any other name fails as it would on rank 0, so a typo
+        cannot pass silently on the ranks that log nothing."""
+        if not name.startswith("_") and callable(getattr(Run, name, None)):
+            return lambda *args, **kwargs: None
+        raise AttributeError(f"{type(self).__name__} (and Run) has no method {name!r}")
 
 
 @contextmanager
@@ -152,16 +156,16 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            if response.status == 200:
-                return check_login(uri)
+        status = health_status(uri, timeout)
     except OSError as err:
         reason = getattr(err, "reason", err)
         raise TunelabError(
             f"MLflow tracking server {shown_uri(uri)} is unreachable ({reason}). Start it (tunelab-ui --port ...), "
             "fix MLFLOW_TRACKING_URI, or unset it to log to the local SQLite store."
         ) from None
-    raise TunelabError(f"MLflow tracking server {shown_uri(uri)} answered /health with status {response.status}.")
+    if status != 200:
+        raise TunelabError(f"MLflow tracking server {shown_uri(uri)} answered /health with status {status}.")
+    check_login(uri)
 
 
 def check_login(uri: str) -> None:
@@ -243,25 +247,25 @@ def _new_run(client: MlflowClient, exp_id: str, cfg: DictConfig, run_name: str |
     job = current_job() if training else None
     choices = config_choices() if training else {}  # a trained model's eval has no Hydra app
     params, tags = run_records(cfg, choices)
-    tags.update({"tunelab.version": tunelab.__version__, "tunelab.config_hash": config_hash(cfg),
+    tags.update({tag_names.VERSION: tunelab.__version__, tag_names.CONFIG_HASH: config_hash(cfg),
                  "mlflow.source.git.commit": git_commit(),
                  **{str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}})
     if training:  # what resume=auto needs to find this run, and to tell whether its process lives
-        tags[TAG_RECIPE] = recipe_hash(cfg)
+        tags[tag_names.RECIPE_HASH] = recipe_hash(cfg)
         tags.update(attempt_tags(cfg.paths.output_dir))
     else:
-        tags["tunelab.kind"] = kind
+        tags[tag_names.KIND] = kind
     if job is not None:
         # Nested under the sweep's parent run; the job's overrides become params and tags
         # (sweep.<key>) so the UI's compare view and parallel coordinates show the trial.
         swept = {f"sweep.{k}": _clip(v) for k, v in job.overrides.items() if not k.startswith("hydra.")}
         params.update(swept)
         tags.update(swept)
-        tags["tunelab.job_num"] = str(job.num)
+        tags[tag_names.JOB_NUM] = str(job.num)
         if job.parent_run_id:
             tags["mlflow.parentRunId"] = job.parent_run_id
         if job.trial is not None:
-            tags["tunelab.trial"] = str(job.trial)
+            tags[tag_names.TRIAL] = str(job.trial)
         run_name = run_name or job_run_name(job)
     run_name = run_name or default_run_name(cfg, choices)
     return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id, params
@@ -314,28 +318,28 @@ def mlflow_run(cfg: DictConfig, run_name: str | None = None, *, kind: str = "tra
         handle.log_text(redacted_yaml(cfg), "config.yaml")
         yield handle
     except Preempted as err:  # resumable: KILLED, with the checkpoint resume=auto will continue from
-        client.set_tag(handle.run_id, "tunelab.error", "pre-empted (SIGTERM)")
+        client.set_tag(handle.run_id, tag_names.ERROR, "pre-empted (SIGTERM)")
         if err.checkpoint:
-            client.set_tag(handle.run_id, TAG_CHECKPOINT, err.checkpoint)
+            client.set_tag(handle.run_id, tag_names.PREEMPTED_CHECKPOINT, err.checkpoint)
         client.set_terminated(handle.run_id, "KILLED")
         raise
     except TrialPruned as err:  # stopped early on purpose by the sweeper: not a failure
-        client.set_tag(handle.run_id, "tunelab.trial_state", "PRUNED")
-        client.set_tag(handle.run_id, "tunelab.error", str(err)[:5000])
+        client.set_tag(handle.run_id, tag_names.TRIAL_STATE, "PRUNED")
+        client.set_tag(handle.run_id, tag_names.ERROR, str(err)[:5000])
         client.set_terminated(handle.run_id, "KILLED")
         raise
     except KeyboardInterrupt:
-        client.set_tag(handle.run_id, "tunelab.error", "interrupted")
+        client.set_tag(handle.run_id, tag_names.ERROR, "interrupted")
         client.set_terminated(handle.run_id, "KILLED")
         raise
     except BaseException as err:
         if handle.outage is not None and handle.outage.down and not healthy(uri):
             raise  # cannot mark the run; the error says why training stopped
-        client.set_tag(handle.run_id, "tunelab.error", f"{type(err).__name__}: {err}"[:5000])
+        client.set_tag(handle.run_id, tag_names.ERROR, f"{type(err).__name__}: {err}"[:5000])
         client.set_terminated(handle.run_id, "FAILED")
         raise
     if handle.outage is not None:
         handle.outage.settle(str(cfg.paths.output_dir))  # the server is back (kept metrics sent), or an error
         if handle.outage.skipped:
-            client.set_tag(handle.run_id, "tunelab.not_logged", ", ".join(handle.outage.skipped)[:5000])
+            client.set_tag(handle.run_id, tag_names.NOT_LOGGED, ", ".join(handle.outage.skipped)[:5000])
     client.set_terminated(handle.run_id, "FINISHED")
