@@ -29,8 +29,8 @@ from test_security import plant_malicious_checkpoint
 
 from tunelab.errors import Preempted, TunelabError
 from tunelab.tracking import tag_names
-from tunelab.tracking.preemption import (STALE_ENV, STAMP_RECIPE, STAMP_RUN, Heartbeat, attempt_tags, death, recipe_hash,
-                                         resolve_resume, stale_after_s)
+from tunelab.tracking.attempts import STALE_ENV, Heartbeat, attempt_tags, death, stale_after_s
+from tunelab.tracking.preemption import STAMP_RECIPE, STAMP_RUN, recipe_hash, resolve_resume
 from tunelab.tracking.runs import mlflow_run
 
 IN_PROCESS = [o for o in TINY if o != "debug=smoke"]  # compose_cfg adds debug=smoke itself

@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from tunelab.config import build, check_targets, conf_dir
+from tunelab.config import build, conf_dir
 from tunelab.engine.plan import validate
 from tunelab.errors import Preempted, TunelabError
 from tunelab.tracking import tag_names
@@ -256,29 +256,8 @@ def _exit_with(err: TunelabError) -> None:
     sys.exit(2)
 
 
-def _guard_hydra_callbacks() -> None:
-    """Hydra builds ``hydra.callbacks`` itself, before any tunelab code runs, and a config file
-    may add some: hold them to tunelab's allow-list too."""
-    from hydra._internal import callbacks as hydra_callbacks
-    from omegaconf import OmegaConf
-
-    original = hydra_callbacks.Callbacks.__init__
-    if getattr(original, "tunelab_guarded", False):
-        return
-
-    def guarded(self, config=None) -> None:
-        if config is not None and OmegaConf.select(config, "hydra.callbacks"):
-            try:
-                check_targets(config.hydra.callbacks, "hydra.callbacks")
-            except TunelabError as err:
-                _exit_with(err)
-        original(self, config)
-
-    guarded.tunelab_guarded = True
-    hydra_callbacks.Callbacks.__init__ = guarded
-
-
 def main() -> None:
+    from tunelab.config.hydra_guard import guard_hydra_callbacks
     from tunelab.config.preflight import preflight
     from tunelab.config.targets import freeze_environment
     from tunelab.engine.plan import check_before_hydra, main_check
@@ -296,7 +275,7 @@ def main() -> None:
             _check_tracking_server()
     except TunelabError as err:
         _exit_with(err)
-    _guard_hydra_callbacks()
+    guard_hydra_callbacks(_exit_with)
     _hydra_main()
 
 

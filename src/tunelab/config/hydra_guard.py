@@ -235,3 +235,27 @@ def _raw(cfg: Any, dotted: str) -> Any:
             return None
         node = node._get_node(part)
     return node._value() if node is not None and not isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def guard_hydra_callbacks(refuse) -> None:
+    """Hydra builds ``hydra.callbacks`` itself, before any tunelab code runs, and a config file
+    may add some: hold them to tunelab's allow-list too. ``refuse(err)`` ends the command.
+    Hydra has no hook before it builds them, so its (private) Callbacks constructor is wrapped."""
+    from hydra._internal import callbacks as hydra_callbacks
+
+    from tunelab.config import check_targets
+
+    original = hydra_callbacks.Callbacks.__init__
+    if getattr(original, "tunelab_guarded", False):
+        return
+
+    def guarded(self, config=None) -> None:
+        if config is not None and OmegaConf.select(config, "hydra.callbacks"):
+            try:
+                check_targets(config.hydra.callbacks, "hydra.callbacks")
+            except TunelabError as err:
+                refuse(err)
+        original(self, config)
+
+    guarded.tunelab_guarded = True
+    hydra_callbacks.Callbacks.__init__ = guarded

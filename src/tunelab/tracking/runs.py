@@ -27,7 +27,8 @@ from tunelab.errors import Preempted, TrialPruned, TunelabError
 from tunelab.tracking import tag_names
 from tunelab.tracking.links import save_view, shown_uri
 from tunelab.tracking.outage import Outage, bound_retries, health_status, healthy
-from tunelab.tracking.preemption import attempt_tags, continue_run, recipe_hash
+from tunelab.tracking.attempts import attempt_tags
+from tunelab.tracking.preemption import continue_run, recipe_hash
 from tunelab.tracking.run_records import clip as _clip, config_choices, config_hash, default_run_name, run_records
 from tunelab.tracking.sweep_job import current_job
 from tunelab.tracking.sweep_job import run_name as job_run_name
