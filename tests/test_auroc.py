@@ -13,7 +13,7 @@ from tunelab.cli.train import train
 from tunelab.config import build
 from tunelab.engine.build import build_parts
 from tunelab.engine.evaluation import Outputs, classification_report, macro_auroc, predict
-from tunelab.engine.module import SoftmaxAUROC
+from tunelab.engine.metrics import SoftmaxAUROC
 from tunelab.engine.stage_callback import StageCallback
 from conftest import only_run
 
