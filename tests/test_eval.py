@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from tunelab.cli import eval as eval_cli
 from tunelab.cli.train import train
 from tunelab.errors import TunelabError
-from tunelab.tracking.runs import tracking_uri
+from tunelab.tracking.store import tracking_uri
 from conftest import write_image_folder
 
 

@@ -11,7 +11,7 @@ from tunelab.data.sampling import seeded_call
 from tunelab.data.shifts import image_shift
 from tunelab.engine.retention import linear_cka
 from tunelab.errors import TunelabError
-from tunelab.tracking.runs import tracking_uri
+from tunelab.tracking.store import tracking_uri
 
 
 def last_run(cfg):

@@ -15,7 +15,7 @@ from tunelab.cli.train import train
 from tunelab.data.preprocess import encode_image
 from tunelab.data.sources import load_image
 from tunelab.engine.build import build_parts
-from tunelab.tracking.runs import tracking_uri
+from tunelab.tracking.store import tracking_uri
 
 
 @pytest.mark.slow

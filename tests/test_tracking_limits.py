@@ -8,7 +8,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from tunelab.cli.train import train
 from tunelab.tracking.run_records import flat_params
-from tunelab.tracking.runs import tracking_uri
+from tunelab.tracking.store import tracking_uri
 
 
 def test_flat_params_clip_only_what_is_too_long(cfg_factory):

@@ -363,7 +363,7 @@ def test_a_real_run_logs_one_distinct_key_per_class_and_the_mapping(tmp_path, mo
 
     from tunelab.cli import eval as eval_cli
     from tunelab.cli.train import train
-    from tunelab.tracking.runs import tracking_uri
+    from tunelab.tracking.store import tracking_uri
 
     long = "x" * 60
     names = ["a,b", "a;b", f"{long}-first", f"{long}-second"]

@@ -283,7 +283,7 @@ def _check_tracking_server() -> None:
     """A dead server or a refused login (tunelab-ui --auth), before Hydra writes anything."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri.startswith(("http://", "https://")):
-        from tunelab.tracking.runs import check_reachable
+        from tunelab.tracking.store import check_reachable
 
         check_reachable(uri)
 

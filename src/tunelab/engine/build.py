@@ -108,7 +108,7 @@ def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Pa
     lineage = {}
     if cfg.get("init_from"):  # re-training: start from a trained model instead of the pretrained one
         from tunelab.engine.trained import init_from
-        from tunelab.tracking.runs import tracking_uri
+        from tunelab.tracking.store import tracking_uri
 
         lineage = init_from(adapter, str(cfg.init_from), tracking_uri(cfg))
     datamodule.set_model_data_config(adapter.data_config)

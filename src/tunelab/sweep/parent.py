@@ -53,7 +53,8 @@ class SweepTracker(Callback):
         from mlflow.tracking import MlflowClient
 
         from tunelab.tracking.links import save_view
-        from tunelab.tracking.runs import artifact_location, check_reachable, experiment_id, tracking_uri
+        from tunelab.tracking.runs import experiment_id
+        from tunelab.tracking.store import artifact_location, check_reachable, tracking_uri
 
         uri = tracking_uri(config)
         check_reachable(uri)

@@ -239,7 +239,7 @@ def resolve_resume(cfg: DictConfig) -> None:
     stale_after = stale_after_s()
     from mlflow.tracking import MlflowClient
 
-    from tunelab.tracking.runs import check_reachable, tracking_uri
+    from tunelab.tracking.store import check_reachable, tracking_uri
 
     uri = tracking_uri(cfg)
     check_reachable(uri)

@@ -1,11 +1,94 @@
-"""Where runs are recorded when nothing says otherwise."""
+"""The tracking store: which one a run logs to, where its artifacts go, and whether it can be
+reached (and logged into) before anything trains."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from tunelab.errors import TunelabError
+from tunelab.tracking.links import shown_uri
+from tunelab.tracking.outage import health_status
+
 
 def default_store() -> Path:
     """Where ``tunelab-train`` logs by default: ``$TUNELAB_HOME/outputs`` or ``./outputs``."""
     return Path(os.environ.get("TUNELAB_HOME", ".")).expanduser().resolve() / "outputs" / "mlflow.db"
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """``MLFLOW_TRACKING_URI`` wins (servers, teams); else the local SQLite file in the config."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or str(cfg.logger.tracking_uri)
+
+
+def _init_sqlite_store(uri: str) -> None:
+    """Create / migrate a SQLite store under a file lock: two processes opening a new store at
+    once (two sweeps, parallel trials) otherwise race through MLflow's schema migrations."""
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail before training, not after an hour, when a tracking server is down (and set up a
+    local SQLite store safely when it is one)."""
+    if uri.startswith("sqlite:///"):
+        _init_sqlite_store(uri)
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        status = health_status(uri, timeout)
+    except OSError as err:
+        reason = getattr(err, "reason", err)
+        raise TunelabError(
+            f"MLflow tracking server {shown_uri(uri)} is unreachable ({reason}). Start it (tunelab-ui --port ...), "
+            "fix MLFLOW_TRACKING_URI, or unset it to log to the local SQLite store."
+        ) from None
+    if status != 200:
+        raise TunelabError(f"MLflow tracking server {shown_uri(uri)} answered /health with status {status}.")
+    check_login(uri)
+
+
+def check_login(uri: str) -> None:
+    """A server behind a login (``tunelab-ui --auth``) answers /health to anyone: ask it for
+    something that needs MLFLOW_TRACKING_USERNAME / _PASSWORD, so a refused login stops here."""
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as err:
+        if err.get_http_status_code() in (401, 403):
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            raise TunelabError(
+                f"MLflow tracking server {shown_uri(uri)} refused the login "
+                f"({f'user {user!r}' if user else 'MLFLOW_TRACKING_USERNAME is not set'}). Set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of that server.") from None
+        # anything else surfaces where the run starts, with its own message
+
+
+def artifact_location(cfg: DictConfig, uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: ``logger.artifact_root`` when the user chose
+    one, else ``mlartifacts/`` beside the SQLite store the run logs to, also when
+    MLFLOW_TRACKING_URI picked that store (not ./outputs of whatever folder the run started in).
+    None for servers and other stores: they keep their own."""
+    if uri.startswith(("http://", "https://")):
+        return None
+    chosen = cfg.logger.get("artifact_root")
+    configured_store = _beside_store(str(cfg.logger.tracking_uri))
+    if chosen and (configured_store is None or Path(str(chosen)).resolve() != configured_store):
+        return str(chosen)  # set on purpose (the shipped default sits beside the configured store)
+    beside = _beside_store(uri)
+    return str(beside) if beside else (str(chosen) if chosen else None)
+
+
+def _beside_store(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" if uri.startswith("sqlite:///") else None
