@@ -62,7 +62,6 @@ def _callbacks(cfg: DictConfig, parts, job=None) -> list:
 
         extra.append(ObjectiveProgressBar(cfg.get("objective")))
     from tunelab.engine.perf import EpochThroughput
-
     from tunelab.engine.recipe import core_callbacks
 
     return [*core_callbacks(parts), EpochThroughput(), *extra]

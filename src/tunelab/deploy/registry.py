@@ -7,13 +7,14 @@ sweep registers only its best trial and no run pays for logging a model nobody a
 
 from __future__ import annotations
 
-from tunelab.tracking import tag_names
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+from tunelab.tracking import tag_names
 
 
 def _example(meta: dict):

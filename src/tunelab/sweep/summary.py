@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from tunelab.tracking import tag_names
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+from tunelab.tracking import tag_names
 
 PRUNED = "PRUNED"  # tag tunelab.trial_state: an Optuna trial stopped early on purpose
 

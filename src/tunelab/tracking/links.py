@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from tunelab.tracking import tag_names
 import hashlib
 import json
 from urllib.parse import quote
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from tunelab.tracking import tag_names
 
 
 def shown_uri(uri: str) -> str:

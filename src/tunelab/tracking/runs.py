@@ -26,8 +26,8 @@ from tunelab.config.redaction import RedactingClient, redact_value, redacted_yam
 from tunelab.errors import Preempted, TrialPruned, TunelabError
 from tunelab.tracking import tag_names
 from tunelab.tracking.links import save_view, shown_uri
-from tunelab.tracking.outage import Outage, bound_retries, healthy
 from tunelab.tracking.attempts import attempt_tags
+from tunelab.tracking.outage import Outage, bound_retries, healthy
 from tunelab.tracking.preemption import continue_run, recipe_hash
 from tunelab.tracking.run_records import clip as _clip, config_choices, config_hash, default_run_name, run_records
 from tunelab.tracking.store import artifact_location, check_reachable, tracking_uri
