@@ -134,3 +134,15 @@ def test_a_part_that_left_no_result_is_reported_as_such(tmp_path, part):
     read_results(part, report, _args(tmp_path))
     assert report["parts"][part]["result"]["error"] in ("no result line", f"LookupError: no MLflow run in "
                                                         f"{tmp_path / 'work' / part / 'outputs' / 'mlflow.db'}")
+
+
+def test_the_step_profile_refuses_a_run_too_short_for_its_warm_up(monkeypatch, tmp_path):
+    """The profile leaves its warm-up steps out; a run that ends before them has nothing to time."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from gpu_check_report import step_profile
+
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path))
+    short = ["debug=smoke", "trainer=cpu", "strategy=full", "trainer.max_epochs=1", "++trainer.limit_train_batches=3",
+             "model.arch=test_efficientnet", "model.pretrained=false", "data.image_size=32", "data.max_train_samples=64"]
+    with pytest.raises(SystemExit, match=r"^step_profile: the run ended after 3 steps, before the 20 warm-up steps$"):
+        step_profile(short, steps=5, warmup=20)
