@@ -110,7 +110,7 @@ def test_cli_schedule_past_the_last_epoch_names_both_settings(tmp_path):
     (["optimizer.lr=-1e-3"], r"^optimizer\.lr must be > 0, got -0\.001\.$"),
     (["optimizer.lr=abc"], r"^optimizer\.lr must be a number > 0, got 'abc'\.$"),
     (["optimizer.lr=inf"], r"^optimizer\.lr must be a finite number > 0, got inf\.$"),
-    (["strategy.lr_mult=-0.1"], r"^strategy\.lr_mult must be > 0, got -0\.1\.$"),
+    (["strategy.lr_mult=-0.1"], r"^strategy\.lr_mult must be a number > 0 \(a multiplier of optimizer\.lr\), got -0\.1\.$"),
     (["module.group_lr_mults={head: 0}"], (r"^module\.group_lr_mults must be a mapping of names to numbers > 0 .*"
                                            r"got \{'head': 0\}\.$")),
     (["strategy=milestones", "trainer.max_epochs=5", "strategy.stages=[{at_epoch: 1, lr_mult: -1}]"],

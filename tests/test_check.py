@@ -118,7 +118,7 @@ def test_misplaced_package_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,pattern", [
-    (["+data.augment.auto_augmnt=rand-m9"], r"^data\.augment\.auto_augmnt is not an option of timm\..*create_transform "
+    (["+data.augment.auto_augmnt=rand-m9"], r"^data\.augment\.auto_augmnt is not a setting of timm\..*create_transform \(it takes .*\) "
                                              r"\(did you mean auto_augment\?\)"),
     (["+model.kwargs.drop_rat=0.1"], r"^model\.kwargs for test_efficientnet rejected by timm"),
     (["+lora_config.r=4"], r"^top-level key 'lora_config' is not a tunelab setting"),

@@ -37,6 +37,7 @@ import shlex
 import subprocess
 import sys
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,6 +211,17 @@ def words(line: str) -> list[list[str]]:
     return result
 
 
+def leading_env(line: str) -> dict[str, str]:
+    """The ``VAR=value`` assignments that start a line (``TUNELAB_ALLOWED_TARGETS=x tunelab-train ...``)."""
+    env = {}
+    for token in shlex.split(line):
+        name, sep, value = token.partition("=")
+        if not (sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)):
+            break
+        env[name] = value
+    return env
+
+
 # -- what a command line is -------------------------------------------------------------------------
 @dataclass
 class Command:
@@ -221,6 +233,7 @@ class Command:
     args: list[str]
     files: dict[str, str] = field(default_factory=dict)  # files the same code block writes (heredocs)
     shell: bool = True  # typed into a shell (not a Python call)
+    env: dict[str, str] = field(default_factory=dict)  # VAR=value assignments before the command
 
     @property
     def id(self) -> str:
@@ -291,6 +304,7 @@ def commands_of(doc: Doc) -> list[Command]:
             for argv in split:
                 cmd = classify(doc.name, number, line, argv, files)
                 if cmd:
+                    cmd.env = leading_env(line)
                     found.append(cmd)
     for number, span in doc.inline:
         if re.search(r"<(Tab|Enter|Ctrl[^>]*)>", span):  # keys to press: a demo, not a command line
@@ -485,12 +499,14 @@ def _check(cmd: Command, home: Path, deep: bool) -> str:
     assert trouble is None, (f"{cmd.id}: `{cmd.text}` has an unquoted {trouble!r}: the shell would mangle it; "
                              "quote the argument")
     argv = materialise(cmd, home)
-    key = (tuple(a for a in argv if a != "--check"), deep)
+    env = {k: re.sub(r"(?<![\w/])(~|\$HOME)(?=/|$)", str(home), v) for k, v in cmd.env.items()}
+    key = (tuple(a for a in argv if a != "--check"), deep, tuple(sorted(env.items())))
     if key not in CHECKED:  # the same line in several docs is checked once
-        try:
-            CHECKED[key] = (True, check_command(argv, deep=deep))
-        except TunelabError as err:
-            CHECKED[key] = (False, str(err))
+        with command_environment(env):
+            try:
+                CHECKED[key] = (True, check_command(argv, deep=deep))
+            except TunelabError as err:
+                CHECKED[key] = (False, str(err))
     ok, answer = CHECKED[key]
     if not ok:
         pytest.fail(f"{cmd.id}: `{cmd.text}` is refused: {answer}")
@@ -498,6 +514,25 @@ def _check(cmd: Command, home: Path, deep: bool) -> str:
 
 
 CHECKED: dict[tuple, tuple[bool, str]] = {}
+
+
+@contextmanager
+def command_environment(env: dict[str, str]):
+    """The line's own VAR=value assignments, for an in-process check: set, PYTHONPATH on sys.path."""
+    from tunelab.config import targets
+
+    saved, frozen = {k: os.environ.get(k) for k in env}, targets._user_declared
+    path = list(sys.path)
+    os.environ.update(env)
+    targets._user_declared = None  # read TUNELAB_ALLOWED_TARGETS from the line's environment
+    sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    try:
+        yield
+    finally:
+        sys.path[:] = path
+        targets._user_declared = frozen
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.mark.parametrize("cmd", by_kind("train"))
@@ -662,7 +697,7 @@ def test_the_extractors_find_what_a_doc_names_and_report_what_is_missing(tmp_pat
     assert path_problem("conf/strategy/*.yaml") is None and "glob" in path_problem("conf/nothing/*.yaml")
     assert path_problem("conf/<group>/") is None  # a placeholder
     assert "defines no no_such_function" in python_name_problem("tunelab.config.no_such_function")
-    assert python_name_problem("tunelab.config.check_config") is None
+    assert python_name_problem("tunelab.engine.validation.check_config") is None
     assert python_name_problem("tunelab.config_hash") is None  # an MLflow tag, not a module
 
     cmds = commands_of(doc)

@@ -4,13 +4,20 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from torch import nn
 
+from tunelab.config.settings import FRACTION, POSITIVE, checked, integer, reads, string_list
 from tunelab.errors import TunelabError
 
 
-def inject_lora(model: nn.Module, target_modules: list[str] | None = None, r: int = 8, alpha: int = 16,
-                dropout: float = 0.0, default_targets: list[str] | None = None) -> int:
+@reads("lora", filled=("model", "default_targets"), noun="LoRA")
+@checked("lora")
+def inject_lora(model: nn.Module,
+                target_modules: Annotated[list[str] | None, string_list("e.g. [qkv, proj]: module-name suffixes", null=True)] = None,
+                r: Annotated[int, integer(1)] = 8, alpha: Annotated[float, POSITIVE] = 16,
+                dropout: Annotated[float, FRACTION] = 0.0, default_targets: list[str] | None = None) -> int:
     """Add LoRA adapters to the modules named by ``target_modules`` (else the model config's
     ``lora_targets``, passed as ``default_targets``); returns the parameters added."""
     from peft import LoraConfig, inject_adapter_in_model

@@ -8,11 +8,14 @@ waveforms), ``feature_projection`` (projection, positional convolution, input no
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
 from tunelab.adapters.groups import Adapter
 from tunelab.adapters.hf import PooledClassifier, add_lora, hf_groups, load_backbone, new_head, pool, resolve_checkpoint
+from tunelab.config.settings import BOOL, FRACTION, POSITIVE, checked
 from tunelab.errors import TunelabError
 
 SPEECH_TYPES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat")
@@ -51,15 +54,16 @@ def _feature_extractor(path: str | None, model_config):
                                     return_attention_mask=model_config.feat_extract_norm == "layer")
 
 
+@checked("model")
 def speech_adapter(
     num_outputs: int,
     path: str | None = None,
-    pretrained: bool = True,
+    pretrained: Annotated[bool, BOOL] = True,
     config: dict | None = None,
     config_overrides: dict | None = None,
     frozen_groups: list[str] | None = ("feature_encoder",),
-    dropout: float = 0.1,
-    head_init_std: float = 0.02,
+    dropout: Annotated[float, FRACTION] = 0.1,
+    head_init_std: Annotated[float, POSITIVE] = 0.02,
     lora_targets: list[str] | None = None,
     lora: dict | None = None,
 ) -> Adapter:

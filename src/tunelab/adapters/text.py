@@ -7,12 +7,15 @@ norm or pooler) and ``head``, so every strategy and layer-wise LR works unchange
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
 from tunelab.adapters.groups import Adapter
 from tunelab.adapters.hf import (SHIPPED_CHECKPOINTS, PooledClassifier, add_lora, check_pooling, hf_groups, load_backbone,
                                  new_head, pool, resolve_checkpoint)
+from tunelab.config.settings import BOOL, FRACTION, POSITIVE, checked
 from tunelab.errors import TunelabError
 
 
@@ -55,16 +58,17 @@ def _tokenizer(path: str | None, tokenizer_path: str | None):
     return tokenizer
 
 
+@checked("model")
 def text_adapter(
     num_outputs: int,
     path: str | None = None,
-    pretrained: bool = True,
+    pretrained: Annotated[bool, BOOL] = True,
     config: dict | None = None,
     config_overrides: dict | None = None,
     tokenizer: str | None = None,
     pooling: str | None = None,
-    dropout: float = 0.1,
-    head_init_std: float = 0.02,
+    dropout: Annotated[float, FRACTION] = 0.1,
+    head_init_std: Annotated[float, POSITIVE] = 0.02,
     lora_targets: list[str] | None = None,
     lora: dict | None = None,
     pretrained_task: str | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from typing import Annotated
 
 import timm
 import timm.data
@@ -13,20 +14,22 @@ from torch import nn
 from tunelab.adapters.groups import Adapter, LayerGroup, head_last, init_head
 from tunelab.adapters.lora import inject_lora
 from tunelab.adapters.weights import SHIPPED_WEIGHTS, load_into, read_state_dict
+from tunelab.config.settings import BOOL, FRACTION, POSITIVE, checked, mapping, number
 from tunelab.errors import TunelabError
 
 
+@checked("model")
 def timm_adapter(
     arch: str,
     num_outputs: int,
-    pretrained: bool = True,
+    pretrained: Annotated[bool, BOOL] = True,
     checkpoint: str | None = None,
-    fine_groups: bool = False,
-    drop_rate: float = 0.0,
-    drop_path_rate: float | None = None,
-    kwargs: dict | None = None,
+    fine_groups: Annotated[bool, BOOL] = False,
+    drop_rate: Annotated[float, FRACTION] = 0.0,
+    drop_path_rate: Annotated[float | None, number(0, 1, high_open=True, null=True)] = None,
+    kwargs: Annotated[dict | None, mapping()] = None,
     image_size: int | None = None,
-    head_init_std: float = 0.01,
+    head_init_std: Annotated[float, POSITIVE] = 0.01,
     lora: dict | None = None,
     lora_targets: list[str] | None = None,
 ) -> Adapter:

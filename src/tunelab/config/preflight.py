@@ -47,16 +47,13 @@ def check_writable(folder: Path, setting: str, min_free_mb: float | None = None)
                            f"for checkpoints; free some space or {fix} (TUNELAB_MIN_FREE_MB sets the threshold).")
 
 
-REQUIRED_GROUPS = ("model", "data", "strategy", "optimizer", "trainer", "logger", "paths")
-
-
 def check_required_groups(argv: list[str]) -> None:
     """``optimizer=null`` would reach Hydra as a bare ValueError with a traceback."""
-    from tunelab.config import group_choices
+    from tunelab.config.groups import group_choices, required_groups
 
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+~") in REQUIRED_GROUPS and value.strip().lower() in ("null", "none", ""):
+        if sep and key.lstrip("+~") in required_groups() and value.strip().lower() in ("null", "none", ""):
             group = key.lstrip("+~")
             raise TunelabError(f"{group}={value}: a run needs a {group}; pick one of {group_choices(group)}.")
 

@@ -5,12 +5,13 @@ the model's feature extractor normalises and pads each batch."""
 from __future__ import annotations
 
 from math import gcd
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tunelab.config.settings import BOOL, POSITIVE, checked
 from tunelab.data.datamodule import TaskDataModule
 from tunelab.data.folders import MAX_ENTRIES, scan_class_folders
 from tunelab.data.sampling import sample_seed
@@ -92,11 +93,10 @@ class AudioDataModule(TaskDataModule):
 
     modality = "audio"
 
-    def __init__(self, source: Callable[[], Table], name: str = "audio", max_seconds: float = 2.0,
-                 resample: bool = True, random_crop: bool = True, **kwargs):
+    @checked("data")
+    def __init__(self, source: Callable[[], Table], name: str = "audio", max_seconds: Annotated[float, POSITIVE] = 2.0,
+                 resample: Annotated[bool, BOOL] = True, random_crop: Annotated[bool, BOOL] = True, **kwargs):
         super().__init__(source, name=name, **kwargs)
-        if not max_seconds > 0:
-            raise TunelabError(f"data.max_seconds must be > 0, got {max_seconds}.")
         self.max_seconds, self.resample, self.random_crop = max_seconds, resample, random_crop
 
     def set_model_data_config(self, data_config: dict) -> None:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from typing import Annotated, Callable
 
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from tunelab.config import check_kwargs
+from tunelab.config.settings import FRACTION, SEED, check_call, checked, choice, either, integer, mapping, reads
 from tunelab.data.sampling import EpochSampler, sample_seed, seeded_call
 from tunelab.data.sources import load_image
 from tunelab.data.table import Table, check_task
@@ -95,29 +96,28 @@ class TaskDataModule(L.LightningDataModule):
 
     modality = "none"  # which adapters can read it: image, text or audio
 
+    @checked("data")
     def __init__(
         self,
         source: Callable[[], Table],
         name: str = "data",
         task: str = "classification",
-        num_classes: int | None = None,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        max_train_samples: int | None = None,
-        samples_per_class: int | None = None,
-        min_epoch_samples: int | None = None,
-        seed: int = 0,
-        num_workers: int | str = "auto",
+        num_classes: Annotated[int | None, integer(2, null=True)] = None,
+        batch_size: Annotated[int, integer(1)] = 64,
+        eval_batch_size: Annotated[int | None, integer(1, null=True)] = None,
+        val_fraction: Annotated[float, FRACTION] = 0.1,
+        test_fraction: Annotated[float, FRACTION] = 0.2,
+        max_train_samples: Annotated[int | None, integer(1, null=True)] = None,
+        samples_per_class: Annotated[int | None, integer(1, null=True)] = None,
+        min_epoch_samples: Annotated[int | None, integer(1, null=True)] = None,
+        seed: Annotated[int, SEED] = 0,
+        num_workers: Annotated[int | str, either(choice("auto"), integer(0))] = "auto",
         objective: str | None = None,
         objective_mode: str = "max",
     ):
         super().__init__()
-        if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise TunelabError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in [0, 1) and sum below 1.")
-        if batch_size < 1:
-            raise TunelabError(f"data.batch_size must be >= 1, got {batch_size}.")
+        if val_fraction + test_fraction >= 1:
+            raise TunelabError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must sum below 1.")
         self.source, self.name, self.task = source, name, check_task(task)
         self.objective, self.objective_mode = check_objective(task, objective, objective_mode)
         self.requested_classes = num_classes
@@ -309,6 +309,7 @@ class TaskDataModule(L.LightningDataModule):
 
 # create_transform arguments the module sets itself from the model's data config
 AUGMENT_FILLED = ("is_training", "input_size", "mean", "std", "interpolation")
+reads("data.augment", filled=AUGMENT_FILLED, func=create_transform)  # a dict splatted into timm's call
 
 
 class ImageDataModule(TaskDataModule):
@@ -316,12 +317,15 @@ class ImageDataModule(TaskDataModule):
 
     modality = "image"
 
-    def __init__(self, source: Callable[[], Table], name: str = "images", image_size: int | None = None,
-                 augment: dict | None = None, ood: dict | None = None, **kwargs):
+    @checked("data")
+    def __init__(self, source: Callable[[], Table], name: str = "images",
+                 image_size: Annotated[int | None, integer(8, 4096, null=True)] = None,
+                 augment: Annotated[dict | None, mapping()] = None, ood: dict | None = None, **kwargs):
         super().__init__(source, name=name, **kwargs)
         self.image_size = image_size
         # checked now, not at the first training batch (after the run exists)
-        self.augment = check_kwargs(augment, create_transform, "data.augment", AUGMENT_FILLED) if augment else None
+        check_call(create_transform, augment, "data.augment", filled=AUGMENT_FILLED)
+        self.augment = OmegaConf.to_container(augment, resolve=True) if OmegaConf.is_config(augment) else augment or None
         self.ood = {str(k): dict(v) for k, v in (ood or {}).items()}
 
     @property

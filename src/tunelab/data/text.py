@@ -7,12 +7,13 @@ import html
 import importlib.util
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tunelab.config.settings import BOOL, checked, choice, integer
 from tunelab.data.datamodule import TaskDataModule
 from tunelab.data.table import Table, encode_labels, read_frame
 from tunelab.errors import TunelabError
@@ -105,14 +106,12 @@ class TextDataModule(TaskDataModule):
 
     modality = "text"
 
-    def __init__(self, source: Callable[[], Table], name: str = "text", max_length: int = 128,
-                 truncation: bool = True, padding: str = "longest", ood: dict | None = None, **kwargs):
+    @checked("data")
+    def __init__(self, source: Callable[[], Table], name: str = "text", max_length: Annotated[int, integer(2)] = 128,
+                 truncation: Annotated[bool, BOOL] = True,
+                 padding: Annotated[str, choice("longest", "max_length")] = "longest", ood: dict | None = None, **kwargs):
         super().__init__(source, name=name, **kwargs)
         self.ood = {str(k): dict(v) for k, v in (ood or {}).items()}  # {name: {source: ...}}
-        if padding not in ("longest", "max_length"):
-            raise TunelabError(f"data.padding must be longest or max_length, got {padding!r}.")
-        if max_length < 2:
-            raise TunelabError(f"data.max_length must be >= 2 tokens, got {max_length}.")
         self.max_length, self.truncation, self.padding = max_length, truncation, padding
         self._encoded: dict[str, _Tokens] = {}
 

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, open_dict
 
 from tunelab.adapters import Adapter
-from tunelab.config import build, check_config, check_targets
+from tunelab.config import build, check_targets
+from tunelab.config.settings import extension_points, signature_of
 from tunelab.data.datamodule import TaskDataModule
+from tunelab.engine.budget import check_train_fraction, fit_schedule, full_epochs
 from tunelab.engine.feature_cache import CachePlan, plan_cache
 from tunelab.engine.module import FineTuneModule
+from tunelab.engine.perf import perf_settings
 from tunelab.engine.stage_report import stage_table
-from tunelab.engine.strategies import Stage, check_stages, compress, keep_frozen
+from tunelab.engine.strategies import Stage, check_stages, keep_frozen
+from tunelab.engine.validation import check_config
 from tunelab.errors import TunelabError
 
 
@@ -70,26 +75,33 @@ def accepted(node: DictConfig, kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def build_regularizer(cfg: DictConfig, adapter: Adapter):
-    node = cfg.get("regularizer")
-    if not node or "_target_" not in node:  # regularizer=none
+def build_point(cfg: DictConfig, name: str, run: dict):
+    """The extension point ``name`` of FineTuneModule built from the top-level node of that name
+    (None when absent or a ``none`` choice). Parameters named like an entry of ``run`` (the model,
+    its head's parameter names, the task...) are bound from it; a partial that still needs
+    arguments (an optimizer's parameters, a loss's outputs) stays a factory."""
+    node = cfg.get(name)
+    if not isinstance(node, DictConfig) or "_target_" not in node:
         return None
-    head = set(adapter.groups[-1].param_names)
-    return build(node, "regularizer")(adapter.model, head)
+    built = build(node, name)
+    if not isinstance(built, functools.partial):
+        return built
+    params, _ = signature_of(built.func)
+    given = {k: v for k, v in run.items() if k in params and k not in built.keywords}
+    bound = functools.partial(built.func, *built.args, **built.keywords, **given)
+    needed = [n for n, p in params.items() if p.default is p.empty and n not in bound.keywords and n != "self"]
+    return bound() if given and not needed else bound
 
 
-def _full_epochs(limit) -> bool:
-    return limit is None or (isinstance(limit, float) and limit == 1.0)  # Lightning: int 1 = one batch
-
-
-def _check_train_fraction(limit, datamodule) -> None:
-    """A fraction of the training batches that rounds to none would stop Lightning mid-fit."""
-    if not isinstance(limit, float) or not 0 < limit < 1 or not hasattr(datamodule, "split_sizes"):
-        return
-    batches = train_batches(datamodule)
-    if int(batches * limit) == 0:
-        raise TunelabError(f"trainer.limit_train_batches={limit} of {batches} training batches is none; "
-                           f"use at least {1 / batches:.3g} or a number of batches (e.g. 1).")
+def build_module(cfg: DictConfig, adapter: Adapter, datamodule: TaskDataModule, stages: list[Stage], perf: dict):
+    """FineTuneModule with every extension point its signature declares built from the config."""
+    run = {"model": adapter.model, "head_names": set(adapter.groups[-1].param_names),
+           "num_outputs": datamodule.num_outputs, "task": datamodule.task}
+    points = {name: build_point(cfg, name, run) for name in extension_points(FineTuneModule)}
+    module = FineTuneModule(adapter, datamodule.num_outputs, stages, datamodule.task, datamodule.target_stats(), perf,
+                            **{k: v for k, v in points.items() if v is not None},
+                            **{**cfg.get("module", {}), "batchnorm": batchnorm_mode(cfg)})
+    return module
 
 
 def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Parts:
@@ -97,7 +109,7 @@ def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Pa
     ``datamodule`` replaces ``cfg.data`` (the benchmark feeds synthetic batches)."""
     check_config(cfg)
     datamodule = datamodule or build(cfg.data, "data").scan()
-    _check_train_fraction(cfg.trainer.get("limit_train_batches"), datamodule)
+    check_train_fraction(cfg.trainer.get("limit_train_batches"), datamodule)
     adapter = build(cfg.model, "model", num_outputs=datamodule.num_outputs, lora=cfg.get("lora"),
                     **accepted(cfg.model, datamodule.model_kwargs))
     if adapter.modality != datamodule.modality:
@@ -112,64 +124,20 @@ def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Pa
 
         lineage = init_from(adapter, str(cfg.init_from), tracking_uri(cfg))
     datamodule.set_model_data_config(adapter.data_config)
-    perf = dict(cfg.get("perf") or {})
+    perf = perf_settings(**(cfg.get("perf") or {}))
     stages = keep_frozen(build(cfg.strategy, "strategy")(adapter.group_names), adapter.frozen_groups)
-    stages, notes = _fit_schedule(cfg, stages, datamodule)
+    stages, notes = fit_schedule(cfg, stages, datamodule)
     check_stages(stages, adapter.group_names, int(cfg.trainer.max_epochs),
                  {g.name: list(g.param_names) for g in adapter.groups})
-    module = FineTuneModule(
-        adapter,
-        num_outputs=datamodule.num_outputs,
-        task=datamodule.task,
-        target_stats=datamodule.target_stats(),
-        optimizer=build(cfg.optimizer, "optimizer"),
-        stages=stages,
-        scheduler=build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
-        regularizer=build_regularizer(cfg, adapter),
-        perf=perf,
-        **{**cfg.get("module", {}), "batchnorm": batchnorm_mode(cfg)},
-    )
+    module = build_module(cfg, adapter, datamodule, stages, perf)
     plan = plan_cache(perf.get("cache_features", "auto"), stages, adapter, datamodule, int(cfg.trainer.max_epochs),
-                      module.batchnorm, full_epochs=_full_epochs(cfg.trainer.get("limit_train_batches")))
+                      module.batchnorm, full_epochs=full_epochs(cfg.trainer.get("limit_train_batches")))
     pretrained = None
     if (cfg.get("retention") or {}).get("enabled"):
         from tunelab.engine.retention import snapshot
 
         pretrained = snapshot(adapter.model)
     return Parts(datamodule, adapter, stages, module, float(cfg.optimizer.lr), pretrained, lineage, plan, notes)
-
-
-def train_batches(datamodule) -> int:
-    """Batches in one full pass over the training split (the last one may be short)."""
-    return -(-datamodule.split_sizes()["train"] // datamodule.batch_size)
-
-
-def steps_per_epoch(cfg: DictConfig, datamodule) -> int:
-    """Optimizer steps in one training epoch, as Lightning will count them."""
-    batches = train_batches(datamodule)
-    limit = cfg.trainer.get("limit_train_batches")
-    if isinstance(limit, int) and not isinstance(limit, bool):
-        batches = min(batches, limit)
-    elif isinstance(limit, float):
-        batches = max(1, int(batches * limit))
-    return max(1, -(-batches // int(cfg.trainer.get("accumulate_grad_batches") or 1)))
-
-
-def _fit_schedule(cfg: DictConfig, stages: list[Stage], datamodule) -> tuple[list[Stage], tuple[str, ...]]:
-    """``compress_stages`` (debug=smoke): a schedule longer than the run is squeezed to one
-    optimizer step per stage, and trainer.max_epochs raised as far as that needs."""
-    if not cfg.get("compress_stages"):
-        return stages, ()
-    epochs = int(cfg.trainer.max_epochs)
-    squeezed, needed = compress(stages, epochs, steps_per_epoch(cfg, datamodule), "compressed by debug=smoke")
-    if squeezed is stages:
-        return stages, ()
-    with open_dict(cfg):
-        cfg.trainer.max_epochs = needed
-    was = stages[-1]
-    return squeezed, (f"debug=smoke compressed the schedule (its last stage starts at {was.unit} {was.start}, "
-                      f"beyond trainer.max_epochs={epochs}): each stage now starts one optimizer step after the "
-                      f"one before, over {needed} epoch(s).",)
 
 
 def plan_parts(cfg: DictConfig) -> str:

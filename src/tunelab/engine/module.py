@@ -16,7 +16,7 @@ where ``shape`` is the scheduler, ``rewarmup`` restarts a linear warmup at each 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Annotated, Callable
 
 import lightning as L
 import torch
@@ -28,6 +28,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from tunelab.adapters import Adapter
+from tunelab.config.settings import BOOL, EXTENSION, FRACTION, POSITIVE, expect, integer, mapping, number, reads
 from tunelab.engine.evaluation import auroc_note
 from tunelab.engine.metrics import SoftmaxAUROC, task_metrics
 from tunelab.engine.perf import compile_model, compile_options, fused_kwargs, to_channels_last
@@ -42,6 +43,7 @@ from tunelab.errors import TunelabError
 #                update them); trainable layers normalise with batch statistics.
 #   train:       plain PyTorch behaviour; frozen layers' statistics drift too.
 BATCHNORM_MODES = ("eval", "frozen_eval", "train")
+LAYER_DECAY = number(0, 1, low_open=True)
 LOSS_CHECK_EVERY = 16  # steps between host reads of the training loss (_watch_loss)
 
 log = logging.getLogger("tunelab")
@@ -60,29 +62,45 @@ def layer_scales(groups: list[str], layer_decay: float = 1.0, group_lr_mults: di
     unknown = set(mults) - set(groups)
     if unknown:
         raise TunelabError(f"module.group_lr_mults names unknown layer groups {sorted(unknown)}; this model has {groups}.")
-    if not 0 < layer_decay <= 1:
-        raise TunelabError(f"module.layer_decay must be in (0, 1], got {layer_decay}.")
+    expect(layer_decay, LAYER_DECAY, "module.layer_decay")
     depth = {g: len(groups) - 1 - i for i, g in enumerate(groups)}
     return {g: layer_decay ** depth[g] * float(mults.get(g, 1.0)) for g in groups}
 
 
+@reads("optimizer", closed=False)  # the optimizer's own signature checks its keys
+def optimizer_settings(
+    lr: Annotated[float, POSITIVE],
+    weight_decay: Annotated[float, number(0)] = 0.0,
+    momentum: Annotated[float, number(0, 1, high_open=True)] = 0.0,
+    nesterov: Annotated[bool, BOOL] = False,
+) -> None:
+    """The optimizer settings tunelab relies on: ``lr`` is the base every layer group's LR scales
+    (torch accepts lr=0, which would train nothing)."""
+
+
+@reads("module", noun="module")
 class FineTuneModule(L.LightningModule):
     def __init__(
         self,
         adapter: Adapter,
         num_outputs: int,
-        optimizer: Callable[..., torch.optim.Optimizer],
         stages: list[Stage],
-        scheduler: Callable[[int, int], float] | None = None,
-        regularizer: nn.Module | None = None,
-        label_smoothing: float = 0.0,
-        batchnorm: str = "eval",
-        layer_decay: float = 1.0,
-        group_lr_mults: dict | None = None,
-        stage_rewarmup: int = 0,
         task: str = "classification",
         target_stats: tuple[float, float] | None = None,
         perf: dict | None = None,
+        /,
+        *,
+        # extension points: each built from the top-level config node of its name (build_parts)
+        optimizer: Annotated[Callable[..., torch.optim.Optimizer], EXTENSION],
+        scheduler: Annotated[Callable[[int, int], float] | None, EXTENSION] = None,
+        regularizer: Annotated[nn.Module | None, EXTENSION] = None,
+        loss: Annotated[Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, EXTENSION] = None,
+        # the module.* settings
+        label_smoothing: Annotated[float, FRACTION] = 0.0,
+        batchnorm: str = "eval",
+        layer_decay: Annotated[float, LAYER_DECAY] = 1.0,
+        group_lr_mults: Annotated[dict | None, mapping(POSITIVE)] = None,
+        stage_rewarmup: Annotated[int, integer(0)] = 0,
     ):
         super().__init__()
         if batchnorm not in BATCHNORM_MODES:
@@ -94,6 +112,7 @@ class FineTuneModule(L.LightningModule):
         self.lr_shape = scheduler or constant
         self.regularizer = regularizer
         self.label_smoothing = label_smoothing
+        self.loss_fn = loss  # None: cross-entropy (with label_smoothing) or MSE, by task
         self.batchnorm = batchnorm
         self.layer_scale = layer_scales([g.name for g in self.groups], layer_decay, group_lr_mults)
         self.stage_rewarmup = int(stage_rewarmup)
@@ -225,8 +244,9 @@ class FineTuneModule(L.LightningModule):
     # -- steps -----------------------------------------------------------------------------
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.task == "regression":  # MSE on the standardised scale the head learns
-            return F.mse_loss((out - self.target_mean) / self.target_std, (y - self.target_mean) / self.target_std)
-        return F.cross_entropy(out, y, label_smoothing=self.label_smoothing)
+            out, y = (out - self.target_mean) / self.target_std, (y - self.target_mean) / self.target_std
+            return self.loss_fn(out, y) if self.loss_fn else F.mse_loss(out, y)
+        return self.loss_fn(out, y) if self.loss_fn else F.cross_entropy(out, y, label_smoothing=self.label_smoothing)
 
     def _targets(self, y: torch.Tensor) -> torch.Tensor:
         return y.float() if self.task == "regression" else y

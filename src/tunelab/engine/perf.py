@@ -7,16 +7,32 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from typing import Annotated
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from tunelab.config.settings import BOOL, choice, reads, text
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
 FUSED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@reads("perf", noun="perf")
+def perf_settings(
+    cache_features: Annotated[bool | str, choice("auto", True, False)] = "auto",
+    compile: Annotated[bool, BOOL] = False,
+    compile_mode: Annotated[str | None, text(null=True)] = None,
+    compile_backend: Annotated[str, text()] = "inductor",
+    channels_last: Annotated[bool, BOOL] = True,
+    fused_optimizer: Annotated[bool | str, choice("auto", True, False)] = "auto",
+) -> dict:
+    """The ``perf`` settings (conf/train.yaml), as the module and the feature cache read them."""
+    return {"cache_features": cache_features, "compile": compile, "compile_mode": compile_mode,
+            "compile_backend": compile_backend, "channels_last": channels_last, "fused_optimizer": fused_optimizer}
 
 
 def compile_options(perf: dict | None) -> dict | None:

@@ -17,8 +17,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tunelab.config import check_config, check_targets, conf_dir
+from tunelab.config import check_targets, conf_dir
 from tunelab.config.hydra_guard import check_hydra
+from tunelab.config.settings import extension_points
+from tunelab.engine.module import FineTuneModule
+from tunelab.engine.validation import check_config
 from tunelab.errors import TunelabError
 
 MAX_COMBINATIONS = 256  # a grid this large is checked on its first combinations only, and says so
@@ -85,6 +88,7 @@ def check_known_keys(cfg: DictConfig, choices: dict | None = None) -> None:
     (``check_settings``). Anything else (``+seeed=3``, a misplaced ``@package``, ``optimiser:``
     in an experiment file) would compose and then be silently ignored."""
     top, below = known_settings(conf_dir())
+    top = top | set(extension_points(FineTuneModule))  # loss & co.: read when a config gives them
     for key in map(str, cfg):
         if key not in top and not key.startswith("_") and key != "hydra":
             raise TunelabError(f"top-level key '{key}' is not a tunelab setting, so nothing would read it"
@@ -131,7 +135,7 @@ def validate(cfg: DictConfig, choices: dict | None = None) -> None:
     """The checks every run makes before anything is read or built (train() and --check)."""
     check_targets(cfg)
     check_no_remote_code(cfg)
-    check_config(cfg)
+    check_config(cfg, _from_experiment(choices))
     check_known_keys(cfg, choices)
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
+
+from tunelab.config.settings import checked, number
 
 
 class L2SP(nn.Module):
@@ -14,10 +18,10 @@ class L2SP(nn.Module):
     checkpoints (non-persistent buffers) because rebuilding the run reloads the same weights.
     """
 
-    def __init__(self, model: nn.Module, head_names: set[str], alpha: float = 0.01, beta: float = 0.01):
+    @checked("regularizer")
+    def __init__(self, model: nn.Module, head_names: set[str], alpha: Annotated[float, number(0)] = 0.01,
+                 beta: Annotated[float, number(0)] = 0.01):
         super().__init__()
-        if alpha < 0 or beta < 0:
-            raise ValueError(f"L2SP needs alpha, beta >= 0, got {alpha}, {beta}")
         self.alpha, self.beta = alpha, beta
         named = list(model.named_parameters())
         self.head = [n in head_names for n, _ in named]

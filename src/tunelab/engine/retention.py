@@ -9,10 +9,18 @@ forward hook, so timm, text and speech models are measured the same way.
 from __future__ import annotations
 
 import copy
+from typing import Annotated
 
 import numpy as np
 import torch
 from torch import nn
+
+from tunelab.config.settings import BOOL, integer, reads
+
+
+@reads("retention", noun="retention")
+def retention_settings(enabled: Annotated[bool, BOOL] = True, samples: Annotated[int, integer(1)] = 256) -> None:
+    """``retention`` in conf/train.yaml: whether to measure, and on how many test samples."""
 
 
 def snapshot(model: nn.Module) -> nn.Module:

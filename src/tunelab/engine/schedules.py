@@ -10,8 +10,13 @@ it reacts to validation metrics.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
-from tunelab.errors import TunelabError
+from tunelab.config.settings import POSITIVE, checked, choice, integer, number, text
+
+WARMUP = number(0)  # below 1: a fraction of the run; from 1: a number of steps
+RATIO = number(0, 1)
+OPEN_FRACTION = number(0, 1, low_open=True, high_open=True)
 
 
 def _warmup_steps(warmup: float, total_steps: int) -> int:
@@ -27,26 +32,28 @@ def _warmup_or_progress(step: int, total_steps: int, warmup: float) -> tuple[flo
     return None, min(1.0, (step - w) / max(1, total_steps - w))
 
 
-def constant(step: int, total_steps: int, warmup: float = 0) -> float:
+def constant(step: int, total_steps: int, warmup: Annotated[float, WARMUP] = 0) -> float:
     ramp, _ = _warmup_or_progress(step, total_steps, warmup)
     return 1.0 if ramp is None else ramp
 
 
-def warmup_cosine(step: int, total_steps: int, warmup: float = 0.05, min_lr_ratio: float = 0.0) -> float:
+def warmup_cosine(step: int, total_steps: int, warmup: Annotated[float, WARMUP] = 0.05,
+                  min_lr_ratio: Annotated[float, RATIO] = 0.0) -> float:
     ramp, progress = _warmup_or_progress(step, total_steps, warmup)
     if ramp is not None:
         return ramp
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def linear(step: int, total_steps: int, warmup: float = 0.05, min_lr_ratio: float = 0.0) -> float:
+def linear(step: int, total_steps: int, warmup: Annotated[float, WARMUP] = 0.05,
+           min_lr_ratio: Annotated[float, RATIO] = 0.0) -> float:
     """Warmup, then a straight line down to ``min_lr_ratio`` at the last step."""
     ramp, progress = _warmup_or_progress(step, total_steps, warmup)
     return ramp if ramp is not None else 1.0 - (1.0 - min_lr_ratio) * progress
 
 
-def one_cycle(step: int, total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0,
-              final_div_factor: float = 1e4) -> float:
+def one_cycle(step: int, total_steps: int, pct_start: Annotated[float, OPEN_FRACTION] = 0.3,
+              div_factor: Annotated[float, POSITIVE] = 25.0, final_div_factor: Annotated[float, POSITIVE] = 1e4) -> float:
     """Smith's one-cycle with cosine annealing, as torch's OneCycleLR (anneal_strategy="cos")."""
     peak = max(1.0, pct_start * total_steps - 1)
     start, end = 1.0 / div_factor, 1.0 / (div_factor * final_div_factor)
@@ -56,7 +63,8 @@ def one_cycle(step: int, total_steps: int, pct_start: float = 0.3, div_factor: f
     return end + (1.0 - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def slanted_triangular(step: int, total_steps: int, cut_frac: float = 0.1, ratio: float = 32.0) -> float:
+def slanted_triangular(step: int, total_steps: int, cut_frac: Annotated[float, OPEN_FRACTION] = 0.1,
+                       ratio: Annotated[float, number(1)] = 32.0) -> float:
     """ULMFiT's slanted triangular LR (Howard & Ruder 2018): short rise, long linear decay."""
     cut = max(1, math.floor(total_steps * cut_frac))
     p = step / cut if step < cut else 1 - (step - cut) / max(1, cut * (1 / cut_frac - 1))
@@ -68,12 +76,11 @@ class Plateau:
     for ``patience`` validations. The module calls ``update`` after each validation; the
     state travels in the checkpoint."""
 
-    def __init__(self, monitor: str = "val/loss", mode: str = "min", factor: float = 0.1,
-                 patience: int = 1, min_scale: float = 1e-4, threshold: float = 1e-4, warmup: float = 0):
-        if mode not in ("min", "max"):
-            raise TunelabError(f"scheduler.mode must be min or max, got {mode!r}.")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
-            raise TunelabError(f"scheduler.factor must be a number in (0, 1), got {factor!r}.")
+    @checked("scheduler")
+    def __init__(self, monitor: Annotated[str, text()] = "val/loss", mode: Annotated[str, choice("min", "max")] = "min",
+                 factor: Annotated[float, OPEN_FRACTION] = 0.1, patience: Annotated[int, integer(0)] = 1,
+                 min_scale: Annotated[float, number(0, 1, low_open=True)] = 1e-4,
+                 threshold: Annotated[float, number(0)] = 1e-4, warmup: Annotated[float, WARMUP] = 0):
         self.monitor, self.mode, self.factor, self.patience = monitor, mode, factor, patience
         self.min_scale, self.threshold, self.warmup = min_scale, threshold, warmup
         self.scale, self.best, self.bad = 1.0, None, 0

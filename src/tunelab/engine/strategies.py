@@ -13,9 +13,13 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Annotated
 
+from tunelab.config.settings import BOOL, POSITIVE, Rule, checked, choice, expect, integer, string_list
 from tunelab.errors import TunelabError
 
+COUNT = integer(1)
+MULT = Rule(POSITIVE.ok, "a number > 0 (a multiplier of optimizer.lr)")
 UNITS = ("epoch", "step")
 BIAS = r"(^|\.)bias$"
 LORA = r"\.lora_(A|B|embedding_A|embedding_B)\."
@@ -56,9 +60,9 @@ def _backbone(groups: Sequence[str]) -> list[str]:
     return [g for g in groups if g != "head"]
 
 
-def full(groups: list[str], lr_mult: float = 1.0) -> list[Stage]:
+@checked("strategy")
+def full(groups: list[str], lr_mult: Annotated[float, MULT] = 1.0) -> list[Stage]:
     """Everything trains from the first step."""
-    lr_mult = _mult(lr_mult, "strategy.lr_mult")
     return [Stage("full", 0, tuple(groups), {g: lr_mult for g in groups})]
 
 
@@ -113,26 +117,20 @@ def _shown(value) -> str:
 
 
 def _count(value, key: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise TunelabError(f"{key} must be an integer >= {low}, got {_shown(value)}.")
-    return value
+    return expect(value, integer(low), key)
 
 
 def _mult(value, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise TunelabError(f"{key} must be a number > 0 (a multiplier of optimizer.lr), got {_shown(value)}.")
-    return float(value)
+    return float(expect(value, MULT, key))
 
 
+@checked("strategy")
 def freeze_unfreeze(
-    groups: list[str], head_epochs: int = 1, unfreeze: int | str = "all",
-    lr_mult: float = 0.1, head_lr_mult: float = 1.0,
+    groups: list[str], head_epochs: Annotated[int, COUNT] = 1, unfreeze: int | str = "all",
+    lr_mult: Annotated[float, MULT] = 0.1, head_lr_mult: Annotated[float, MULT] = 1.0,
 ) -> list[Stage]:
-    """Train the head for ``head_epochs``, then also the top ``unfreeze`` groups at ``lr_mult``."""
-    if isinstance(head_epochs, int) and not isinstance(head_epochs, bool) and head_epochs < 1:
-        raise TunelabError(f"strategy.head_epochs must be >= 1, got {head_epochs}; use strategy=full to train everything at once.")
-    head_epochs = _count(head_epochs, "strategy.head_epochs", 1)
-    lr_mult, head_lr_mult = _mult(lr_mult, "strategy.lr_mult"), _mult(head_lr_mult, "strategy.head_lr_mult")
+    """Train the head for ``head_epochs`` (strategy=full trains everything at once), then also the
+    top ``unfreeze`` groups at ``lr_mult``."""
     opened = top_groups(groups, unfreeze)
     mults = {g: (head_lr_mult if g == "head" else lr_mult) for g in opened}
     return [Stage("head", 0, ("head",)),
@@ -191,15 +189,13 @@ def milestones(groups: list[str], stages: list[dict]) -> list[Stage]:
     return result
 
 
+@checked("strategy")
 def gradual(
-    groups: list[str], every: int = 1, unit: str = "epoch", groups_per_stage: int = 1, lr_mult: float = 1.0,
+    groups: list[str], every: Annotated[int, COUNT] = 1, unit: Annotated[str, choice(*UNITS)] = "epoch",
+    groups_per_stage: Annotated[int, COUNT] = 1, lr_mult: Annotated[float, MULT] = 1.0,
 ) -> list[Stage]:
     """ULMFiT's gradual unfreezing: head first, then ``groups_per_stage`` more groups from the
     top every ``every`` epochs (or steps), until everything trains."""
-    every, groups_per_stage = _count(every, "strategy.every", 1), _count(groups_per_stage, "strategy.groups_per_stage", 1)
-    if unit not in UNITS:
-        raise TunelabError(f"strategy.unit must be one of {', '.join(UNITS)}, got {_shown(unit)}.")
-    lr_mult = _mult(lr_mult, "strategy.lr_mult")
     backbone = _backbone(groups)
     stages = [Stage("head", 0, ("head",), unit=unit)]
     for k in range(groups_per_stage, len(backbone) + groups_per_stage, groups_per_stage):
@@ -210,11 +206,11 @@ def gradual(
     return stages
 
 
-def lp_ft(groups: list[str], probe_epochs: int = 2, lr_mult: float = 0.1, probe_lr_mult: float = 1.0) -> list[Stage]:
+@checked("strategy")
+def lp_ft(groups: list[str], probe_epochs: Annotated[int, COUNT] = 2, lr_mult: Annotated[float, MULT] = 0.1,
+          probe_lr_mult: Annotated[float, MULT] = 1.0) -> list[Stage]:
     """LP-FT (Kumar et al. 2022): linear probe, then fine-tune everything, head included,
     at a lower LR, so the probed head does not distort the pretrained features."""
-    probe_epochs = _count(probe_epochs, "strategy.probe_epochs", 1)
-    lr_mult, probe_lr_mult = _mult(lr_mult, "strategy.lr_mult"), _mult(probe_lr_mult, "strategy.probe_lr_mult")
     return [Stage("probe", 0, ("head",), {"head": probe_lr_mult}),
             Stage("finetune", probe_epochs, tuple(groups), {g: lr_mult for g in groups},
                   origin=f"strategy.probe_epochs={probe_epochs}")]
@@ -225,12 +221,10 @@ def bitfit(groups: list[str]) -> list[Stage]:
     return [Stage("bitfit", 0, ("head",), patterns=(BIAS,))]
 
 
-def regex(groups: list[str], patterns: list[str], include_head: bool = True) -> list[Stage]:
+@checked("strategy")
+def regex(groups: list[str], patterns: Annotated[list[str], string_list()],
+          include_head: Annotated[bool, BOOL] = True) -> list[Stage]:
     """Train the parameters whose names match any of ``patterns`` (re.search), plus the head."""
-    if not patterns:
-        raise TunelabError("strategy.patterns is empty: give regexes of parameter names to train.")
-    if isinstance(patterns, str) or not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
-        raise TunelabError(f"strategy.patterns must be a list of regexes, e.g. ['bias', 'norm'], got {_shown(patterns)}.")
     for p in patterns:
         try:
             re.compile(p)
