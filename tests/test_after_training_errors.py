@@ -10,25 +10,25 @@ from tunelab.errors import TunelabError
 
 
 def test_predict_names_what_is_wrong_with_its_inputs(tmp_path):
-    from tunelab.cli.predict import Exported, read_inputs
+    from tunelab.deploy.exported import Exported, read_inputs
 
     with pytest.raises(TunelabError, match="not a tunelab export"):
         Exported(tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(TunelabError, match="no image files"):
-        read_inputs(tmp_path / "empty", "image", None)
+        read_inputs(tmp_path / "empty", {"modality": "image"}, None)
     with pytest.raises(TunelabError, match="text model labels a CSV"):
-        read_inputs(tmp_path / "empty", "text", None)
+        read_inputs(tmp_path / "empty", {"modality": "text"}, None)
     pd.DataFrame({"body": ["fine"]}).to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(TunelabError, match="no column 'text'.*--column"):
-        read_inputs(tmp_path / "t.csv", "text", None)
-    assert read_inputs(tmp_path / "t.csv", "text", "body") == ["fine"]
+        read_inputs(tmp_path / "t.csv", {"modality": "text"}, None)
+    assert read_inputs(tmp_path / "t.csv", {"modality": "text"}, "body") == ["fine"]
     with pytest.raises(TunelabError, match="does not exist"):
-        read_inputs(tmp_path / "missing.csv", "text", None)
+        read_inputs(tmp_path / "missing.csv", {"modality": "text"}, None)
 
 
 def test_eval_takes_data_overrides_only(tmp_path):
-    from tunelab.cli.eval import apply_data_overrides
+    from tunelab.deploy.evaluate import apply_data_overrides
 
     cfg = compose_cfg(tmp_path)
     with pytest.raises(TunelabError, match="data overrides only"):
@@ -57,5 +57,5 @@ def test_text_model_rejects_an_unknown_pretrained_task(tmp_path):
     from tunelab.config import build
 
     cfg = compose_cfg(tmp_path, ["model=minilm", "model.pretrained_task=imagenet"])
-    with pytest.raises(TunelabError, match="pretrained_task must be null or sentence_similarity"):
+    with pytest.raises(TunelabError, match="model.pretrained_task must be sentence_similarity or null, got .imagenet."):
         build(cfg.model, "model", num_outputs=3)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import compose_cfg, path_table, run_cli, write_image_folder, write_text_csv
+from helpers.cli_inprocess import run_train
 
 from tunelab.config import build
 from tunelab.errors import TunelabError
@@ -56,8 +57,10 @@ def fails_in_process(tmp_path: Path, overrides: list[str], pattern: str) -> str:
     return message
 
 
-def fails_on_cli(tmp_path: Path, args: list[str], expected: str) -> str:
-    result = run_cli(tmp_path, "debug=smoke", *args)
+def fails_on_cli(tmp_path: Path, args: list[str], expected: str, process: bool = False) -> str:
+    """``tunelab-train`` refuses ``args`` with one line, exit 2, nothing written: its main() in this
+    process, or with ``process`` as a user runs it."""
+    result = (run_cli if process else run_train)(tmp_path, "debug=smoke", *args)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("tunelab-train: error: ")]
@@ -70,7 +73,7 @@ def fails_on_cli(tmp_path: Path, args: list[str], expected: str) -> str:
 
 def test_cli_wrong_type_is_one_line_before_any_run(tmp_path):
     fails_on_cli(tmp_path, [*IMAGE, "trainer.max_epochs=abc"],
-                 "tunelab-train: error: trainer.max_epochs must be an integer >= 1, got 'abc'.")
+                 "tunelab-train: error: trainer.max_epochs must be an integer >= 1, got 'abc'.", process=True)
 
 
 def test_cli_schedule_past_the_last_epoch_names_both_settings(tmp_path):
@@ -317,7 +320,7 @@ def test_unreadable_image_at_load_is_one_line_even_from_a_worker(tmp_path):
     cuts it back to the original line."""
     from torch.utils.data import DataLoader
 
-    from tunelab.data.datamodule import ImageDataModule
+    from tunelab.data.images import ImageDataModule
     from tunelab.data.sources import load_image_folder
 
     root = write_image_folder(tmp_path / "images", classes=2, per_class=4)
@@ -339,7 +342,7 @@ def test_cli_bad_seed_is_one_line(tmp_path):
 
 
 def test_cli_group_set_to_null_is_one_line(tmp_path):
-    result = run_cli(tmp_path, "debug=smoke", *IMAGE, "optimizer=null")
+    result = run_train(tmp_path, "debug=smoke", *IMAGE, "optimizer=null")
     assert result.returncode in (1, 2) and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 

@@ -17,7 +17,8 @@ read large data (spoken_digits, audio). Building parts reads MNIST-5k once per e
 from __future__ import annotations
 
 import pytest
-from conftest import compose_cfg, run_cli
+from conftest import compose_cfg
+from helpers.cli_inprocess import run_train
 from hydra.errors import HydraException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -169,7 +170,7 @@ NASTY = [
 
 @pytest.mark.parametrize("args,code,message", NASTY, ids=[" ".join(a) for a, _, _ in NASTY])
 def test_nasty_overrides_on_the_command_line(tmp_path, args, code, message):
-    result = run_cli(tmp_path, "debug=smoke", *IMAGE_BASE, *args)
+    result = run_train(tmp_path, "debug=smoke", *IMAGE_BASE, *args)  # main() in-process: nothing trains
     assert result.returncode == code, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert message in result.stderr

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from tunelab.config import build, conf_dir
 from tunelab.engine.build import accepted
 from tunelab.engine.build import build_parts
+from tunelab.data.modalities import MODALITIES
 from tunelab.errors import TunelabError
 from conftest import REPO, model_inputs, path_table, skip_without_fashion, write_audio_folder, write_image_folder, write_text_csv
 
@@ -34,6 +35,7 @@ def _instantiate_group(cfg, group: str, tmp_path: Path, choice: str = ""):
         out = adapter.model(model_inputs(adapter))
         assert out.shape == (2, 3)
         assert adapter.groups[-1].name == "head"
+        assert adapter.modality in MODALITIES  # what data, export and serving look up
     elif group == "data":
         dm = build(node, "data").scan()
         assert set(dm.split_sizes()) == {"train", "val", "test"} and min(dm.split_sizes().values()) > 0

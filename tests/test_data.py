@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tunelab.data.datamodule import ImageDataModule, stratified_split
-from tunelab.data.sources import load_fashion_mnist, load_image, load_image_csv, load_image_folder, load_mnist5k
+from tunelab.data.datamodule import stratified_split
+from tunelab.data.images import ImageDataModule
+from tunelab.data.preprocess import load_image
+from tunelab.data.sources import load_fashion_mnist, load_image_csv, load_image_folder, load_mnist5k
 from tunelab.errors import TunelabError
 from conftest import FASHION_ROOT, skip_without_fashion
 

@@ -19,9 +19,10 @@ import torch
 from conftest import VENV_BIN, compose_cfg, write_text_csv
 from tunelab.cli import export as export_cli
 from tunelab.cli import predict as predict_cli
+from tunelab.deploy.exported import Exported
 from tunelab.cli.train import train
 from tunelab.data.preprocess import encode_image
-from tunelab.data.sources import load_image
+from tunelab.data.preprocess import load_image
 from tunelab.engine.trained import Predictor, from_checkpoint, load_adapter
 from tunelab.ports import free_port
 
@@ -94,7 +95,7 @@ def test_transformers_export_runs_in_onnxruntime_at_any_length(tiny_bert, tmp_pa
 
     new = pd.DataFrame({"text": ["great", "the drug was awful and painful for me, I stopped after two weeks of it"]})
     new.to_csv(tmp_path / "new.csv", index=False)
-    exported = predict_cli.Exported(out)
+    exported = Exported(out)
     scores = exported.scores(list(new["text"]))
     trained = from_checkpoint(best_checkpoint(cfg))
     adapter = load_adapter(trained)
@@ -227,7 +228,7 @@ def test_monitor_passes_new_digits_and_flags_inverted_ones(digits, tmp_path, mon
 
 
 def test_psi_and_embedding_shift_are_zero_for_identical_data_and_grow_with_shift():
-    from tunelab.cli.monitor import embedding_shift, psi
+    from tunelab.deploy.monitor import embedding_shift, psi
 
     counts = np.array([50.0, 30.0, 20.0])
     assert psi(counts, counts) == pytest.approx(0.0, abs=1e-9)

@@ -10,6 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tunelab.cli import eval as eval_cli
+from tunelab.deploy.evaluate import evaluate
 from tunelab.cli.train import train
 from tunelab.errors import TunelabError
 from tunelab.tracking.store import tracking_uri
@@ -30,15 +31,16 @@ def trained_smoke(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_eval_of_a_run_reproduces_the_test_metrics_logged_at_training(trained_smoke, monkeypatch, capsys):
+def test_eval_of_a_run_reproduces_the_test_metrics_logged_at_training(trained_smoke, monkeypatch):
     cfg, run, client = trained_smoke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(cfg))
-    metrics = eval_cli.evaluate(eval_cli.parse_args([f"runs:/{run.info.run_id}"]))
+    result = evaluate(f"runs:/{run.info.run_id}")
+    metrics = result.metrics
     for key in ("test/acc", "test/f1", "test/precision", "test/recall", "test/auroc"):
         assert metrics[key] == pytest.approx(run.data.metrics[key], abs=1e-4), key
     assert 0.0 <= metrics["test/ece"] <= 1.0 and "test/auroc" in metrics
     assert sum(k.startswith("test/f1_class/") for k in metrics) == 10
-    assert "test/acc" in capsys.readouterr().out
+    assert "test/acc" in result.table() and result.logged.startswith("logged as MLflow run ")
 
     assert not [r for r in client.search_runs([run.info.experiment_id]) if r.data.tags.get("tunelab.kind")]
     evals = client.search_runs([client.get_experiment_by_name("tunelab-eval").experiment_id])
@@ -51,7 +53,7 @@ def test_eval_of_a_run_reproduces_the_test_metrics_logged_at_training(trained_sm
 def test_eval_of_a_checkpoint_path_needs_its_run_folder(trained_smoke, tmp_path):
     cfg, run, _ = trained_smoke
     ckpt = next(Path(cfg.paths.output_dir, "checkpoints").glob("epoch*.ckpt"))
-    metrics = eval_cli.evaluate(eval_cli.parse_args([str(ckpt), "--split", "val", "--no-log"]))
+    metrics = evaluate(str(ckpt), split="val", log=False).metrics
     assert "val/acc" in metrics
     lonely = tmp_path / "elsewhere" / "checkpoints" / "model.ckpt"
     lonely.parent.mkdir(parents=True)
@@ -62,7 +64,7 @@ def test_eval_of_a_checkpoint_path_needs_its_run_folder(trained_smoke, tmp_path)
     checkpoint["tunelab"] = {k: v for k, v in checkpoint["tunelab"].items() if k not in ("config", "meta")}
     torch.save(checkpoint, lonely)
     with pytest.raises(TunelabError, match="resolved_config.yaml.*training config"):
-        eval_cli.evaluate(eval_cli.parse_args([str(lonely), "--no-log"]))
+        evaluate(str(lonely), log=False)
 
 
 @pytest.mark.slow
@@ -71,7 +73,7 @@ def test_eval_on_data_with_other_classes_is_refused(trained_smoke, tmp_path):
     ckpt = next(Path(cfg.paths.output_dir, "checkpoints").glob("epoch*.ckpt"))
     images = write_image_folder(tmp_path / "images", classes=3)
     with pytest.raises(TunelabError, match="trained on 10 classes.*has 3"):
-        eval_cli.evaluate(eval_cli.parse_args([str(ckpt), "data=image_folder", f"data.source.root={images}", "--no-log"]))
+        evaluate(str(ckpt), ["data=image_folder", f"data.source.root={images}"], log=False)
 
 
 def test_eval_cli_rejects_non_data_overrides_and_bad_sources(tmp_path, capsys):

@@ -11,6 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, run_cli
+from helpers.cli_inprocess import run_train
 
 PROBE_ENV = {"TUNELAB_ALLOWED_TARGETS": "fault_probe", "PYTHONPATH": str(REPO / "tests")}
 TINY = ["debug=smoke", "model.arch=test_efficientnet", "model.pretrained=false", "data.image_size=32",
@@ -62,6 +63,7 @@ def test_sigterm_saves_marks_killed_exits_143_and_resume_auto_finishes_the_same_
         assert torch.equal(expected[name], got[name]), name
 
 
+@pytest.mark.slow  # trains in a real process
 def test_resume_auto_without_anything_to_resume_starts_a_new_run(tmp_path):
     done = run_cli(tmp_path, *TINY, "resume=auto")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -69,6 +71,7 @@ def test_resume_auto_without_anything_to_resume_starts_a_new_run(tmp_path):
     assert run.info.status == "FINISHED" and "tunelab.resumed_from" not in run.data.tags
 
 
+@pytest.mark.slow  # trains in a real process
 def test_nan_loss_fails_the_run_naming_the_step_and_the_learning_rates(tmp_path):
     result = run_cli(tmp_path, *TINY, "+callbacks.nan={_target_: fault_probe.NanAt, step: 1}", env=PROBE_ENV)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -98,7 +101,7 @@ def test_an_unreachable_tracking_server_fails_before_training(tmp_path):
     from tunelab.ports import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"
-    result = run_cli(tmp_path, *TINY, env={"MLFLOW_TRACKING_URI": uri})
+    result = run_train(tmp_path, *TINY, env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 2
     assert f"MLflow tracking server {uri} is unreachable" in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("outputs/runs/*/checkpoints"))  # nothing trained
@@ -110,7 +113,7 @@ def test_an_unreachable_tracking_server_fails_before_training(tmp_path):
     ([], {"TUNELAB_MIN_FREE_MB": "1e12"}, "MB free on the disk of"),
 ])
 def test_an_unwritable_or_full_output_folder_is_refused_before_anything_starts(tmp_path, args, env, message):
-    result = run_cli(tmp_path, *TINY, *args, env=env)
+    result = run_train(tmp_path, *TINY, *args, env=env)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists()

@@ -84,7 +84,7 @@ def test_an_image_folder_of_your_own_is_an_ood_split_with_the_same_classes(tmp_p
     from functools import partial
 
     from conftest import write_image_folder
-    from tunelab.data.datamodule import ImageDataModule
+    from tunelab.data.images import ImageDataModule
     from tunelab.data.sources import load_image_folder
 
     task = write_image_folder(tmp_path / "task", classes=3)

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from tunelab.cli.train import train
 from tunelab.data.preprocess import encode_image
-from tunelab.data.sources import load_image
+from tunelab.data.preprocess import load_image
 from tunelab.engine.build import build_parts
 from tunelab.tracking.store import tracking_uri
 

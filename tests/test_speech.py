@@ -124,7 +124,7 @@ def test_bad_speech_settings_are_named(tiny_wav2vec2, audio_folder, tmp_path):
     with pytest.raises(TunelabError, match="does not exist"):
         load_audio_folder(str(tmp_path / "nowhere"))
     (tmp_path / "no_audio" / "a").mkdir(parents=True)
-    with pytest.raises(TunelabError, match="no .wav/.flac/.ogg files in class sub-folders"):
+    with pytest.raises(TunelabError, match="no .wav/.flac/.ogg/.mp3 files in class sub-folders"):
         load_audio_folder(str(tmp_path / "no_audio"))
 
 

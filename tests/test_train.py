@@ -15,6 +15,7 @@ from tunelab.config import conf_dir
 from tunelab.engine.module import FineTuneModule
 from tunelab.errors import TunelabError
 from conftest import VENV_BIN, only_run, run_cli, skip_without_fashion
+from helpers.cli_inprocess import run_train
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +98,7 @@ def test_step_stage_past_the_end_is_rejected_before_the_first_step(cfg_factory):
         str(cfg.logger.tracking_uri)).list_artifacts(run.info.run_id)}
 
 
+@pytest.mark.slow  # trains in a real process
 def test_cli_run_prints_store_and_ui_command(tmp_path):
     result = run_cli(tmp_path, "debug=smoke", "strategy=linear_probe", "trainer.max_epochs=1")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -117,7 +119,7 @@ def test_cli_run_prints_store_and_ui_command(tmp_path):
     (["optimizer.lrr=0.1"], 2, "optimizer.lrr"),
 ])
 def test_cli_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, code, message):
-    result = run_cli(tmp_path, "debug=smoke", *args)
+    result = run_train(tmp_path, "debug=smoke", *args)
     assert result.returncode == code, result.stderr[-2000:]
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -126,17 +128,18 @@ def test_cli_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, code, m
 def test_cli_csv_without_label_column(tmp_path, image_folder):
     csv = image_folder / "labels.csv"
     csv.write_text("path,y\n" + "".join(f"{p},a\n" for p in sorted(image_folder.rglob("*.png"))))
-    result = run_cli(tmp_path, "debug=smoke", "data=image_csv", f"data.source.path={csv}")
+    result = run_train(tmp_path, "debug=smoke", "data=image_csv", f"data.source.path={csv}")
     assert result.returncode == 2
     assert "has no column 'label' (columns: path, y). Set data.source.label_column=<column name>." in result.stderr
 
 
 def test_cli_num_classes_smaller_than_labels(tmp_path, image_folder):
-    result = run_cli(tmp_path, "debug=smoke", "data=image_folder", f"data.source.root={image_folder}", "data.num_classes=2")
+    result = run_train(tmp_path, "debug=smoke", "data=image_folder", f"data.source.root={image_folder}", "data.num_classes=2")
     assert result.returncode == 2
     assert "data.num_classes=2 but" in result.stderr and "Set data.num_classes=3" in result.stderr
 
 
+@pytest.mark.slow  # trains in a real process
 def test_user_config_from_searchpath_without_editing_python(tmp_path, image_folder):
     """A model choice in the user's own folder, given with hydra.searchpath, trains for real."""
     own = tmp_path / "my_conf" / "model"
@@ -189,7 +192,7 @@ def test_ctrl_c_marks_run_killed_not_finished(tmp_path):
 def test_a_bad_loss_is_caught_within_the_check_window_naming_its_own_step(cfg_factory, monkeypatch):
     """The loss is read on the host once per LOSS_CHECK_EVERY steps (a read per step stalls a
     GPU): the run still fails within that window, naming the step where the loss went bad."""
-    from tunelab.engine.module import LOSS_CHECK_EVERY
+    from tunelab.engine.loss_watch import LOSS_CHECK_EVERY
 
     steps_run, real_loss = [], FineTuneModule._loss
 

@@ -361,7 +361,7 @@ def test_a_real_run_logs_one_distinct_key_per_class_and_the_mapping(tmp_path, mo
     class_metric_keys.json naming each key's class."""
     from mlflow.tracking import MlflowClient
 
-    from tunelab.cli import eval as eval_cli
+    from tunelab.deploy.evaluate import evaluate
     from tunelab.cli.train import train
     from tunelab.tracking.store import tracking_uri
 
@@ -377,7 +377,7 @@ def test_a_real_run_logs_one_distinct_key_per_class_and_the_mapping(tmp_path, mo
     client = MlflowClient(tracking_uri(cfg))
     (run,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(cfg))
-    eval_cli.evaluate(eval_cli.parse_args([f"runs:/{run.info.run_id}"]))
+    evaluate(f"runs:/{run.info.run_id}")
 
     (evaluation,) = client.search_runs([client.get_experiment_by_name("tunelab-eval").experiment_id])
     logged = sorted(k for k in evaluation.data.metrics if k.startswith("test/f1_class/"))

@@ -111,6 +111,8 @@ def test_user_groups_train_from_the_command_line(tmp_path):
     exits 2 with one line and writes nothing."""
     user = user_folder(tmp_path)
     env = {"TUNELAB_ALLOWED_TARGETS": "my_losses", "PYTHONPATH": str(user)}
+    for folder in ("ok", *(f"bad{i}" for i in range(len(BAD)))):
+        (tmp_path / folder).mkdir()
     ok = run_cli(tmp_path / "ok", "debug=smoke", *IMAGE, *user_args(user), env=env)
     assert ok.returncode == 0, ok.stderr[-3000:]
     from mlflow.tracking import MlflowClient

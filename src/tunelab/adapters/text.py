@@ -15,7 +15,7 @@ from torch import nn
 from tunelab.adapters.groups import Adapter
 from tunelab.adapters.hf import (SHIPPED_CHECKPOINTS, PooledClassifier, add_lora, check_pooling, hf_groups, load_backbone,
                                  new_head, pool, resolve_checkpoint)
-from tunelab.config.settings import BOOL, FRACTION, POSITIVE, checked
+from tunelab.config.settings import BOOL, FRACTION, POSITIVE, checked, choice
 from tunelab.errors import TunelabError
 
 
@@ -71,7 +71,7 @@ def text_adapter(
     head_init_std: Annotated[float, POSITIVE] = 0.02,
     lora_targets: list[str] | None = None,
     lora: dict | None = None,
-    pretrained_task: str | None = None,
+    pretrained_task: Annotated[str | None, choice("sentence_similarity", null=True)] = None,
 ) -> Adapter:
     """A text classifier / regressor from a local Hugging Face checkpoint.
 
@@ -82,8 +82,6 @@ def text_adapter(
     ``pretrained_task``: ``sentence_similarity`` for sentence-embedding checkpoints (MiniLM):
     retention then checks that paraphrases still embed closer than unrelated sentences.
     """
-    if pretrained_task not in (None, "sentence_similarity"):
-        raise TunelabError(f"model.pretrained_task must be null or sentence_similarity, got {pretrained_task!r}.")
     given, path = path, resolve_checkpoint(path) if path else None
     backbone, model_config, source = load_backbone(path, pretrained, config, config_overrides)
     source = f"{source} {given}" if given else source
@@ -91,12 +89,7 @@ def text_adapter(
         getattr(model_config, "is_decoder", False) or model_config.model_type in DECODERS)
     pooling = pooling or ("last" if decoder else "cls")
     check_pooling(pooling, backbone)
-    if tokenizer in SHIPPED_CHECKPOINTS:  # model.tokenizer may name a shipped checkpoint too
-        tokenizer = resolve_checkpoint(tokenizer)
-    tok = _tokenizer(path, tokenizer)
-    if len(tok) > backbone.get_input_embeddings().num_embeddings:
-        raise TunelabError(f"the tokenizer has {len(tok)} tokens but the model's embedding only "
-                           f"{backbone.get_input_embeddings().num_embeddings}: they do not belong together.")
+    tok = _matching_tokenizer(path, tokenizer, backbone)
     width = model_config.hidden_size
     model = TextModel(backbone, new_head(width, num_outputs, head_init_std), pooling, dropout, decoder)
     note = add_lora(model, lora, lora_targets)
@@ -112,6 +105,19 @@ def text_adapter(
         features=TextModel.features, classify=TextModel.classify, head_side=("dropout", "head"),
         pretrained_task=pretrained_task if pretrained else None,
     )
+
+
+def _matching_tokenizer(path: str | None, tokenizer: str | None, backbone):
+    """The checkpoint's tokenizer (or ``model.tokenizer``, which may name a shipped checkpoint too),
+    refused when it has more tokens than the model has embeddings."""
+    if tokenizer in SHIPPED_CHECKPOINTS:
+        tokenizer = resolve_checkpoint(tokenizer)
+    tok = _tokenizer(path, tokenizer)
+    embeddings = backbone.get_input_embeddings().num_embeddings
+    if len(tok) > embeddings:
+        raise TunelabError(f"the tokenizer has {len(tok)} tokens but the model's embedding only "
+                           f"{embeddings}: they do not belong together.")
+    return tok
 
 
 # model types that read left to right, so the last real token summarises the sequence

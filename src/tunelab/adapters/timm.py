@@ -41,6 +41,37 @@ def timm_adapter(
     ``lora`` (``target_modules``, ``r``, ``alpha``, ``dropout``) injects LoRA adapters after
     the pretrained weights are loaded; ``target_modules`` defaults to ``lora_targets``.
     """
+    model = _create(arch, num_outputs, drop_rate, drop_path_rate, kwargs, image_size)
+    layers = classifier_layers(model, arch)
+    head_names = _param_names(model, layers)
+    weights, source = _pretrained_weights(arch, model, head_names, checkpoint, pretrained)
+    head_kept = load_into(model, weights, head_names, source) if weights is not None else False
+    original_head = _original_head(weights, model, layers) if weights is not None and not head_kept else None
+    if not head_kept:
+        for layer in layers.values():
+            init_head(layer, head_init_std)
+    head = "pretrained head kept" if head_kept else f"new {num_outputs}-output head"
+    if lora:
+        added = inject_lora(model, **lora, default_targets=lora_targets)
+        # peft wraps layers in place: the same module names, new parameter names under them
+        layers = {name: model.get_submodule(name) for name in layers}
+        head_names = _param_names(model, layers)
+        head += f", LoRA +{added:,} params"
+    groups = timm_groups(model, head_names, fine=fine_groups)
+    return Adapter(
+        model=model,
+        groups=groups,
+        data_config=timm.data.resolve_data_config({}, model=model),
+        description=f"timm {arch} ({source}, {head}, {len(groups)} layer groups)",
+        pretrained_head=original_head,
+        pretrained_task="imagenet" if original_head is not None and original_head.out_features == 1000 else None,
+        **_feature_split(model, layers),
+    )
+
+
+def _create(arch: str, num_outputs: int, drop_rate: float, drop_path_rate: float | None, kwargs: dict | None,
+            image_size: int | None) -> nn.Module:
+    """The architecture with a ``num_outputs`` classifier and random weights."""
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else " See timm.list_models()."
@@ -55,51 +86,26 @@ def timm_adapter(
     if image_size and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
         extra["img_size"] = image_size  # ViT-like models bake the input size into their weights
     try:
-        model = timm.create_model(arch, pretrained=False, num_classes=num_outputs, **extra, **(kwargs or {}))
+        return timm.create_model(arch, pretrained=False, num_classes=num_outputs, **extra, **(kwargs or {}))
     except TypeError as err:
         settings = "model.kwargs" if kwargs else "model.drop_rate / drop_path_rate / image_size"
         raise TunelabError(f"{settings} for {arch} rejected by timm: {err}") from None
-    layers = classifier_layers(model, arch)
-    head_names = _param_names(model, layers)
 
+
+def _pretrained_weights(arch: str, model: nn.Module, head_names: set[str], checkpoint: str | None,
+                        pretrained: bool) -> tuple[dict | None, str]:
+    """(state dict, where it came from): ``checkpoint``, else weights a package ships, else none."""
     if checkpoint:
-        weights, source = read_state_dict(checkpoint), str(checkpoint)
-    elif pretrained:
-        if arch not in SHIPPED_WEIGHTS:
-            raise TunelabError(
-                f"model.pretrained=true but no local weights exist for {arch!r} (tunelab never downloads "
-                f"from a hub; shipped: {', '.join(SHIPPED_WEIGHTS)}). Set model.checkpoint=/path/to/weights.pth, "
-                "or model.pretrained=false to start from random init."
-            )
-        weights, source = SHIPPED_WEIGHTS[arch](model, head_names), f"shipped {arch} weights"
-    else:
-        weights, source = None, "random init"
-    head_kept = load_into(model, weights, head_names, source) if weights is not None else False
-    original_head = _original_head(weights, model, layers) if weights is not None and not head_kept else None
-    if not head_kept:
-        for layer in layers.values():
-            init_head(layer, head_init_std)
-
-    extra_note = ""
-    if lora:
-        added = inject_lora(model, **lora, default_targets=lora_targets)
-        # peft wraps layers in place: the same module names, new parameter names under them
-        layers = {name: model.get_submodule(name) for name in layers}
-        head_names = _param_names(model, layers)
-        extra_note = f", LoRA +{added:,} params"
-
-    groups = timm_groups(model, head_names, fine=fine_groups)
-    head = ("pretrained head kept" if head_kept else f"new {num_outputs}-output head") + extra_note
-    split = _feature_split(model, layers)
-    return Adapter(
-        model=model,
-        groups=groups,
-        data_config=timm.data.resolve_data_config({}, model=model),
-        description=f"timm {arch} ({source}, {head}, {len(groups)} layer groups)",
-        pretrained_head=original_head,
-        pretrained_task="imagenet" if original_head is not None and original_head.out_features == 1000 else None,
-        **split,
-    )
+        return read_state_dict(checkpoint), str(checkpoint)
+    if not pretrained:
+        return None, "random init"
+    if arch not in SHIPPED_WEIGHTS:
+        raise TunelabError(
+            f"model.pretrained=true but no local weights exist for {arch!r} (tunelab never downloads "
+            f"from a hub; shipped: {', '.join(SHIPPED_WEIGHTS)}). Set model.checkpoint=/path/to/weights.pth, "
+            "or model.pretrained=false to start from random init."
+        )
+    return SHIPPED_WEIGHTS[arch](model, head_names), f"shipped {arch} weights"
 
 
 def _timm_features(model: nn.Module, x):

@@ -95,7 +95,6 @@ def run_job(cfg: DictConfig) -> RunResult:
     # every _target_ of the tree, values no type catches and unknown keys: before data, model or run exist
     validate(cfg, config_choices())
     _quiet_lightning()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access at run time, ever
     job = current_job()
     if job is not None and local_world_size(cfg) == 1:  # a DDP job's ranks own their devices
         share_machine(job, cfg)
@@ -248,22 +247,22 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def _exit_with(err: TunelabError) -> None:
-    """The one way a user error ends tunelab-train: one line, exit status 2, no traceback."""
+    """The one way a user error ends tunelab-train: one line (secrets withheld), exit status 2."""
+    from tunelab.cli.common import fail
     from tunelab.config.redaction import redact
 
-    print(f"tunelab-train: error: {redact(str(err))}", file=sys.stderr)
-    sys.exit(2)
+    fail("tunelab-train", redact(str(err)))
 
 
 def main() -> None:
     from tunelab.config.hydra_guard import guard_hydra_callbacks
     from tunelab.config.preflight import preflight
     from tunelab.config.targets import freeze_environment
+    from tunelab.cli.common import start
     from tunelab.engine.plan import check_before_hydra, main_check
-    from tunelab.umask import set_for_cli
 
     freeze_environment()  # what tunelab trusts is read now, before Hydra applies anything
-    set_for_cli("tunelab-train")  # before Hydra makes the output folder: private files (tunelab/umask.py)
+    start("tunelab-train")  # before Hydra makes the output folder: private files, no model hub
     argv = sys.argv[1:]
     if "--check" in argv:  # compose and validate every run of the command, train nothing
         sys.exit(main_check(argv))

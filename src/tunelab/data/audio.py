@@ -4,7 +4,6 @@ the model's feature extractor normalises and pads each batch."""
 
 from __future__ import annotations
 
-from math import gcd
 from typing import Annotated, Callable, Sequence
 
 import numpy as np
@@ -13,12 +12,14 @@ from torch.utils.data import Dataset
 
 from tunelab.config.settings import BOOL, POSITIVE, checked
 from tunelab.data.datamodule import TaskDataModule
+from tunelab.data.modalities import AUDIO_SUFFIXES
+from tunelab.data.preprocess import centre_crop, extract_features, read_audio
 from tunelab.data.folders import MAX_ENTRIES, scan_class_folders
 from tunelab.data.sampling import sample_seed
-from tunelab.data.table import ItemError, Table, load_path_table
+from tunelab.data.table import Table, load_path_table
 from tunelab.errors import TunelabError
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+AUDIO_EXTENSIONS = AUDIO_SUFFIXES
 
 
 def load_audio_folder(root: str, extensions: Sequence[str] = AUDIO_EXTENSIONS, max_entries: int = MAX_ENTRIES) -> Table:
@@ -47,22 +48,6 @@ def check_audio_file(path: str, rate: int, resample: bool) -> None:
                            "and data.resample=false; set data.resample=true or convert the files.")
 
 
-def read_audio(path: str, rate: int) -> np.ndarray:
-    """Mono float32 samples at ``rate`` Hz (polyphase resampling, which filters aliasing)."""
-    import soundfile as sf
-    from scipy.signal import resample_poly
-
-    try:
-        samples, source_rate = sf.read(path, dtype="float32", always_2d=True)
-    except (RuntimeError, OSError) as err:  # ItemError: one clean line even from a DataLoader worker
-        raise ItemError(f"cannot read audio file {path}: {str(err).splitlines()[0]}") from None
-    mono = samples.mean(axis=1)
-    if source_rate != rate:
-        g = gcd(int(source_rate), int(rate))
-        mono = resample_poly(mono, rate // g, int(source_rate) // g).astype(np.float32)
-    return mono
-
-
 class _Clips(Dataset):
     """Waveforms cropped to ``length`` samples: a random (seeded) window when training, the
     centre otherwise. Shorter clips stay short; the batch pads them and masks the padding."""
@@ -79,13 +64,10 @@ class _Clips(Dataset):
         j = int(self.indices[i])
         wave = read_audio(self.table.items[j], self.rate)
         extra = len(wave) - self.length
-        if extra > 0:
-            if self.random_crop and epoch is not None:
-                start = int(np.random.default_rng(sample_seed(self.seed, epoch, j)).integers(0, extra + 1))
-            else:
-                start = extra // 2
-            wave = wave[start: start + self.length]
-        return wave, self.table.labels[j].item()
+        if extra > 0 and self.random_crop and epoch is not None:
+            start = int(np.random.default_rng(sample_seed(self.seed, epoch, j)).integers(0, extra + 1))
+            return wave[start: start + self.length], self.table.labels[j].item()
+        return centre_crop(wave, self.length), self.table.labels[j].item()  # what serving crops too
 
 
 class AudioDataModule(TaskDataModule):
@@ -124,7 +106,8 @@ class AudioDataModule(TaskDataModule):
 
     def collate(self, batch: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         waves, labels = zip(*batch)
-        extractor = self.model_data_config["feature_extractor"]
-        features = extractor(list(waves), sampling_rate=self.sampling_rate, padding="longest",
-                             return_attention_mask=True, return_tensors="pt")
-        return {"input_values": features["input_values"], "attention_mask": features["attention_mask"]}, torch.tensor(labels)
+        features = extract_features(self.model_data_config["feature_extractor"], waves, self.sampling_rate)
+        return features, torch.tensor(labels)
+
+    def eval_settings(self) -> dict:
+        return {"sampling_rate": self.sampling_rate, "max_seconds": float(self.max_seconds)}

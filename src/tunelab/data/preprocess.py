@@ -1,38 +1,47 @@
-"""From raw inputs (images, texts, waveforms) to model inputs, exactly as evaluation does it.
+"""From raw inputs (images, texts, waveforms) to model inputs: one copy of each step, used by the
+training data modules and by serving alike.
 
-One description of the preprocessing (``settings``) is saved beside every export and inside
-every served model, so ``tunelab-predict``, ``mlflow models serve`` and ``tunelab-eval`` feed a
-model the same tensors its test split got during training.
+One description of the preprocessing (``settings``, a data module's ``eval_settings``) is saved
+beside every export and inside every served model, so ``tunelab-predict``, ``mlflow models serve``
+and ``tunelab-eval`` feed a model the same tensors its test split got during training.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+from math import gcd
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tunelab.data.modalities import IMAGE, TEXT, modality
+from tunelab.data.table import ItemError
 from tunelab.errors import TunelabError
 
 
-def image_eval_transform(size: int, mean, std, interpolation: str = "bilinear"):
-    """Resize (no crop: task images are already framed), tensor, normalise: the eval transform."""
-    from timm.data import create_transform
+# -- images --------------------------------------------------------------------------------------
+def unreadable_image_errors() -> tuple:
+    """What PIL raises for a file that is not (or no longer) an image: UnidentifiedImageError and
+    "truncated" are OSErrors, a broken PNG chunk is a SyntaxError, a decompression bomb its own type."""
+    from PIL import Image
 
-    return create_transform(input_size=(3, int(size), int(size)), mean=tuple(mean), std=tuple(std),
-                            interpolation=interpolation, is_training=False, crop_pct=1.0)
+    return OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError
 
 
-def settings_from(dm, adapter) -> dict:
-    """What a model needs done to raw inputs, as plain JSON (the tokenizer is saved separately)."""
-    if adapter.modality == "image":
-        return {"modality": "image", **dm.eval_settings()}
-    config = adapter.data_config
-    if adapter.modality == "text":
-        return {"modality": "text", "max_length": int(dm.max_length)}
-    return {"modality": "audio", "sampling_rate": int(config["sampling_rate"]), "max_seconds": float(dm.max_seconds)}
+def load_image(item):
+    """An image array or file as RGB (grayscale -> 3 channels, as pretrained stems expect)."""
+    from PIL import Image
+
+    if isinstance(item, np.ndarray):
+        return Image.fromarray(item).convert("RGB")
+    try:
+        with Image.open(item) as img:
+            return img.convert("RGB")
+    except unreadable_image_errors() as err:  # ItemError: one clean line even from inside a DataLoader worker
+        reason = " ".join(str(err).replace(repr(str(item)), "").split()) or type(err).__name__
+        raise ItemError(f"cannot read image {item}: {reason}; remove or replace the file.") from None
 
 
 def decode_image(value):
@@ -41,8 +50,8 @@ def decode_image(value):
 
     if isinstance(value, Image.Image):
         return value.convert("RGB")
-    if isinstance(value, str) and _is_file(value):
-        return Image.open(value).convert("RGB")
+    if isinstance(value, np.ndarray) or (isinstance(value, (str, Path)) and _is_file(str(value))):
+        return load_image(value)
     try:
         raw = value if isinstance(value, (bytes, bytearray)) else base64.b64decode(value, validate=True)
         return Image.open(io.BytesIO(raw)).convert("RGB")
@@ -64,41 +73,120 @@ def encode_image(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def image_eval_transform(size: int, mean, std, interpolation: str = "bilinear"):
+    """Resize (no crop: task images are already framed), tensor, normalise: the eval transform."""
+    from timm.data import create_transform
+
+    return create_transform(input_size=(3, int(size), int(size)), mean=tuple(mean), std=tuple(std),
+                            interpolation=interpolation, is_training=False, crop_pct=1.0)
+
+
+# -- audio ---------------------------------------------------------------------------------------
+def read_audio(path: str, rate: int) -> np.ndarray:
+    """Mono float32 samples at ``rate`` Hz (polyphase resampling, which filters aliasing)."""
+    import soundfile as sf
+
+    try:
+        samples, source_rate = sf.read(path, dtype="float32", always_2d=True)
+    except (RuntimeError, OSError) as err:  # ItemError: one clean line even from a DataLoader worker
+        raise ItemError(f"cannot read audio file {path}: {str(err).splitlines()[0]}") from None
+    return resample(samples.mean(axis=1), int(source_rate), rate)
+
+
+def resample(mono: np.ndarray, source_rate: int, rate: int) -> np.ndarray:
+    if source_rate == rate:
+        return mono
+    from scipy.signal import resample_poly
+
+    g = gcd(source_rate, int(rate))
+    return resample_poly(mono, rate // g, source_rate // g).astype(np.float32)
+
+
+def as_wave(item, rate: int) -> np.ndarray:
+    """A served input as training reads a file: a path is read and resampled; samples (already at
+    the model's rate) are mixed to mono. An empty clip is refused, as in training."""
+    if isinstance(item, (str, Path)):
+        return read_audio(str(item), rate)
+    wave = np.asarray(item, dtype=np.float32)
+    wave = wave.mean(axis=-1) if wave.ndim == 2 else wave.reshape(-1)
+    if wave.size == 0:
+        raise TunelabError("an audio input has no samples; send a file path or a list of samples.")
+    return wave
+
+
+def centre_crop(wave: np.ndarray, length: int) -> np.ndarray:
+    """The centre ``length`` samples (evaluation's crop); a shorter clip stays whole."""
+    extra = len(wave) - length
+    return wave[extra // 2: extra // 2 + length] if extra > 0 else wave
+
+
+def extract_features(extractor, waves: list, rate: int) -> dict[str, torch.Tensor]:
+    """A batch of clips through the model's feature extractor, padded and masked."""
+    features = extractor(list(waves), sampling_rate=rate, padding="longest", return_attention_mask=True,
+                         return_tensors="pt")
+    return {"input_values": features["input_values"], "attention_mask": features["attention_mask"]}
+
+
+# -- text ----------------------------------------------------------------------------------------
+def encode_texts(tokenizer, texts: list[str], pairs: list[str] | None, truncation: bool, max_length: int,
+                 origin: str) -> dict[str, list]:
+    """Token ids per text (and pair); a text longer than ``max_length`` without truncation is refused."""
+    encodings = tokenizer(texts, pairs, truncation=truncation, max_length=max_length)
+    longest = max((len(ids) for ids in encodings["input_ids"]), default=0)
+    if longest > max_length:
+        raise TunelabError(f"{origin} has {longest} tokens > data.max_length={max_length} and "
+                           "data.truncation=false; enable truncation or raise max_length.")
+    return dict(encodings)
+
+
+def pad_tokens(tokenizer, features: list[dict], padding: str, max_length: int) -> dict[str, torch.Tensor]:
+    """Encoded texts as one batch, padded to the longest (or to ``max_length``) on the tokenizer's side."""
+    width = max_length if padding == "max_length" else max(len(f["input_ids"]) for f in features)
+    pad_values = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": tokenizer.pad_token_type_id}
+    out = {}
+    for key in features[0]:
+        rows = []
+        for f in features:
+            gap = [pad_values.get(key, 0)] * (width - len(f[key]))
+            rows.append(gap + list(f[key]) if tokenizer.padding_side == "left" else list(f[key]) + gap)
+        out[key] = torch.tensor(rows, dtype=torch.long)
+    return out
+
+
+# -- serving ---------------------------------------------------------------------------------------
+def settings_from(dm) -> dict:
+    """What a model needs done to raw inputs, as plain JSON (the processor is saved separately)."""
+    return {"modality": dm.modality, **dm.eval_settings()}
+
+
 class Preprocessor:
-    """``settings`` + the tokenizer / feature extractor (text, audio) -> a batch of model inputs."""
+    """``settings`` + the tokenizer / feature extractor (text, audio) -> a batch of model inputs,
+    through the same steps the data modules take for the test split."""
 
     def __init__(self, settings: dict, processor=None):
         self.settings, self.processor = settings, processor
-        self.modality = settings["modality"]
-        if self.modality == "image":
+        self.kind = modality(settings["modality"])
+        if self.kind is IMAGE:
             self.transform = image_eval_transform(settings["size"], settings["mean"], settings["std"],
                                                   settings.get("interpolation", "bilinear"))
         elif processor is None:
-            raise TunelabError(f"{self.modality} preprocessing needs the model's tokenizer / feature extractor.")
+            raise TunelabError(f"{self.kind.name} preprocessing needs the model's tokenizer / feature extractor.")
 
     def __call__(self, items: list):
-        if self.modality == "image":
+        if self.kind is IMAGE:
             return torch.stack([self.transform(decode_image(item)) for item in items])
-        if self.modality == "text":
-            return dict(self.processor([str(t) for t in items], padding=True, truncation=True,
-                                       max_length=self.settings["max_length"], return_tensors="pt"))
+        if self.kind is TEXT:
+            return self._texts(items)
         rate = self.settings["sampling_rate"]
         length = int(round(self.settings["max_seconds"] * rate))
-        waves = [_centre(self._wave(item, rate), length) for item in items]
-        features = self.processor(waves, sampling_rate=rate, padding="longest", return_attention_mask=True,
-                                  return_tensors="pt")
-        return {"input_values": features["input_values"], "attention_mask": features["attention_mask"]}
+        return extract_features(self.processor, [centre_crop(as_wave(item, rate), length) for item in items], rate)
 
-    @staticmethod
-    def _wave(item, rate: int) -> np.ndarray:
-        if isinstance(item, (str, Path)):
-            from tunelab.data.audio import read_audio
-
-            return read_audio(str(item), rate)
-        return np.asarray(item, dtype=np.float32)
-
-
-def _centre(wave: np.ndarray, length: int) -> np.ndarray:
-    """The centre ``length`` samples, as the eval split crops them."""
-    extra = len(wave) - length
-    return wave[extra // 2: extra // 2 + length] if extra > 0 else wave
+    def _texts(self, items: list) -> dict[str, torch.Tensor]:
+        """Texts, or (text, pair) rows for a model trained on pairs (settings saved before pairs were
+        recorded mean single texts, truncated, padded to the longest)."""
+        s = self.settings
+        pairs = [str(item[1]) for item in items] if s.get("pairs") else None
+        texts = [str(item[0]) if pairs is not None else str(item) for item in items]
+        encoded = encode_texts(self.processor, texts, pairs, s.get("truncation", True), s["max_length"], "an input text")
+        features = [{k: v[i] for k, v in encoded.items()} for i in range(len(texts))]
+        return pad_tokens(self.processor, features, s.get("padding", "longest"), s["max_length"])

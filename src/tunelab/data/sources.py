@@ -15,33 +15,21 @@ import numpy as np
 from PIL import Image
 
 from tunelab.data.folders import MAX_ENTRIES, scan_class_folders
-from tunelab.data.table import ItemError, Table, first_few, load_path_table
+from tunelab.data.modalities import IMAGE_SUFFIXES
+from tunelab.data.preprocess import unreadable_image_errors
+from tunelab.data.table import Table, first_few, load_path_table
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
-# What PIL raises for a file that is not (or no longer) an image: UnidentifiedImageError and
-# "truncated" are OSErrors, a broken PNG chunk is a SyntaxError, a decompression bomb its own type.
-UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+UNREADABLE = unreadable_image_errors()
 # Scanning opens every image file (header and checksums: ~50 us each, ~1 s for 20,000 images) so a
 # corrupt file fails before training; above this many files only the first load finds it (verify=true forces).
 VERIFY_LIMIT = 20_000
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES
 FASHION_MNIST_CLASSES = [
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"
 ]
-
-
-def load_image(item) -> Image.Image:
-    """An image array or file as RGB (grayscale -> 3 channels, as pretrained stems expect)."""
-    if isinstance(item, np.ndarray):
-        return Image.fromarray(item).convert("RGB")
-    try:
-        with Image.open(item) as img:
-            return img.convert("RGB")
-    except UNREADABLE as err:  # ItemError: one clean line even from inside a DataLoader worker
-        reason = " ".join(str(err).replace(repr(str(item)), "").split()) or type(err).__name__
-        raise ItemError(f"cannot read image {item}: {reason}; remove or replace the file.") from None
 
 
 def check_images(paths: Sequence[str], origin: str, verify: bool | str = "auto") -> None:  # origin: "under /x"

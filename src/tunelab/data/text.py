@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from tunelab.config.settings import BOOL, checked, choice, integer
 from tunelab.data.datamodule import TaskDataModule
+from tunelab.data.preprocess import encode_texts, pad_tokens
 from tunelab.data.table import Table, encode_labels, read_frame
 from tunelab.errors import TunelabError
 
@@ -151,23 +152,15 @@ class TextDataModule(TaskDataModule):
     def _encode(self, table: Table, idx: np.ndarray, split: str) -> _Tokens:
         texts = [table.items[i] for i in idx]
         pairs = [table.pairs[i] for i in idx] if table.pairs is not None else None
-        encodings = self.tokenizer(texts, pairs, truncation=self.truncation, max_length=self.max_length)
-        longest = max(len(ids) for ids in encodings["input_ids"])
-        if longest > self.max_length:
-            raise TunelabError(f"{table.origin}: a {split} text has {longest} tokens > data.max_length="
-                               f"{self.max_length} and data.truncation=false; enable truncation or raise max_length.")
-        return _Tokens(dict(encodings), table.labels[idx])
+        encodings = encode_texts(self.tokenizer, texts, pairs, self.truncation, self.max_length,
+                                 f"{table.origin}: a {split} text")
+        return _Tokens(encodings, table.labels[idx])
 
     def collate(self, batch: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         features, labels = zip(*batch)
-        tok = self.tokenizer
-        width = self.max_length if self.padding == "max_length" else max(len(f["input_ids"]) for f in features)
-        pad_values = {"input_ids": tok.pad_token_id, "attention_mask": 0, "token_type_ids": tok.pad_token_type_id}
-        out = {}
-        for key in features[0]:
-            rows = []
-            for f in features:
-                gap = [pad_values.get(key, 0)] * (width - len(f[key]))
-                rows.append(gap + list(f[key]) if tok.padding_side == "left" else list(f[key]) + gap)
-            out[key] = torch.tensor(rows, dtype=torch.long)
-        return out, torch.tensor(labels)
+        return pad_tokens(self.tokenizer, features, self.padding, self.max_length), torch.tensor(labels)
+
+    def eval_settings(self) -> dict:
+        self.scan()
+        return {"max_length": int(self.max_length), "truncation": bool(self.truncation), "padding": self.padding,
+                "pairs": self.table.pairs is not None}

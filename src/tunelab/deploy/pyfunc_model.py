@@ -4,9 +4,9 @@ MLflow copies this file beside the model and runs it on load; ``load_context`` r
 adapter from the run's resolved config (judged like any stored config: trained.judged) and loads
 the checkpoint with ``weights_only=True``.
 Input: a DataFrame with one column of raw inputs, preprocessed exactly as the test split was:
-``image`` (base64-encoded image bytes, or file paths), ``text`` (strings) or ``audio`` (float
-waveforms at the model's sampling rate, or file paths). Output: a DataFrame with the predicted
-``label`` and one ``prob_<class>`` column per class, or ``prediction`` for regression. So
+``image`` (base64-encoded image bytes, or file paths), ``text`` (strings; a model trained on
+text pairs also reads ``text_pair``) or ``audio`` (float waveforms at the model's sampling rate,
+or file paths). Output: a DataFrame with the predicted ``label`` and one ``prob_<class>`` column per class, or ``prediction`` for regression. So
 ``mlflow models serve -m models:/NAME/VERSION`` answers JSON posts of raw images or texts.
 """
 
@@ -17,6 +17,12 @@ import warnings
 import mlflow.pyfunc
 import pandas as pd
 
+from tunelab.data.modalities import modality_of
+from tunelab.data.preprocess import Preprocessor
+from tunelab.engine.trained import Predictor, from_artifacts, load_adapter
+
+
+PAIR_COLUMN = "text_pair"
 
 # Inputs are arrays or strings by modality, so predict() has no single type hint to give;
 # the signature logged with the model checks inputs instead.
@@ -25,8 +31,6 @@ warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` me
 
 class TunelabModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from tunelab.engine.trained import Predictor, from_artifacts, load_adapter
-
         # the config inside the checkpoint (or, registered before checkpoints carried it, the
         # config artifact), held to the allow-list before anything is built from it
         trained = from_artifacts(context.artifacts)
@@ -35,16 +39,15 @@ class TunelabModel(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor(self.adapter, self.meta["task"]).eval()
 
     def _inputs(self, data):
-        from tunelab.data.preprocess import Preprocessor
-
+        kind = modality_of(self.meta)
         if not hasattr(self, "preprocess"):
-            config = self.adapter.data_config
-            self.preprocess = Preprocessor(self.meta["preprocess"], config.get("tokenizer") or config.get("feature_extractor"))
-        column = self.meta["preprocess"]["modality"]
-        if isinstance(data, pd.DataFrame):
-            items = list(data[column] if column in data.columns else data.iloc[:, 0])
-        else:
-            items = list(data)
+            self.preprocess = Preprocessor(self.meta["preprocess"], kind.processor(self.adapter.data_config))
+        column = kind.name
+        if not isinstance(data, pd.DataFrame):
+            return self.preprocess(list(data))
+        items = list(data[column] if column in data.columns else data.iloc[:, 0])
+        if self.meta["preprocess"].get("pairs"):  # a model trained on text pairs: columns text and text_pair
+            items = list(zip(items, data[PAIR_COLUMN] if PAIR_COLUMN in data.columns else data.iloc[:, 1]))
         return self.preprocess(items)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:

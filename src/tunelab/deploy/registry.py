@@ -14,24 +14,24 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from tunelab.config.redaction import redact_value
+from tunelab.data.modalities import modality_of
+from tunelab.deploy import pyfunc_model
+from tunelab.deploy.pyfunc_model import PAIR_COLUMN
+from tunelab.engine.trained import from_run
 from tunelab.tracking import tag_names
 
 
 def _example(meta: dict):
-    """What a client sends to the served model: one column of raw inputs."""
-    import numpy as np
+    """What a client sends to the served model: a column of raw inputs (two for text pairs)."""
     import pandas as pd
-    from PIL import Image
 
-    from tunelab.data.preprocess import encode_image
 
-    modality = meta["modality"]
-    if modality == "text":
-        return pd.DataFrame({"text": ["an example review"]})
-    if modality == "audio":
-        return pd.DataFrame({"audio": [np.zeros(1600, dtype=np.float32).tolist()]})
-    size = meta["preprocess"]["size"]
-    return pd.DataFrame({"image": [encode_image(Image.new("RGB", (size, size), (128, 128, 128)))]})
+    kind, settings = modality_of(meta), meta["preprocess"]
+    example = {kind.name: [kind.example(settings)]}
+    if settings.get("pairs"):
+        example[PAIR_COLUMN] = [kind.example(settings)]
+    return pd.DataFrame(example)
 
 
 def register_run_model(client: MlflowClient, run_id: str, name: str) -> str:
@@ -39,14 +39,11 @@ def register_run_model(client: MlflowClient, run_id: str, name: str) -> str:
     A name read from the environment is withheld like every other record (redaction.py)."""
     import mlflow
 
-    from tunelab.config.redaction import redact_value
-    from tunelab.deploy import pyfunc_model
 
     name = redact_value(name)
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a file or three, no bars
 
-    from tunelab.engine.trained import from_run
 
     with tempfile.TemporaryDirectory() as tmp:
         trained = from_run(client, run_id, Path(tmp))

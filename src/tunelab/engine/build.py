@@ -12,6 +12,7 @@ from tunelab.adapters import Adapter
 from tunelab.config import build, check_targets
 from tunelab.config.settings import extension_points, signature_of
 from tunelab.data.datamodule import TaskDataModule
+from tunelab.data.modalities import modality
 from tunelab.engine.budget import check_train_fraction, fit_schedule, full_epochs
 from tunelab.engine.feature_cache import CachePlan, plan_cache
 from tunelab.engine.module import FineTuneModule
@@ -46,9 +47,6 @@ class Parts:
         kind = f"{dm.num_classes} classes" if dm.task == "classification" else "regression"
         return (f"model: {self.adapter.description}\ndata: {dm.name}, {kind}, splits {dm.split_sizes()}\n"
                 f"stages (strategy {strategy}):\n{self.stage_table()}")
-
-
-EXAMPLES = {"image": "model=efficientnet_lite0", "text": "model=minilm", "audio": "model=wav2vec2_tiny"}
 
 
 def batchnorm_mode(cfg: DictConfig) -> str:
@@ -115,7 +113,7 @@ def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Pa
     if adapter.modality != datamodule.modality:
         raise TunelabError(
             f"data={datamodule.name} holds {datamodule.modality} but the model takes {adapter.modality} "
-            f"({adapter.description}); pick a matching pair, e.g. {EXAMPLES[datamodule.modality]}."
+            f"({adapter.description}); pick a matching pair, e.g. {modality(datamodule.modality).example_model}."
         )
     lineage = {}
     if cfg.get("init_from"):  # re-training: start from a trained model instead of the pretrained one

@@ -28,9 +28,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from tunelab.adapters import Adapter
-from tunelab.config.settings import BOOL, EXTENSION, FRACTION, POSITIVE, expect, integer, mapping, number, reads
+from tunelab.config.settings import EXTENSION, FRACTION, POSITIVE, integer, mapping, reads
 from tunelab.engine.evaluation import auroc_note
+from tunelab.engine.loss_watch import LossWatch
 from tunelab.engine.metrics import SoftmaxAUROC, task_metrics
+from tunelab.engine.param_groups import LAYER_DECAY, layer_scales, param_groups
 from tunelab.engine.perf import compile_model, compile_options, fused_kwargs, to_channels_last
 from tunelab.engine.schedules import constant
 from tunelab.engine.strategies import Stage
@@ -43,39 +45,8 @@ from tunelab.errors import TunelabError
 #                update them); trainable layers normalise with batch statistics.
 #   train:       plain PyTorch behaviour; frozen layers' statistics drift too.
 BATCHNORM_MODES = ("eval", "frozen_eval", "train")
-LAYER_DECAY = number(0, 1, low_open=True)
-LOSS_CHECK_EVERY = 16  # steps between host reads of the training loss (_watch_loss)
 
 log = logging.getLogger("tunelab")
-
-
-def _no_decay(name: str, param: torch.Tensor) -> bool:
-    # Biases and norm scales/shifts (all 1-D) are not pulled toward zero: decaying them
-    # only hurts, and for a frozen-then-unfrozen norm layer it would be pure drift.
-    return param.ndim <= 1 or name.endswith(".bias")
-
-
-def layer_scales(groups: list[str], layer_decay: float = 1.0, group_lr_mults: dict | None = None) -> dict[str, float]:
-    """Discriminative LRs: ``layer_decay ** depth`` (head depth 0, the group below it 1, ...)
-    times any explicit per-group multiplier. Independent of the strategy."""
-    mults = dict(group_lr_mults or {})
-    unknown = set(mults) - set(groups)
-    if unknown:
-        raise TunelabError(f"module.group_lr_mults names unknown layer groups {sorted(unknown)}; this model has {groups}.")
-    expect(layer_decay, LAYER_DECAY, "module.layer_decay")
-    depth = {g: len(groups) - 1 - i for i, g in enumerate(groups)}
-    return {g: layer_decay ** depth[g] * float(mults.get(g, 1.0)) for g in groups}
-
-
-@reads("optimizer", closed=False)  # the optimizer's own signature checks its keys
-def optimizer_settings(
-    lr: Annotated[float, POSITIVE],
-    weight_decay: Annotated[float, number(0)] = 0.0,
-    momentum: Annotated[float, number(0, 1, high_open=True)] = 0.0,
-    nesterov: Annotated[bool, BOOL] = False,
-) -> None:
-    """The optimizer settings tunelab relies on: ``lr`` is the base every layer group's LR scales
-    (torch accepts lr=0, which would train nothing)."""
 
 
 @reads("module", noun="module")
@@ -119,13 +90,23 @@ class FineTuneModule(L.LightningModule):
         self.stage_index, self.stage_start_step = -1, 0
         self.lr_mult = {g.name: 0.0 for g in self.groups}
         self.lr_history: list[tuple[int, dict[str, float]]] = []  # (step, LR per layer group)
-        self._unchecked_losses: list[tuple[int, int, torch.Tensor]] = []  # (step, epoch, loss) not yet read
+        self.loss_watch = LossWatch()  # fails the run on a non-finite training loss
         self.stage_log: list[tuple[int, str]] = []  # (start step, stage name) as applied
         self._scheduler: LambdaLR | None = None
         self._total_steps = 1
         self.task = task
-        # Speed options (perf.py): none of them changes what is computed beyond float tolerance.
-        perf = dict(perf or {})
+        self._set_perf(dict(perf or {}))
+        self.classify = adapter.classify
+        self.reads_features = False  # set by the FeatureCache callback on cached epochs
+        # Regression heads learn standardised targets; predictions are mapped back to the
+        # data's units for the loss-independent metrics (MSE/MAE/R² in the units users know).
+        mean, std = target_stats or (0.0, 1.0)
+        self.register_buffer("target_mean", torch.tensor(float(mean)))
+        self.register_buffer("target_std", torch.tensor(float(std)))
+        self._set_metrics(task, num_outputs)
+
+    def _set_perf(self, perf: dict) -> None:
+        """Speed options (perf.py): none of them changes what is computed beyond float tolerance."""
         self.compile_options = compile_options(perf)
         self.channels_last = bool(perf.get("channels_last", False))
         self.fused_optimizer = perf.get("fused_optimizer", "auto")
@@ -134,13 +115,8 @@ class FineTuneModule(L.LightningModule):
         self.compiles = 0  # how often the model was (re)compiled: once per change of the trainable set
         self._compiled_for: frozenset[str] | None = None
         self.__dict__["_compiled"] = None  # not a submodule: checkpoints hold the plain model only
-        self.classify = adapter.classify
-        self.reads_features = False  # set by the FeatureCache callback on cached epochs
-        # Regression heads learn standardised targets; predictions are mapped back to the
-        # data's units for the loss-independent metrics (MSE/MAE/R² in the units users know).
-        mean, std = target_stats or (0.0, 1.0)
-        self.register_buffer("target_mean", torch.tensor(float(mean)))
-        self.register_buffer("target_std", torch.tensor(float(std)))
+
+    def _set_metrics(self, task: str, num_outputs: int) -> None:
         self.train_acc = MulticlassAccuracy(num_outputs, average="micro") if task == "classification" else None
         self.val_metrics = task_metrics(task, num_outputs).clone(prefix="val/")
         self.test_metrics = task_metrics(task, num_outputs).clone(prefix="test/")
@@ -224,16 +200,7 @@ class FineTuneModule(L.LightningModule):
         return {pg["layer_group"]: pg["lr"] for pg in self._scheduler.optimizer.param_groups}
 
     def configure_optimizers(self):
-        named = dict(self.model.named_parameters())
-        param_groups = []
-        for g in self.groups:
-            decay = [named[n] for n in g.param_names if not _no_decay(n, named[n])]
-            plain = [named[n] for n in g.param_names if _no_decay(n, named[n])]
-            if decay:
-                param_groups.append({"params": decay, "layer_group": g.name})
-            if plain:
-                param_groups.append({"params": plain, "layer_group": g.name, "weight_decay": 0.0})
-        optimizer = self.optimizer_factory(param_groups, **fused_kwargs(self.optimizer_factory, self.fused_optimizer,
+        optimizer = self.optimizer_factory(param_groups(self.model, self.groups), **fused_kwargs(self.optimizer_factory, self.fused_optimizer,
                                                                         self.device))
         # The real number of optimizer steps: accumulation and limit_train_batches included.
         self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
@@ -264,40 +231,15 @@ class FineTuneModule(L.LightningModule):
             penalty = self.regularizer(self.model)
             self.log("train/reg_loss", penalty, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
             loss = loss + penalty
-        self._watch_loss(loss)
+        self.loss_watch.add(self.global_step, self.current_epoch, loss, self._lrs_at)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         if self.train_acc is not None:
             self.train_acc(logits, y)
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
-    def _watch_loss(self, loss: torch.Tensor) -> None:
-        """Fail on a non-finite training loss, naming the step where it first appeared.
-
-        Reading the loss on the host waits for the GPU, and a wait at every step keeps the host
-        from queuing the next step while the GPU works (on an H200 resnet50 trained at 0.86 of a
-        raw loop's speed with such waits). So the losses are read once every ``LOSS_CHECK_EVERY``
-        steps and at the end of each epoch: the run fails at most that many steps late, naming
-        the step where the loss first went bad and that step's LRs."""
-        self._unchecked_losses.append((self.global_step, self.current_epoch, loss.detach()))
-        if len(self._unchecked_losses) >= LOSS_CHECK_EVERY:
-            self._check_losses()
-
-    def _check_losses(self) -> None:
-        if not self._unchecked_losses:
-            return
-        steps, epochs, losses = zip(*self._unchecked_losses)
-        self._unchecked_losses = []
-        values = torch.stack(losses).float().cpu()  # one wait for the whole window
-        bad = (~torch.isfinite(values)).nonzero()
-        if len(bad):
-            first = int(bad[0])
-            lrs = dict(self.lr_history).get(steps[first], self.group_lrs())
-            shown = ", ".join(f"{g}={lr:.3g}" for g, lr in lrs.items() if lr > 0)
-            raise TunelabError(
-                f"training loss is {values[first].item()} at step {steps[first]} (epoch {epochs[first]}); "
-                f"LRs: {shown}. Lower optimizer.lr, add warmup, or check the inputs."
-            )
+    def _lrs_at(self, step: int) -> dict[str, float]:
+        return dict(self.lr_history).get(step, self.group_lrs())
 
     def _eval_step(self, batch, metrics: MetricCollection, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
@@ -343,7 +285,7 @@ class FineTuneModule(L.LightningModule):
             self.test_confusion.update(logits, y)
 
     def on_train_epoch_end(self) -> None:
-        self._check_losses()
+        self.loss_watch.check(self._lrs_at)
         self.log("stage", float(self.stage_index), sync_dist=True)  # the stage in force when the epoch ended
 
     def on_test_epoch_end(self) -> None:

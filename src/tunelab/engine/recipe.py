@@ -36,7 +36,7 @@ def model_meta(parts) -> dict:
     dm, adapter = parts.datamodule, parts.adapter
     return {"task": dm.task, "modality": adapter.modality, "num_outputs": dm.num_outputs,
             "classes": dm.classes if dm.task == "classification" else [], "model_kwargs": dm.model_kwargs,
-            "preprocess": settings_from(dm, adapter)}
+            "preprocess": settings_from(dm)}
 
 
 def store_description(cfg: DictConfig, meta: str, module, rank: int) -> None:

@@ -19,12 +19,12 @@ from tunelab.adapters import lora
 from tunelab.config.groups import builds_target, group_choices, required_groups
 from tunelab.config.settings import READERS, SEED, check_call, reads
 from tunelab.config.targets import refusal
-from tunelab.data import datamodule
-from tunelab.engine import budget, module, perf, retention
+from tunelab.data import images
+from tunelab.engine import budget, module, param_groups, perf, retention
 from tunelab.errors import TunelabError
 
-# imported for the readers they declare (lora, data.augment, trainer, module and optimizer, perf, retention)
-READER_MODULES = (lora, datamodule, budget, module, perf, retention)
+# imported for the readers they declare (lora, data.augment, trainer, module, optimizer, perf, retention)
+READER_MODULES = (lora, images, budget, module, param_groups, perf, retention)
 
 
 @reads("", closed=False)

@@ -207,6 +207,54 @@ def user_store(stored: DictConfig) -> DictConfig:
     return OmegaConf.merge(stored, {"logger": {"tracking_uri": None, "artifact_root": None}})
 
 
+def _open_run(client, cfg: DictConfig, uri: str, name: str, run_name: str | None, kind: str) -> tuple[str, str, dict]:
+    """(experiment id, run id, params to log): a new run, or for ``resume=auto`` the run that goes on.
+    Only training resumes; a trained model's config (resolved_config.yaml) may still carry the id
+    of the run it resumed, which an evaluation must not take over."""
+    resumed = cfg.get("_resume_run_id") if kind == "train" else None
+    try:
+        exp_id = experiment_id(client, name, artifact_location(cfg, uri))
+        if resumed:  # the pre-empted or crashed run goes on; its params are already logged
+            continue_run(client, resumed, str(cfg.ckpt_path), cfg.paths.output_dir)
+            run_id, params = resumed, {}
+        else:
+            run_id, params = _new_run(client, exp_id, cfg, run_name, kind)
+        if kind == "train" and cfg.get("objective"):
+            save_view(client, exp_id, str(cfg.objective), default=True)  # tunelab-ui's link opens it
+    except MlflowException as err:
+        raise TunelabError(f"cannot start an MLflow run at {shown_uri(uri)}: {err.message}") from None
+    return exp_id, run_id, params
+
+
+def _log_params(client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+        client.log_batch(run_id, params=items[i: i + 100])
+
+
+def _end_with(client, handle: "Run", err: BaseException) -> None:
+    """Mark the run by what stopped it: KILLED when pre-empted (resumable, with the checkpoint
+    resume=auto continues from), pruned by the sweeper or interrupted; FAILED otherwise."""
+    if isinstance(err, Preempted):
+        client.set_tag(handle.run_id, tag_names.ERROR, "pre-empted (SIGTERM)")
+        if err.checkpoint:
+            client.set_tag(handle.run_id, tag_names.PREEMPTED_CHECKPOINT, err.checkpoint)
+        client.set_terminated(handle.run_id, "KILLED")
+    elif isinstance(err, TrialPruned):  # stopped early on purpose: not a failure
+        client.set_tag(handle.run_id, tag_names.TRIAL_STATE, "PRUNED")
+        client.set_tag(handle.run_id, tag_names.ERROR, str(err)[:5000])
+        client.set_terminated(handle.run_id, "KILLED")
+    elif isinstance(err, KeyboardInterrupt):
+        client.set_tag(handle.run_id, tag_names.ERROR, "interrupted")
+        client.set_terminated(handle.run_id, "KILLED")
+    elif handle.outage is None or not handle.outage.down or healthy(handle.tracking_uri):
+        client.set_tag(handle.run_id, tag_names.ERROR, f"{type(err).__name__}: {err}"[:5000])
+        client.set_terminated(handle.run_id, "FAILED")
+    # else the server is down: the run cannot be marked; the error says why training stopped
+
+
 @contextmanager
 def mlflow_run(cfg: DictConfig, run_name: str | None = None, *, kind: str = "train",
                uri: str | None = None) -> Iterator[Run]:
@@ -220,51 +268,16 @@ def mlflow_run(cfg: DictConfig, run_name: str | None = None, *, kind: str = "tra
     client = RedactingClient(uri)  # nothing read from the environment is sent (redaction.py)
     local = not uri.startswith(("http://", "https://"))
     name = experiment_name(cfg, kind)
-    # Only training resumes; a trained model's config (resolved_config.yaml) may still carry the
-    # id of the run it resumed, which an evaluation must not take over.
-    resumed = cfg.get("_resume_run_id") if kind == "train" else None
-    try:
-        exp_id = experiment_id(client, name, artifact_location(cfg, uri))
-        if resumed:  # resume=auto: the pre-empted or crashed run goes on; its params are already logged
-            continue_run(client, resumed, str(cfg.ckpt_path), cfg.paths.output_dir)
-            run_id, params = resumed, {}
-        else:
-            run_id, params = _new_run(client, exp_id, cfg, run_name, kind)
-        if kind == "train" and cfg.get("objective"):
-            save_view(client, exp_id, str(cfg.objective), default=True)  # tunelab-ui's link opens it
-    except MlflowException as err:
-        raise TunelabError(f"cannot start an MLflow run at {shown_uri(uri)}: {err.message}") from None
+    exp_id, run_id, params = _open_run(client, cfg, uri, name, run_name, kind)
     handle = Run(client, run_id, name, uri, None if local else Outage(uri, shown_uri(uri)), exp_id)
     if not local:
         bound_retries()
     try:
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            client.log_batch(handle.run_id, params=items[i: i + 100])
+        _log_params(client, handle.run_id, params)
         handle.log_text(redacted_yaml(cfg), "config.yaml")
         yield handle
-    except Preempted as err:  # resumable: KILLED, with the checkpoint resume=auto will continue from
-        client.set_tag(handle.run_id, tag_names.ERROR, "pre-empted (SIGTERM)")
-        if err.checkpoint:
-            client.set_tag(handle.run_id, tag_names.PREEMPTED_CHECKPOINT, err.checkpoint)
-        client.set_terminated(handle.run_id, "KILLED")
-        raise
-    except TrialPruned as err:  # stopped early on purpose by the sweeper: not a failure
-        client.set_tag(handle.run_id, tag_names.TRIAL_STATE, "PRUNED")
-        client.set_tag(handle.run_id, tag_names.ERROR, str(err)[:5000])
-        client.set_terminated(handle.run_id, "KILLED")
-        raise
-    except KeyboardInterrupt:
-        client.set_tag(handle.run_id, tag_names.ERROR, "interrupted")
-        client.set_terminated(handle.run_id, "KILLED")
-        raise
     except BaseException as err:
-        if handle.outage is not None and handle.outage.down and not healthy(uri):
-            raise  # cannot mark the run; the error says why training stopped
-        client.set_tag(handle.run_id, tag_names.ERROR, f"{type(err).__name__}: {err}"[:5000])
-        client.set_terminated(handle.run_id, "FAILED")
+        _end_with(client, handle, err)
         raise
     if handle.outage is not None:
         handle.outage.settle(str(cfg.paths.output_dir))  # the server is back (kept metrics sent), or an error

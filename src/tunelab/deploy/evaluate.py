@@ -1,0 +1,114 @@
+"""A trained model evaluated on any split of any data config, tracked in MLflow (``tunelab-eval``)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelab.config import build, conf_dir
+from tunelab.engine import evaluation
+from tunelab.engine.trained import Predictor, load_adapter, resolve, store_client
+from tunelab.errors import TunelabError
+from tunelab.tracking import tag_names
+from tunelab.tracking.links import run_link, shown_uri
+from tunelab.tracking.runs import mlflow_run, user_store
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    title: str  # what was evaluated on what: the heading of the printed table
+    logged: str | None = None  # where the MLflow run went, when it was logged
+
+    def table(self) -> str:
+        width = max(len(k) for k in self.metrics)
+        rows = [f"{k.ljust(width)}  {v:.4f}" for k, v in self.metrics.items() if "/f1_class/" not in k]
+        per_class = [(k.split("/f1_class/")[1], v) for k, v in self.metrics.items() if "/f1_class/" in k]
+        if per_class:
+            rows.append("F1 per class: " + ", ".join(f"{c} {v:.3f}" for c, v in per_class))
+        return "\n".join([self.title, *rows])
+
+
+def apply_data_overrides(cfg, overrides: list[str]) -> None:
+    """``data=CHOICE`` composes that data config from conf/; ``data.KEY=VALUE`` edits the run's."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+
+    bad = [o for o in overrides if not o.split("=", 1)[0].lstrip("+").startswith("data")]
+    if bad:
+        raise TunelabError(f"tunelab-eval takes data overrides only (data=CHOICE, data.KEY=VALUE); got {bad}.")
+    if not any(o.startswith("data=") for o in overrides):
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        # Hydra's own parser: data.batch_size=3 is the int 3, as on tunelab-train's command line
+        for override in OverridesParser.create().parse_overrides(overrides):
+            OmegaConf.update(cfg, override.key_or_group, override.value(), force_add=True)
+        return
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        composed = compose("train", overrides=list(overrides))
+    # the run's seed and folders set as values, never spliced into override text: they come from
+    # the stored config (data, not syntax; a folder name with a comma would be a sweep)
+    for key in ("seed", "paths.root_dir", "paths.output_dir"):
+        OmegaConf.update(composed, key, OmegaConf.select(cfg, key), merge=False)
+    with open_dict(cfg):
+        cfg.data = OmegaConf.create(OmegaConf.to_container(composed.data, resolve=True))
+
+
+def check_classes(model_classes: list[str], data_classes: list[str], data_name: str) -> None:
+    if model_classes and list(model_classes) != list(data_classes):
+        raise TunelabError(
+            f"the model was trained on {len(model_classes)} classes {model_classes[:8]}{'...' if len(model_classes) > 8 else ''} "
+            f"but data={data_name} has {len(data_classes)}: {list(data_classes)[:8]}{'...' if len(data_classes) > 8 else ''}. "
+            "Evaluate on data with the same classes (same names, same order).")
+
+
+def evaluate(source: str, overrides: list[str] = (), split: str = "test", store: Path | None = None,
+             log: bool = True) -> Evaluation:
+    """Evaluate ``source`` (a .ckpt, runs:/ID or models:/NAME/VERSION) on ``split`` of its own data or
+    of the data ``overrides`` pick; logged as a run of ``<experiment>-eval`` unless ``log`` is false."""
+    import torch
+
+
+    with tempfile.TemporaryDirectory(prefix="tunelab-eval-") as tmp:
+        client = store_client(store)
+        trained = resolve(source, client, Path(tmp))
+        apply_data_overrides(trained.cfg, list(overrides))
+        dm = build(trained.cfg.data, "data").scan()
+        if split not in dm.splits:
+            raise TunelabError(f"--split {split!r}: data={dm.name} has splits {sorted(dm.splits)}.")
+        if dm.task != trained.meta["task"]:
+            raise TunelabError(f"the model does {trained.meta['task']} but data={dm.name} is {dm.task}.")
+        if dm.task == "classification":
+            check_classes(trained.classes, dm.classes, dm.name)
+        adapter = load_adapter(trained)
+        dm.set_model_data_config(adapter.data_config)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        out = evaluation.predict(Predictor(adapter, dm.task), dm.loader(split), device)
+        out.classes = dm.classes if dm.task == "classification" else []
+        metrics = {f"{split}/{k}": v for k, v in evaluation.report(out, dm.task, f"{split}/").items()}
+        result = Evaluation(metrics, f"{source} on data={dm.name} split={split} ({len(out.targets)} samples)")
+        if log:
+            result.logged = _log(trained, source, split, result, out, Path(tmp), client.tracking_uri)
+    return result
+
+
+def _log(trained, source: str, split: str, result: Evaluation, out, tmp: Path, uri: str | None) -> str:
+    """An MLflow run in ``<experiment>-eval`` (tag ``tunelab.kind=eval``), so a sweep's comparison
+    holds training runs only, in the store the user chose (``uri``: --store, MLFLOW_TRACKING_URI
+    or the default store; never one a stored config names)."""
+    name = f"eval {split} of {trained.run_id or Path(source).name}"
+    with mlflow_run(user_store(trained.cfg), run_name=name, kind="eval", uri=uri) as run:
+        run.set_tag(tag_names.EVAL_SOURCE, source)
+        if trained.run_id:
+            run.set_tag(tag_names.EVAL_OF, trained.run_id)  # links the evaluation to its training run
+        run.log_metrics(result.metrics)
+        if out.classes:
+            run.log_confusion(evaluation.confusion(out), out.classes)
+            run.log_text(evaluation.class_key_table(out.classes, f"{split}/"), "class_metric_keys.json")
+            run.log_artifact(evaluation.reliability_plot(out, tmp / "reliability.png"))
+        else:
+            run.log_artifact(evaluation.residual_plot(out, tmp / "residuals.png"))
+    return (f"logged as MLflow run {run.run_id} in experiment {run.experiment_name!r} of {shown_uri(run.tracking_uri)}: "
+            f"{run_link(run.tracking_uri, run.experiment_id, run.run_id)}")
