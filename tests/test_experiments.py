@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO
+from helpers.cli_inprocess import run_train
 
 sys.path.insert(0, str(REPO / "scripts"))
 from experiment_reports import REPORTS  # noqa: E402
@@ -51,8 +52,8 @@ def test_every_part_of_every_experiment_is_an_override_file_with_its_command_in_
 
 
 @pytest.mark.parametrize("part", [p for e in REPORTS.values() for p in e.parts])
-def test_experiment_files_compose_to_a_sweep(part):
-    shown = subprocess.run([TRAIN, f"experiment={part}", "--cfg", "hydra"], cwd=REPO, capture_output=True, text=True)
+def test_experiment_files_compose_to_a_sweep(part, tmp_path):
+    shown = run_train(tmp_path, f"experiment={part}", "--cfg", "hydra")  # tunelab-train's main(), in this process
     assert shown.returncode == 0, shown.stderr
     assert "mode: MULTIRUN" in shown.stdout and "params:" in shown.stdout
 

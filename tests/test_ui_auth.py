@@ -423,20 +423,28 @@ def test_a_bad_tunelab_umask_is_one_line_before_anything_is_written(tmp_path):
     assert line.startswith("tunelab-train: error: TUNELAB_UMASK='rw-r--r--' is not an octal umask")
 
 
-def test_every_console_script_sets_the_umask_first():
+def test_every_console_script_sets_the_umask_first(monkeypatch):
     """A console script added later must not create shared files: each ``main`` of pyproject's
-    [project.scripts] sets the umask (the real runs above show what it does)."""
+    [project.scripts] sets the umask, itself or through ``cli.common.start`` (the real runs above
+    show what it does)."""
     import importlib
     import inspect
     import tomllib
 
     from conftest import REPO
 
+    from tunelab.cli import common
+
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     for name, target in scripts.items():
         module, function = target.split(":")
         source = inspect.getsource(getattr(importlib.import_module(module), function))
-        assert f'set_for_cli("{name}")' in source, name
+        assert f'set_for_cli("{name}")' in source or f'start("{name}")' in source, name
+    called = []
+    monkeypatch.setattr("tunelab.umask.set_for_cli", called.append)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    common.start("tunelab-x")
+    assert called == ["tunelab-x"] and os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 def test_fit_keeps_the_callers_umask():
