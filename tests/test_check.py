@@ -10,7 +10,8 @@ from conftest import REPO, compose_cfg, run_cli, save_tiny_text_model
 from mlflow import MlflowClient
 
 from tunelab.config import conf_dir
-from tunelab.engine.plan import check_command, combinations
+from tunelab.config.compose import combinations
+from tunelab.engine.plan import check_command
 from tunelab.errors import TunelabError
 
 STRATEGIES = sorted(p.stem for p in (conf_dir() / "strategy").glob("*.yaml"))

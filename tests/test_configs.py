@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tunelab.config import build, conf_dir
-from tunelab.engine.build import accepted
+from tunelab.config.settings import accepted
 from tunelab.engine.build import build_parts
 from tunelab.data.modalities import MODALITIES
 from tunelab.errors import TunelabError

@@ -304,7 +304,7 @@ def test_a_misspelt_key_in_an_experiment_file_names_the_file(tmp_path, body, key
 
 def test_every_settings_mapping_refuses_an_unknown_key():
     """Discovered from the composed config: every top-level mapping without a _target_."""
-    from tunelab.engine.plan import as_hydra_job, compose_run
+    from tunelab.config.compose import as_hydra_job, compose_run
 
     with as_hydra_job(compose_run(SMOKE)) as cfg:
         mappings = [str(k) for k in cfg if OmegaConf.is_dict(cfg._get_node(k)) and "_target_" not in cfg[k]]

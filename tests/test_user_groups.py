@@ -71,7 +71,8 @@ def user(tmp_path, monkeypatch) -> Path:
 
 def test_user_groups_are_checked_and_built_in_process(user):
     from tunelab.engine.build import build_parts
-    from tunelab.engine.plan import as_hydra_job, check_command, compose_run
+    from tunelab.config.compose import as_hydra_job, compose_run
+    from tunelab.engine.plan import check_command
 
     report = check_command(["debug=smoke", *IMAGE, *user_args(user)], deep=True)
     assert "loss=smoothed" in report and "early_stop=patient" in report

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from tunelab.engine.plan import as_hydra_job, check_command, compose_run
+from tunelab.config.compose import as_hydra_job, compose_run
+from tunelab.engine.plan import check_command
 from tunelab.errors import TunelabError
 
 

@@ -15,7 +15,6 @@ import hydra
 from omegaconf import DictConfig
 
 from tunelab.config import build, conf_dir
-from tunelab.engine.plan import validate
 from tunelab.errors import Preempted, TunelabError
 from tunelab.tracking import tag_names
 
@@ -86,6 +85,7 @@ def run_job(cfg: DictConfig) -> RunResult:
     """train(), returning the MLflow run id as well (the notebook API's fit())."""
     from tunelab.config.redaction import protect
     from tunelab.engine.distributed import local_world_size, rank_processes
+    from tunelab.engine.plan import validate
     from tunelab.sweep.trial import share_machine
     from tunelab.tracking.preemption import SigtermGuard, resolve_resume
     from tunelab.tracking.run_records import config_choices
@@ -259,12 +259,14 @@ def main() -> None:
     from tunelab.config.preflight import preflight
     from tunelab.config.targets import freeze_environment
     from tunelab.cli.common import start
-    from tunelab.engine.plan import check_before_hydra, main_check
+    from tunelab.config.compose import check_before_hydra
 
     freeze_environment()  # what tunelab trusts is read now, before Hydra applies anything
     start("tunelab-train")  # before Hydra makes the output folder: private files, no model hub
     argv = sys.argv[1:]
     if "--check" in argv:  # compose and validate every run of the command, train nothing
+        from tunelab.engine.plan import main_check
+
         sys.exit(main_check(argv))
     try:
         preflight(argv)

@@ -16,17 +16,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from tunelab.config.root import conf_dir
 from tunelab.config.targets import check_target
 from tunelab.errors import TunelabError
 
-def conf_dir() -> Path:
-    """The config root: ``$TUNELAB_CONF``, the copy inside a wheel, or the checkout's ``conf/``."""
-    candidates = [os.environ.get("TUNELAB_CONF"), Path(__file__).parents[1] / "_conf", Path(__file__).resolve().parents[3] / "conf"]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "train.yaml").is_file():
-            return Path(candidate).resolve()
-    raise TunelabError("cannot find tunelab's conf/ folder (with train.yaml); set TUNELAB_CONF=/path/to/conf.")
-
+__all__ = ["build", "check_plain_targets", "check_targets", "conf_dir"]
 
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("abspath"):

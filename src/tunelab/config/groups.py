@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tunelab.config import conf_dir
+from tunelab.config.root import conf_dir
 
 
 @lru_cache(maxsize=4)

@@ -19,6 +19,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from tunelab.config import check_targets
+from tunelab.config.root import conf_dir
+from tunelab.config.targets import shipped_targets
 from tunelab.errors import TunelabError
 
 # Launcher/sweeper settings that run shell or Python code, or install packages: a config file
@@ -64,8 +67,6 @@ def _shipped_env(conf: Path) -> dict[tuple[str, str], Any]:
 
 
 def _check_environment(hydra: DictConfig) -> None:
-    from tunelab.config import conf_dir
-
     shipped = _shipped_env(conf_dir())
     for path, node in walk_config(hydra, "hydra"):
         mapping = path.rsplit(".", 1)[-1]
@@ -86,7 +87,6 @@ def _shipped_logging_classes() -> frozenset[str]:
     """``class`` values of the logging configs tunelab and Hydra ship (handlers, formatters)."""
     import hydra
 
-    from tunelab.config import conf_dir
 
     files = [*(Path(hydra.__file__).parent / "conf" / "hydra").glob("*_logging/*.yaml"), conf_dir() / "hydra" / "default.yaml"]
     return frozenset(str(node) for f in files for path, node in walk_config(OmegaConf.load(f)) if path.endswith(".class"))
@@ -124,8 +124,6 @@ def _plugin_targets() -> frozenset[str]:
     from hydra.core.config_store import ConfigStore
     from hydra.core.plugins import Plugins
 
-    from tunelab.config import conf_dir
-    from tunelab.config.targets import shipped_targets
 
     Plugins.instance()  # discovers hydra_plugins.*, which register their configs
     repo = ConfigStore.instance().repo.get("hydra", {})
@@ -140,8 +138,6 @@ def _plugin_targets() -> frozenset[str]:
 
 
 def _check_plugins(hydra: DictConfig) -> None:
-    from tunelab.config import check_targets
-
     for group in ("launcher", "sweeper"):
         node = hydra.get(group)
         if not isinstance(node, DictConfig):
@@ -243,7 +239,6 @@ def guard_hydra_callbacks(refuse) -> None:
     Hydra has no hook before it builds them, so its (private) Callbacks constructor is wrapped."""
     from hydra._internal import callbacks as hydra_callbacks
 
-    from tunelab.config import check_targets
 
     original = hydra_callbacks.Callbacks.__init__
     if getattr(original, "tunelab_guarded", False):

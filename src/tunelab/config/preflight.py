@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tunelab.config.groups import group_choices, required_groups
 from tunelab.errors import TunelabError
 
 MIN_FREE_MB = 512  # a checkpoint of a base-sized model plus its optimizer state; TUNELAB_MIN_FREE_MB overrides
@@ -49,8 +50,6 @@ def check_writable(folder: Path, setting: str, min_free_mb: float | None = None)
 
 def check_required_groups(argv: list[str]) -> None:
     """``optimizer=null`` would reach Hydra as a bare ValueError with a traceback."""
-    from tunelab.config.groups import group_choices, required_groups
-
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key.lstrip("+~") in required_groups() and value.strip().lower() in ("null", "none", ""):

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
 
+from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from tunelab.config import check_targets
 from tunelab.errors import TunelabError
 
 
@@ -237,6 +239,17 @@ def _unknown(name: str, takes: list[str], key: str, owner: str, is_noun: bool) -
         return f"{key}.{name} is not a {owner} setting {listed}{hint}"
     listed = f"(it takes {', '.join(sorted(takes)) or 'no settings'})"
     return f"{key}.{name} is not a setting of {owner} {listed}{hint}"
+
+
+def accepted(node: DictConfig, kwargs: dict) -> dict:
+    """The ``kwargs`` that ``node``'s (allowed) target takes: an image size means nothing to a
+    text model, and the modality check that follows gives the real error."""
+    check_targets(node, "model")
+    try:
+        params = inspect.signature(get_method(node._target_)).parameters
+    except Exception:  # noqa: BLE001 - an unknown target: build() reports it properly
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 # -- nodes without a _target_, checked against the function that reads them -------------------------

@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tunelab.config.root import conf_dir
 from tunelab.errors import TunelabError
 
 ENV = "TUNELAB_ALLOWED_TARGETS"
@@ -105,7 +106,6 @@ def refusal(name: Any, where: str) -> str | None:
     """Why ``name`` may not be built at ``where`` (a dotted config key), or None when it may."""
     from hydra._internal.utils import _locate  # get_object, without its error log line
 
-    from tunelab.config import conf_dir
 
     if not isinstance(name, str) or "${" in name:
         return f"{where}._target_={name!r} is not a plain dotted name (a target may not be interpolated); write it out."

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, open_dict
 
 from tunelab.adapters import Adapter
-from tunelab.config import build, check_targets
-from tunelab.config.settings import extension_points, signature_of
+from tunelab.config import build
+from tunelab.config.settings import accepted, extension_points, signature_of
 from tunelab.data.datamodule import TaskDataModule
 from tunelab.data.modalities import modality
 from tunelab.engine.budget import check_train_fraction, fit_schedule, full_epochs
 from tunelab.engine.feature_cache import CachePlan, plan_cache
 from tunelab.engine.module import FineTuneModule
 from tunelab.engine.perf import perf_settings
+from tunelab.engine.retention import snapshot
 from tunelab.engine.stage_report import stage_table
 from tunelab.engine.strategies import Stage, check_stages, keep_frozen
+from tunelab.engine.trained import init_from
 from tunelab.engine.validation import check_config
 from tunelab.errors import TunelabError
+from tunelab.tracking.store import tracking_uri
 
 
 @dataclass
@@ -58,19 +60,6 @@ def batchnorm_mode(cfg: DictConfig) -> str:
         return mode
     random_init = not cfg.model.get("pretrained", True) and not cfg.model.get("checkpoint") and not cfg.get("init_from")
     return "train" if random_init else "eval"
-
-
-def accepted(node: DictConfig, kwargs: dict) -> dict:
-    """The ``kwargs`` that ``node``'s target takes: an image size means nothing to a text model,
-    and the modality check below then gives the real error."""
-    from hydra.utils import get_method
-
-    check_targets(node, "model")
-    try:
-        params = inspect.signature(get_method(node._target_)).parameters
-    except Exception:  # noqa: BLE001 - an unknown target: build() reports it properly
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def build_point(cfg: DictConfig, name: str, run: dict):
@@ -117,8 +106,6 @@ def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Pa
         )
     lineage = {}
     if cfg.get("init_from"):  # re-training: start from a trained model instead of the pretrained one
-        from tunelab.engine.trained import init_from
-        from tunelab.tracking.store import tracking_uri
 
         lineage = init_from(adapter, str(cfg.init_from), tracking_uri(cfg))
     datamodule.set_model_data_config(adapter.data_config)
@@ -132,7 +119,6 @@ def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Pa
                       module.batchnorm, full_epochs=full_epochs(cfg.trainer.get("limit_train_batches")))
     pretrained = None
     if (cfg.get("retention") or {}).get("enabled"):
-        from tunelab.engine.retention import snapshot
 
         pretrained = snapshot(adapter.model)
     return Parts(datamodule, adapter, stages, module, float(cfg.optimizer.lr), pretrained, lineage, plan, notes)

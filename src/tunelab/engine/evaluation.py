@@ -25,13 +25,14 @@ from torchmetrics.functional.classification import (
 )
 from torchmetrics.functional.regression import mean_absolute_error, mean_squared_error, r2_score
 
+from tunelab.tracking.plots import figure, save
+
 log = logging.getLogger("tunelab")
 
 
 @dataclass
 class Outputs:
     """Everything a model said about one split: logits (or predictions) and the targets."""
-
     scores: torch.Tensor  # (N, C) logits, or (N,) regression predictions in the data's units
     targets: torch.Tensor
     classes: list[str] = field(default_factory=list)
@@ -156,8 +157,6 @@ def class_key_table(classes: list[str], prefix: str = "") -> str:
 
 def reliability_plot(out: Outputs, path: Path, bins: int = 15) -> Path:
     """Confidence vs accuracy per bin: a calibrated model sits on the diagonal."""
-    from tunelab.tracking.plots import figure, save
-
     probs = torch.softmax(out.scores, dim=1)
     confidence, predicted = probs.max(dim=1)
     correct = (predicted == out.targets.long()).float()
@@ -181,8 +180,6 @@ def reliability_plot(out: Outputs, path: Path, bins: int = 15) -> Path:
 
 
 def residual_plot(out: Outputs, path: Path) -> Path:
-    from tunelab.tracking.plots import figure, save
-
     pred, y = out.scores.float().flatten().numpy(), out.targets.float().flatten().numpy()
     fig, ax = figure((5, 4))
     ax.scatter(pred, y - pred, s=6, alpha=0.5)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
+from tunelab.engine.evaluation import to_device
 from tunelab.engine.perf import to_channels_last
 from tunelab.engine.strategies import Stage
 from tunelab.errors import TunelabError
@@ -198,8 +199,6 @@ class FeatureCache(L.Callback):
 
     def _prepared(self, x):
         """A model input on the module's device, laid out as ``FineTuneModule.forward`` feeds it."""
-        from tunelab.engine.evaluation import to_device
-
         x = to_device(x, self.module.device)
         return to_channels_last(x) if self.module.channels_last else x
 

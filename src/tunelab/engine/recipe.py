@@ -12,7 +12,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.adapters.weights import checkpoint_error
 from tunelab.config.redaction import redact, redacted_yaml
+from tunelab.data.preprocess import settings_from
+from tunelab.data.sampling import MidEpochResume
+from tunelab.engine.evaluation import shifted_splits, to_device
+from tunelab.engine.feature_cache import FeatureCache
+from tunelab.engine.retention import measure
+from tunelab.engine.stage_callback import StageCallback
 from tunelab.errors import Preempted
 
 log = logging.getLogger("tunelab")
@@ -21,18 +28,12 @@ log = logging.getLogger("tunelab")
 def core_callbacks(parts=None) -> list:
     """The callbacks that are how tunelab works, not options: stages, exact resumes, and the
     cached-feature fast path when the run plans one."""
-    from tunelab.data.sampling import MidEpochResume
-    from tunelab.engine.feature_cache import FeatureCache
-    from tunelab.engine.stage_callback import StageCallback
-
     cache = parts is not None and parts.cache_plan is not None and parts.cache_plan.epochs is not None
     return [StageCallback(), MidEpochResume(), *([FeatureCache(parts.cache_plan, parts.adapter)] if cache else [])]
 
 
 def model_meta(parts) -> dict:
     """What rebuilds the model and feeds it later (eval, export, serving), with the config."""
-    from tunelab.data.preprocess import settings_from
-
     dm, adapter = parts.datamodule, parts.adapter
     return {"task": dm.task, "modality": adapter.modality, "num_outputs": dm.num_outputs,
             "classes": dm.classes if dm.task == "classification" else [], "model_kwargs": dm.model_kwargs,
@@ -70,7 +71,6 @@ def fit(trainer, parts, cfg: DictConfig, guard, ranks, preemption) -> None:
         with watched(guard, ranks):
             trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     except pickle.UnpicklingError as err:  # ckpt_path holds Python objects: refused, never run
-        from tunelab.adapters.weights import checkpoint_error
 
         raise checkpoint_error(cfg.ckpt_path, "ckpt_path", err) from None
     except SystemExit:
@@ -114,7 +114,6 @@ def after_training(cfg: DictConfig, parts, metrics: dict[str, float]) -> dict[st
     and retention (what fine-tuning cost the pretrained model)."""
     dm, found = parts.datamodule, {}
     if dm.ood_names():
-        from tunelab.engine.evaluation import shifted_splits
 
         log.info("testing on shifted copies of the test split: %s", ", ".join(dm.ood_names()))
         found.update(shifted_splits(parts.module, dm, metrics, _batch_limit(cfg.trainer.get("limit_test_batches"))))
@@ -147,9 +146,6 @@ def _last_checkpoint(cfg: DictConfig) -> str | None:
 
 
 def _retention(cfg: DictConfig, parts) -> dict[str, float]:
-    from tunelab.engine.evaluation import to_device
-    from tunelab.engine.retention import measure
-
     inputs = parts.datamodule.first_inputs("test", int(cfg.retention.samples))  # the reference batch
     device = next(parts.module.parameters()).device
     return measure(parts.pretrained, parts.module.model, parts.adapter.groups, to_device(inputs, device),

@@ -24,8 +24,12 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.adapters.weights import load_checkpoint
+from tunelab.config import build, check_targets
+from tunelab.config.settings import accepted
 from tunelab.errors import TunelabError
 from tunelab.tracking import tag_names
+from tunelab.tracking.store import default_store
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -67,7 +71,6 @@ def judged(tree: Any, where: str) -> DictConfig:
     ``where`` (the file, or the run) is named in the one-line refusal."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from tunelab.config import check_targets
 
     if not isinstance(tree, dict):
         raise TunelabError(f"refused {where}: it holds a {type(tree).__name__}, not the mapping tunelab writes.")
@@ -120,8 +123,6 @@ def _read_json(path: Path, where: str) -> Any:
 def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
     """A Lightning checkpoint, read with ``weights_only=True``: a file that holds pickled Python
     objects beyond tensors is refused (adapters.weights.load_checkpoint)."""
-    from tunelab.adapters.weights import load_checkpoint
-
     checkpoint = load_checkpoint(path, what)
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
@@ -221,7 +222,6 @@ def store_client(store: Path | None = None):
 
     from mlflow.tracking import MlflowClient
 
-    from tunelab.tracking.store import default_store
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") if store is None else None
     return MlflowClient(uri or f"sqlite:///{(store or default_store()).expanduser().resolve()}")
@@ -249,9 +249,6 @@ def resolve(source: str, client, folder: Path | None = None) -> Trained:
 
 def load_adapter(trained: Trained):
     """The adapter the run trained, with its fine-tuned weights (read with ``weights_only=True``)."""
-    from tunelab.config import build
-    from tunelab.engine.build import accepted
-
     cfg, meta = trained.cfg, trained.meta
     adapter = build(cfg.model, "model", num_outputs=int(meta["num_outputs"]), lora=cfg.get("lora"),
                     **accepted(cfg.model, meta.get("model_kwargs") or {}))

@@ -19,7 +19,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.deploy.registry import register_run_model
+from tunelab.sweep import summary
 from tunelab.tracking import tag_names
+from tunelab.tracking.links import runs_page, save_view, ui_hint
+from tunelab.tracking.runs import experiment_id
+from tunelab.tracking.store import artifact_location, check_reachable, tracking_uri
 from tunelab.tracking.sweep_job import PARENT_ENV, SWEPT_ENV
 
 log = logging.getLogger("tunelab")
@@ -52,9 +57,6 @@ class SweepTracker(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        from tunelab.tracking.links import save_view
-        from tunelab.tracking.runs import experiment_id
-        from tunelab.tracking.store import artifact_location, check_reachable, tracking_uri
 
         uri = tracking_uri(config)
         check_reachable(uri)
@@ -109,7 +111,6 @@ class SweepTracker(Callback):
         os.environ.pop(PARENT_ENV, None)
         os.environ.pop(SWEPT_ENV, None)
         config = self.config
-        from tunelab.sweep import summary
 
         objective, mode = str(config.objective), str(config.objective_mode)
         trials = summary.collect(client, exp_id, run_id, objective)
@@ -132,7 +133,6 @@ class SweepTracker(Callback):
         registered = None
         name = config.logger.get("register_best")
         if best is not None and name and status is None:
-            from tunelab.deploy.registry import register_run_model
 
             registered = register_run_model(client, best.run_id, str(name))
         if status is None:
@@ -153,6 +153,4 @@ class SweepTracker(Callback):
 
 def sweep_hint(client, uri: str, exp_id: str, objective: str, varied: list[str]) -> str:
     """The UI link for a sweep: its experiment's runs, with the objective and the varied keys as columns."""
-    from tunelab.tracking.links import runs_page, save_view, ui_hint
-
     return ui_hint(uri, runs_page(exp_id, save_view(client, exp_id, objective, [f"sweep.{k}" for k in varied])))

@@ -9,6 +9,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from tunelab.tracking import tag_names
+from tunelab.tracking.plots import figure, save
 
 PRUNED = "PRUNED"  # tag tunelab.trial_state: an Optuna trial stopped early on purpose
 
@@ -91,8 +92,6 @@ def format_table(trials: list[Trial], objective: str, mode: str) -> str:
 
 def plot(trials: list[Trial], objective: str, mode: str, path: Path) -> Path | None:
     """Objective per trial in launch order, with the best so far: how the sweep progressed."""
-    from tunelab.tracking.plots import figure, save
-
     done = [t for t in sorted(trials, key=lambda t: t.start) if t.value is not None and math.isfinite(t.value)]
     if not done:
         return None

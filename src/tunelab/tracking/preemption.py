@@ -29,9 +29,11 @@ from typing import Iterator
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from tunelab.adapters.weights import load_checkpoint
 from tunelab.errors import Preempted, TunelabError
 from tunelab.tracking import tag_names
 from tunelab.tracking.attempts import Heartbeat, attempt_tags, death, stale_after_s
+from tunelab.tracking.store import check_reachable, tracking_uri
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "preempted.ckpt"
@@ -127,7 +129,6 @@ def read_stamp(path: str | Path) -> dict:
     large checkpoint is not read whole only to be judged); a file that would run code is refused."""
     import torch
 
-    from tunelab.adapters.weights import load_checkpoint
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -239,7 +240,6 @@ def resolve_resume(cfg: DictConfig) -> None:
     stale_after = stale_after_s()
     from mlflow.tracking import MlflowClient
 
-    from tunelab.tracking.store import check_reachable, tracking_uri
 
     uri = tracking_uri(cfg)
     check_reachable(uri)

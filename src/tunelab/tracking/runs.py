@@ -25,20 +25,19 @@ import tunelab
 from tunelab.config.redaction import RedactingClient, redact_value, redacted_yaml
 from tunelab.errors import Preempted, TrialPruned, TunelabError
 from tunelab.tracking import tag_names
-from tunelab.tracking.links import save_view, shown_uri
 from tunelab.tracking.attempts import attempt_tags
+from tunelab.tracking.links import save_view, shown_uri
 from tunelab.tracking.outage import Outage, bound_retries, healthy
+from tunelab.tracking.plots import plot_confusion, plot_lr_history
 from tunelab.tracking.preemption import continue_run, recipe_hash
 from tunelab.tracking.run_records import clip as _clip, config_choices, config_hash, default_run_name, run_records
 from tunelab.tracking.store import artifact_location, check_reachable, tracking_uri
-from tunelab.tracking.sweep_job import current_job
-from tunelab.tracking.sweep_job import run_name as job_run_name
+from tunelab.tracking.sweep_job import current_job, run_name as job_run_name
 
 
 class _RunLogger(MLFlowLogger):
     """MLFlowLogger on a run tunelab owns: Lightning may not terminate it, and a remote server
     that stops answering only delays the metrics (outage.py)."""
-
     outage: Outage | None = None
 
     def finalize(self, status: str = "success") -> None:
@@ -76,7 +75,6 @@ class Run:
         """Every param group's LR at every optimizer step as ``lr/<group>``, plus a PNG of it."""
         from mlflow.entities import Metric
 
-        from tunelab.tracking.plots import plot_lr_history
 
         if not history:
             return
@@ -88,8 +86,6 @@ class Run:
             self.log_artifact(plot_lr_history(history, stages, Path(tmp) / "lr_schedule.png"))
 
     def log_confusion(self, matrix, classes: list[str]) -> None:
-        from tunelab.tracking.plots import plot_confusion
-
         with tempfile.TemporaryDirectory() as tmp:
             self.log_artifact(plot_confusion(matrix.cpu().numpy(), classes, Path(tmp) / "confusion_matrix.png"))
 
@@ -111,7 +107,6 @@ class Run:
 
 class NoRun:
     """What DDP ranks other than 0 log to: nothing, so a job is one MLflow run."""
-
     run_id = None
 
     def lightning_logger(self) -> bool:
