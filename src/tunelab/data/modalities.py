@@ -2,8 +2,7 @@
 
 Training, evaluation, export, ``tunelab-predict``, the served MLflow model and monitoring ask a
 ``Modality`` instead of testing a name: which files hold it, which entry of the model's data
-config preprocesses it, how an exported folder loads that processor back, what a served model's
-example input looks like. How raw inputs become tensors lives in ``data/preprocess.py``, shared
+config preprocesses it, how an exported folder loads that processor back. How raw inputs become tensors lives in ``data/preprocess.py``, shared
 by the training data modules and serving.
 """
 
@@ -11,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from tunelab.errors import TunelabError
 
@@ -61,18 +58,6 @@ class Modality:
         if not files:
             raise TunelabError(f"no {self.name} files ({', '.join(self.suffixes)}) under {folder}.")
         return files
-
-    def example(self, settings: dict):
-        """One raw input a client could send to the served model."""
-        if self.name == "text":
-            return "an example review"
-        if self.name == "audio":
-            return np.zeros(int(0.1 * settings["sampling_rate"]), dtype=np.float32).tolist()  # 0.1 s of silence
-        from PIL import Image
-
-        from tunelab.data.preprocess import encode_image
-
-        return encode_image(Image.new("RGB", (settings["size"], settings["size"]), (128, 128, 128)))
 
 
 IMAGE = Modality("image", IMAGE_SUFFIXES, None, None, "path", "model=efficientnet_lite0")

@@ -154,6 +154,18 @@ def pad_tokens(tokenizer, features: list[dict], padding: str, max_length: int) -
 
 
 # -- serving ---------------------------------------------------------------------------------------
+def example_input(settings: dict):
+    """One raw input a client could send to the served model."""
+    kind = modality(settings["modality"])
+    if kind is TEXT:
+        return "an example review"
+    if kind is IMAGE:
+        from PIL import Image
+
+        return encode_image(Image.new("RGB", (settings["size"], settings["size"]), (128, 128, 128)))
+    return np.zeros(int(0.1 * settings["sampling_rate"]), dtype=np.float32).tolist()  # 0.1 s of silence
+
+
 def settings_from(dm) -> dict:
     """What a model needs done to raw inputs, as plain JSON (the processor is saved separately)."""
     return {"modality": dm.modality, **dm.eval_settings()}

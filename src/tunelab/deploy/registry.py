@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from tunelab.config.redaction import redact_value
 from tunelab.data.modalities import modality_of
+from tunelab.data.preprocess import example_input
 from tunelab.deploy import pyfunc_model
 from tunelab.deploy.pyfunc_model import PAIR_COLUMN
 from tunelab.engine.trained import from_run
@@ -28,9 +29,9 @@ def _example(meta: dict):
 
 
     kind, settings = modality_of(meta), meta["preprocess"]
-    example = {kind.name: [kind.example(settings)]}
+    example = {kind.name: [example_input(settings)]}
     if settings.get("pairs"):
-        example[PAIR_COLUMN] = [kind.example(settings)]
+        example[PAIR_COLUMN] = [example_input(settings)]
     return pd.DataFrame(example)
 
 
