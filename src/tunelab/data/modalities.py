@@ -17,6 +17,7 @@ from tunelab.errors import TunelabError
 # .mp3), tested in tests/test_data.py. A GIF is read as its first frame.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+PAIR_COLUMN = "text_pair"  # the second text of a model trained on text pairs, as served and predicted
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,9 @@ import warnings
 import mlflow.pyfunc
 import pandas as pd
 
-from tunelab.data.modalities import modality_of
+from tunelab.data.modalities import PAIR_COLUMN, modality_of
 from tunelab.data.preprocess import Preprocessor
 from tunelab.engine.trained import Predictor, from_artifacts, load_adapter
-
-
-PAIR_COLUMN = "text_pair"
 
 # Inputs are arrays or strings by modality, so predict() has no single type hint to give;
 # the signature logged with the model checks inputs instead.

@@ -15,12 +15,16 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from tunelab.config.redaction import redact_value
-from tunelab.data.modalities import modality_of
+from tunelab.data.modalities import PAIR_COLUMN, modality_of
 from tunelab.data.preprocess import example_input
-from tunelab.deploy import pyfunc_model
-from tunelab.deploy.pyfunc_model import PAIR_COLUMN
 from tunelab.engine.trained import from_run
 from tunelab.tracking import tag_names
+
+
+# MLflow copies this file beside the model and runs it on load ("models from code"). It is read,
+# not imported: defining its PythonModel makes MLflow print a type-hint warning that MLflow's
+# own decorator forces on, into every command that merely imports the registry.
+PYFUNC_MODEL = Path(__file__).with_name("pyfunc_model.py")
 
 
 def _example(meta: dict):
@@ -50,8 +54,8 @@ def register_run_model(client: MlflowClient, run_id: str, name: str) -> str:
         trained = from_run(client, run_id, Path(tmp))
         # MLflow copies the code file with its mode (0644 in the package): a copy written under
         # tunelab's umask keeps the logged model owner-only like the rest of the store (umask.py)
-        code = Path(tmp, Path(pyfunc_model.__file__).name)
-        code.write_bytes(Path(pyfunc_model.__file__).read_bytes())
+        code = Path(tmp, PYFUNC_MODEL.name)
+        code.write_bytes(PYFUNC_MODEL.read_bytes())
         with _fluent_uri(client._tracking_client.tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
