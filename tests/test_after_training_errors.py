@@ -25,6 +25,11 @@ def test_predict_names_what_is_wrong_with_its_inputs(tmp_path):
     assert read_inputs(tmp_path / "t.csv", {"modality": "text"}, "body") == ["fine"]
     with pytest.raises(TunelabError, match="does not exist"):
         read_inputs(tmp_path / "missing.csv", {"modality": "text"}, None)
+    pairs = {"modality": "text", "pairs": True}  # a model trained on text pairs needs the second text
+    with pytest.raises(TunelabError, match=r"no column 'text_pair'.*--pair-column"):
+        read_inputs(tmp_path / "t.csv", pairs, "body")
+    pd.DataFrame({"text": ["a", "b"], "hypothesis": ["c", None]}).to_csv(tmp_path / "p.csv", index=False)
+    assert read_inputs(tmp_path / "p.csv", pairs, None, "hypothesis") == [("a", "c")]  # an incomplete row is dropped
 
 
 def test_eval_takes_data_overrides_only(tmp_path):

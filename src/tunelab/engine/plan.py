@@ -18,7 +18,7 @@ from tunelab.config import check_targets, conf_dir
 from tunelab.config.compose import as_hydra_job, combinations, command_overrides, compose_run
 from tunelab.config.hydra_guard import check_hydra, walk_config
 from tunelab.config.preflight import check_required_groups
-from tunelab.config.settings import extension_points
+from tunelab.config.settings import READERS, extension_points
 from tunelab.engine.build import plan_parts
 from tunelab.engine.module import FineTuneModule
 from tunelab.engine.validation import check_config
@@ -73,6 +73,8 @@ def check_known_keys(cfg: DictConfig, choices: dict | None = None) -> None:
         node = cfg._get_node(key)
         if not isinstance(node, DictConfig) or node._is_none() or "_target_" in node or key not in below:
             continue
+        if key in READERS and READERS[key].closed:
+            continue  # its reader's signature already refused any key it does not take (check_config)
         if all(isinstance(node._get_node(k), DictConfig) and "_target_" in node._get_node(k) for k in node):
             continue  # a collection of built things (callbacks): the names are the user's
         unknown = sorted(str(k) for k in node if str(k) not in below[key])
