@@ -7,7 +7,7 @@
 Starts tunelab-ui on a free 127.0.0.1 port, opens the experiment of the most recent sweep in a headless
 Chromium (/usr/bin/chromium, driven by the playwright package; nothing is downloaded), does what a
 person does (Model training view, [+] on the sweep, a few metric columns) and writes the PNG.
-The steps are tests/helpers/ui_browser.py's, which the browser test (tests/test_ui_browser.py) uses as well.
+The steps are tests/helpers/ui_browser.py's, which the browser test (tests/cli/test_ui_browser.py) uses as well.
 """
 
 from __future__ import annotations

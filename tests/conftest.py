@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +18,16 @@ from tunelab.config import conf_dir
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+# The probes (ddp_probe, fault_probe, security_probe) stand for a user's own modules: a config
+# names them as targets by their bare module name, importable here and, through probe_env, in
+# the commands the tests start.
+PROBES = REPO / "tests" / "helpers"
+sys.path.insert(0, str(PROBES))
+
+
+def probe_env(module: str) -> dict[str, str]:
+    """The environment that lets a tunelab command build targets from one probe module."""
+    return {"TUNELAB_ALLOWED_TARGETS": module, "PYTHONPATH": str(PROBES)}
 
 
 def skip_without_fashion() -> None:
@@ -220,3 +232,17 @@ def run_cli(tmp_path: Path, *args: str, env: dict | None = None):
     environment.update({"TUNELAB_HOME": str(tmp_path), **(env or {})})
     return subprocess.run([str(VENV_BIN / "tunelab-train"), *args], cwd=tmp_path, env=environment,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One real training (with fake secrets in its environment), shared by a test module's tests.
+    They read it or copy it, never write into it."""
+    home = tmp_path_factory.mktemp("trained")
+    from helpers.runs import train_cli
+
+    proc = train_cli(home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = (home / "outputs" / "runs").iterdir()
+    (best,) = sorted((folder / "checkpoints").glob("epoch*.ckpt"))
+    return SimpleNamespace(home=home, folder=folder, last=folder / "checkpoints" / "last.ckpt", best=best, proc=proc)

@@ -1,6 +1,6 @@
 """Drive the MLflow UI that ``tunelab-ui`` serves, in a headless Chromium, as a person would.
 
-Used by the browser test (tests/test_ui_browser.py) and by scripts/ui_screenshot.py, which makes the
+Used by the browser test (tests/cli/test_ui_browser.py) and by scripts/ui_screenshot.py, which makes the
 screenshot in the docs. Needs the ``playwright`` Python package and a Chromium binary (Debian's
 /usr/bin/chromium; ``playwright install`` is never needed). Both are imported or looked up only when
 used, so importing this module costs nothing where they are missing.

@@ -28,16 +28,24 @@ MAX_COMBINATIONS = 256  # a grid this large is checked on its first combinations
 
 def compose_run(overrides: list[str]) -> DictConfig:
     """The config a run with these overrides would get, Hydra's own settings included."""
+    return compose_root("train", overrides, with_hydra=True)
+
+
+def compose_root(root: str, overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """The root config ``conf/<root>.yaml`` composed with ``overrides``; Hydra's errors in one line."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            return compose("train", overrides=list(overrides), return_hydra_config=True)
+            return compose(root, overrides=list(overrides), return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:  # a YAML !!python tag & co.: one line
         raise TunelabError(_one_line(err)) from None
 
 
 def _one_line(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = str(err).split("Config search path:")[0]  # Hydra's search path: one line per provider
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 2 and lines[1].startswith("Available options"):  # a missing choice: name the others
+        return f"{lines[0]}. {lines[1]} {', '.join(o for o in lines[2:] if not o.startswith('_'))}"
     return " ".join(lines[:2]) if lines else type(err).__name__
 
 # -- sweeps: every combination a sweep would run ----------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 
 # Every suffix here opens with the reader its modality uses (PIL; soundfile's libsndfile >= 1.1 for
-# .mp3), tested in tests/test_data.py. A GIF is read as its first frame.
+# .mp3), tested in tests/data/test_data.py. A GIF is read as its first frame.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 PAIR_COLUMN = "text_pair"  # the second text of a model trained on text pairs, as served and predicted

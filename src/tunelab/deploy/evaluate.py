@@ -6,7 +6,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunelab.config import build, conf_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf, open_dict
+
+from tunelab.config import build
+from tunelab.config.compose import compose_root
 from tunelab.engine import evaluation
 from tunelab.engine.trained import Predictor, load_adapter, resolve, store_client
 from tunelab.errors import TunelabError
@@ -30,24 +34,17 @@ class Evaluation:
         return "\n".join([self.title, *rows])
 
 
+TRAINED_DATA = "_trained"  # conf/eval.yaml's default data choice: the trained model's own data config
+
+
 def apply_data_overrides(cfg, overrides: list[str]) -> None:
-    """``data=CHOICE`` composes that data config from conf/; ``data.KEY=VALUE`` edits the run's."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf, open_dict
-
-
-    bad = [o for o in overrides if not o.split("=", 1)[0].lstrip("+").startswith("data")]
+    """Compose conf/eval.yaml with ``overrides`` (``data=CHOICE``, ``data.KEY=VALUE``), the trained
+    model's data config standing as the default choice of the data group, into ``cfg.data``."""
+    bad = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("data")]
     if bad:
         raise TunelabError(f"tunelab-eval takes data overrides only (data=CHOICE, data.KEY=VALUE); got {bad}.")
-    if not any(o.startswith("data=") for o in overrides):
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        # Hydra's own parser: data.batch_size=3 is the int 3, as on tunelab-train's command line
-        for override in OverridesParser.create().parse_overrides(overrides):
-            OmegaConf.update(cfg, override.key_or_group, override.value(), force_add=True)
-        return
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        composed = compose("train", overrides=list(overrides))
+    ConfigStore.instance().store(group="data", name=TRAINED_DATA, node=OmegaConf.to_container(cfg.data))
+    composed = compose_root("eval", overrides)
     # the run's seed and folders set as values, never spliced into override text: they come from
     # the stored config (data, not syntax; a folder name with a comma would be a sweep)
     for key in ("seed", "paths.root_dir", "paths.output_dir"):

@@ -5,7 +5,7 @@ Valid only when the features a batch gives are the same every epoch: no random a
 no dropout / drop-path / batch-statistics inside the backbone, and a model that can be split
 at its head (``Adapter.features`` / ``classify``). The cached loaders use the same sampler,
 seed and batch size as the uncached ones, so a cached run sees the same batches in the same
-order and ends with the same head (``tests/test_perf.py`` holds it to that).
+order and ends with the same head (``tests/engine/test_perf.py`` holds it to that).
 """
 
 from __future__ import annotations

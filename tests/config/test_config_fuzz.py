@@ -7,7 +7,7 @@ with a one-line message; never KeyError, TypeError, ValueError, AttributeError, 
 Crashes found this way (against the code before this test existed: TypeError / ValueError from
 int(), float(), comparisons, numpy seeds and unexpected keyword arguments; omegaconf's
 ConfigAttributeError for ``~data`` / ``~strategy``; three-line "cannot build" messages) are fixed at
-the source and pinned as explicit regressions in tests/test_bad_input.py::test_values_that_used_to_crash.
+the source and pinned as explicit regressions in tests/cli/test_bad_input.py::test_values_that_used_to_crash.
 
 Left out of the vocabulary on purpose: ``<group>=null`` (Hydra itself raises a plain ValueError;
 see test_bad_input.py::test_cli_group_set_to_null_is_one_line) and data sets that synthesise or

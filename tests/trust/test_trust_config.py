@@ -20,7 +20,7 @@ import yaml
 from conftest import REPO
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from test_security import error_lines, mlflow_runs, plant_malicious_checkpoint, train_cli
+from helpers.runs import error_lines, mlflow_runs, plant_malicious_checkpoint, train_cli
 
 import tunelab
 from tunelab.config import build, check_targets

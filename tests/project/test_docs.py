@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 TOP_DIRS = ("conf", "docs", "experiments", "scripts", "src", "tests", "benchmarks")  # what a repo path starts with
 TOP_FILES = ("README.md", "pyproject.toml")
@@ -658,7 +658,7 @@ def test_test_script_arguments_are_pytest_arguments(cmd: Command) -> None:
 FAKE = """# A doc
 
 See [the guide](docs/no-such-guide.md) and [sweeps](docs/sweeps.md#no-such-heading),
-`scripts/no_such_script.py`, `tests/test_docs.py::test_not_defined_anywhere`,
+`scripts/no_such_script.py`, `tests/project/test_docs.py::test_not_defined_anywhere`,
 `conf/strategy/*.yaml`, `conf/<group>/` and `tunelab.config.no_such_function`.
 
     source .venv/bin/activate
@@ -692,8 +692,8 @@ def test_the_extractors_find_what_a_doc_names_and_report_what_is_missing(tmp_pat
     words_ = [w for _, s in doc.inline for w in path_words(s)]
     assert "scripts/no_such_script.py" in words_ and "conf/strategy/*.yaml" in words_
     assert "no such file" in path_problem("scripts/no_such_script.py")
-    assert "defines no test_not_defined_anywhere" in path_problem("tests/test_docs.py::test_not_defined_anywhere")
-    assert path_problem("tests/test_docs.py::test_a_refused_command_line_fails_its_test") is None
+    assert "defines no test_not_defined_anywhere" in path_problem("tests/project/test_docs.py::test_not_defined_anywhere")
+    assert path_problem("tests/project/test_docs.py::test_a_refused_command_line_fails_its_test") is None
     assert path_problem("conf/strategy/*.yaml") is None and "glob" in path_problem("conf/nothing/*.yaml")
     assert path_problem("conf/<group>/") is None  # a placeholder
     assert "defines no no_such_function" in python_name_problem("tunelab.config.no_such_function")

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import shlex
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, VENV_BIN, compose_cfg, run_cli
+from conftest import PROBES, REPO, VENV_BIN, compose_cfg
+from helpers.runs import SECRETS, TINY, error_lines, mlflow_runs, plant_malicious_checkpoint, train_cli
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -30,74 +29,12 @@ from tunelab.config import build, check_targets
 from tunelab.config.targets import SUMMARY
 from tunelab.errors import TunelabError
 
-# The smallest real training: a random-init tiny EfficientNet on 32 px MNIST, 2 epochs of 2 batches.
-TINY = ("debug=smoke", "model.arch=test_efficientnet", "model.pretrained=false", "data.image_size=32",
-        "retention.enabled=false", "data.ood={}")
-# Fake credentials in every training's environment (the store is local SQLite, so they go unused).
-SECRETS = {"MLFLOW_TRACKING_TOKEN": "tok-SECRET-1234", "MLFLOW_TRACKING_PASSWORD": "pw-SECRET-5678",
-           "MLFLOW_TRACKING_USERNAME": "alice"}
-
-
-class RunsCode:
-    """Unpickling this runs ``touch <marker>``: the payload of a malicious checkpoint."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {shlex.quote(self.marker)}",)
-
-
-def plant_malicious_checkpoint(path: Path, marker: Path, like: Path | None = None, fmt: str = "zip") -> Path:
-    """A Lightning-shaped checkpoint (a real one's contents when ``like`` is given) whose
-    ``hyper_parameters`` unpickle to ``os.system("touch <marker>")``. ``fmt``: torch's zip format,
-    its legacy format, or a bare pickle (protocol 5) with a .ckpt name."""
-    checkpoint = (torch.load(like, map_location="cpu", weights_only=True) if like else
-                  {"epoch": 0, "global_step": 0, "pytorch-lightning_version": "2.6.0", "state_dict": {}})
-    checkpoint["hyper_parameters"] = {"cfg": RunsCode(marker)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "pickle":
-        path.write_bytes(pickle.dumps(checkpoint, protocol=5))
-    else:
-        torch.save(checkpoint, path, _use_new_zipfile_serialization=fmt == "zip")
-    return path
-
-
 def run_tool(tool: str, home: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """A tunelab console script (tunelab-eval, tunelab-export, ...) as a user runs it, in ``home``."""
     environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     environment.update({"TUNELAB_HOME": str(home), **SECRETS, **(env or {})})
     return subprocess.run([str(VENV_BIN / tool), *args], cwd=home, env=environment, capture_output=True, text=True,
                           timeout=600, check=False)
-
-
-def train_cli(home: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    home.mkdir(parents=True, exist_ok=True)
-    return run_cli(home, *TINY, *args, env={**SECRETS, **(env or {})})
-
-
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in proc.stderr.splitlines() if ": error: " in line]
-
-
-def mlflow_runs(home: Path) -> list:
-    store = home / "outputs" / "mlflow.db"
-    if not store.is_file():
-        return []
-    client = MlflowClient(f"sqlite:///{store}")
-    return client.search_runs([e.experiment_id for e in client.search_experiments()])
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """One real training (with fake secrets in its environment), shared by the tests below.
-    They read it or copy it, never write into it."""
-    home = tmp_path_factory.mktemp("trained")
-    proc = train_cli(home)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (folder,) = (home / "outputs" / "runs").iterdir()
-    (best,) = sorted((folder / "checkpoints").glob("epoch*.ckpt"))
-    return SimpleNamespace(home=home, folder=folder, last=folder / "checkpoints" / "last.ckpt", best=best, proc=proc)
 
 
 def malicious_run_folder(trained_run, root: Path, marker: Path) -> Path:
@@ -296,7 +233,7 @@ def test_targets_outside_the_allow_list_are_refused(tmp_path, case):
 @pytest.mark.slow
 def test_a_prefix_declared_in_tunelab_allowed_targets_is_built(tmp_path, monkeypatch):
     """The environment, not the config, grants more: with TUNELAB_ALLOWED_TARGETS=security_probe
-    the user's callback (tests/security_probe.py) is built and runs; without it, it is refused;
+    the user's callback (tests/helpers/security_probe.py) is built and runs; without it, it is refused;
     the declared prefix covers that module only, not names that merely start with it."""
     node = OmegaConf.create({"probe": {"_target_": "security_probe.TouchOnFitStart", "path": "x"}})
     monkeypatch.delenv("TUNELAB_ALLOWED_TARGETS", raising=False)
@@ -308,7 +245,7 @@ def test_a_prefix_declared_in_tunelab_allowed_targets_is_built(tmp_path, monkeyp
         check_targets(OmegaConf.create({"_target_": "security_probe_evil.run"}), "callbacks.x")
 
     marker = tmp_path / "callback-ran"
-    pythonpath = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    pythonpath = os.pathsep.join(p for p in (str(PROBES), os.environ.get("PYTHONPATH")) if p)
     proc = train_cli(tmp_path / "home", f"+callbacks.probe={{_target_: security_probe.TouchOnFitStart, path: {marker}}}",
                      env={"TUNELAB_ALLOWED_TARGETS": "security_probe", "PYTHONPATH": pythonpath})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -385,7 +322,7 @@ def test_secrets_in_the_environment_are_never_logged(trained_run, tmp_path):
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10"])
 def test_ui_console_script_refuses_a_reachable_host_without_allow_remote(tmp_path, host):
-    """tests/test_ui.py covers the default 127.0.0.1 and the warning with --allow-remote in
+    """tests/cli/test_ui.py covers the default 127.0.0.1 and the warning with --allow-remote in
     process; here the installed tunelab-ui itself exits non-zero for any non-loopback address
     (IPv6 and a LAN address included) and says how to opt in."""
     store = tmp_path / "mlflow.db"

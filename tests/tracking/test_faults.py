@@ -10,23 +10,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_cli
+from conftest import probe_env, run_cli
+from helpers.runs import TINY, final_weights, runs
 from helpers.cli_inprocess import run_train
 
-PROBE_ENV = {"TUNELAB_ALLOWED_TARGETS": "fault_probe", "PYTHONPATH": str(REPO / "tests")}
-TINY = ["debug=smoke", "model.arch=test_efficientnet", "model.pretrained=false", "data.image_size=32",
-        "retention.enabled=false", "data.ood={}"]
-
-
-def runs(root: Path, experiment: str = "tunelab"):
-    client = MlflowClient(f"sqlite:///{root}/outputs/mlflow.db")
-    exp = client.get_experiment_by_name(experiment)
-    return client, client.search_runs([exp.experiment_id]) if exp else []
-
-
-def final_weights(root: Path) -> dict[str, torch.Tensor]:
-    (last,) = sorted(root.glob("outputs/runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)[-1:]
-    return torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+PROBE_ENV = probe_env("fault_probe")
 
 
 @pytest.mark.slow

@@ -10,10 +10,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, compose_cfg, run_cli
+from conftest import compose_cfg, probe_env, run_cli
 from tunelab.engine.build import build_parts
 
-PROBE_ENV = {"TUNELAB_ALLOWED_TARGETS": "ddp_probe", "PYTHONPATH": str(REPO / "tests")}
+PROBE_ENV = probe_env("ddp_probe")
 DDP_SMOKE = ["trainer=ddp_cpu", "debug=smoke"]
 
 

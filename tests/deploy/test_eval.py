@@ -58,7 +58,7 @@ def test_eval_of_a_checkpoint_path_needs_its_run_folder(trained_smoke, tmp_path)
     lonely = tmp_path / "elsewhere" / "checkpoints" / "model.ckpt"
     lonely.parent.mkdir(parents=True)
     shutil.copy(ckpt, lonely)
-    # checkpoints carry their config now (a lone copy evaluates: tests/test_trust_stored.py);
+    # checkpoints carry their config now (a lone copy evaluates: tests/trust/test_trust_stored.py);
     # one from before that needs its run folder
     checkpoint = torch.load(lonely, weights_only=True)
     checkpoint["tunelab"] = {k: v for k, v in checkpoint["tunelab"].items() if k not in ("config", "meta")}

@@ -32,7 +32,7 @@ import pytest
 import requests
 from conftest import VENV_BIN, run_cli
 from mlflow.tracking import MlflowClient
-from test_security import TINY, error_lines, train_cli
+from helpers.runs import TINY, error_lines, train_cli
 
 from tunelab.cli import ui
 from tunelab.ports import free_port

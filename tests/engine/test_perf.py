@@ -109,6 +109,7 @@ def test_text_model_caches_its_pooled_features(cfg_factory, tiny_bert):
         assert torch.allclose(parts.adapter.classify(model, parts.adapter.features(model, x)), model(x), atol=1e-6)
 
 
+@pytest.mark.slow  # two real fits, one through torch.compile
 def test_compiled_run_recompiles_at_the_stage_change_and_matches_eager(cfg_factory):
     """aot_eager runs dynamo + AOTAutograd (where the frozen backward is dropped) without
     waiting for C++ code generation; the losses must equal eager ones step by step."""

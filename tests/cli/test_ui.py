@@ -90,7 +90,7 @@ def test_ui_binds_loopback_by_default_and_warns_otherwise(tmp_path, monkeypatch,
     with pytest.raises(SystemExit, match="--allow-remote"):
         ui.main(["--store", str(store), "--host", "0.0.0.0", "--port", "5123"])
     assert len(launched) == 1  # refused before starting anything
-    with pytest.raises(SystemExit, match="--allow-remote needs --auth"):  # tests/test_ui_auth.py serves it with --auth
+    with pytest.raises(SystemExit, match="--allow-remote needs --auth"):  # tests/cli/test_ui_auth.py serves it with --auth
         ui.main(["--store", str(store), "--host", "0.0.0.0", "--port", "5123", "--allow-remote"])
     assert len(launched) == 1
 

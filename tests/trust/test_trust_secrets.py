@@ -20,7 +20,7 @@ from urllib.parse import quote
 import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
-from test_security import mlflow_runs, train_cli
+from helpers.runs import mlflow_runs, train_cli
 
 from tunelab.config.redaction import MIN_LENGTH, RedactFilter, Redactor, env_reads, marker, safe_names, withheld_values
 

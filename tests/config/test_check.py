@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, compose_cfg, run_cli, save_tiny_text_model
+from helpers.runs import nothing_written
 from mlflow import MlflowClient
 
 from tunelab.config import conf_dir
@@ -17,11 +18,6 @@ from tunelab.errors import TunelabError
 STRATEGIES = sorted(p.stem for p in (conf_dir() / "strategy").glob("*.yaml"))
 SEARCHES = sorted(p.stem for p in (conf_dir() / "hparams_search").glob("*.yaml"))
 FAST = ["retention.enabled=false", "data.image_size=32"]
-
-
-def nothing_written(root: Path) -> None:
-    assert not list(root.rglob("mlflow.db")), "an MLflow store was created"
-    assert not list(root.rglob("*.ckpt")), "a checkpoint was written"
 
 
 # -- debug=smoke shrinks every shipped strategy, every stage still runs ---------------------------

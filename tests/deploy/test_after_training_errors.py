@@ -39,7 +39,15 @@ def test_eval_takes_data_overrides_only(tmp_path):
     with pytest.raises(TunelabError, match="data overrides only"):
         apply_data_overrides(cfg, ["optimizer.lr=1"])
     apply_data_overrides(cfg, ["data.batch_size=3"])
-    assert cfg.data.batch_size == 3
+    assert cfg.data.batch_size == 3 and cfg.data.name == "mnist5k"  # the model's own data, edited
+    # conf/eval.yaml composes them natively: Hydra itself refuses a misspelt key or a missing choice
+    with pytest.raises(TunelabError, match=r"Could not override 'data\.batch_sise'"):
+        apply_data_overrides(cfg, ["data.batch_sise=3"])
+    with pytest.raises(TunelabError, match=r"Could not find 'data/nope'\. Available options in 'data': audio_csv, "):
+        apply_data_overrides(cfg, ["data=nope"])
+    apply_data_overrides(cfg, ["data=image_folder", "data.source.root=/new/images"])
+    assert cfg.data.name == "image_folder" and cfg.data.source.root == "/new/images"
+    assert cfg.data.seed == cfg.seed and cfg.data.batch_size != 3  # another config, the run's seed
 
 
 def test_ddp_settings_that_cannot_start_are_refused_before_any_rank(tmp_path, monkeypatch):

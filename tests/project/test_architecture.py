@@ -15,7 +15,7 @@ from hydra.utils import get_object
 
 from tunelab.config.targets import refusal
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 

@@ -26,7 +26,7 @@ import yaml
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
-from test_security import mlflow_runs, trained_run  # noqa: F401 - trained_run: a fixture
+from helpers.runs import TINY, mlflow_runs
 
 from tunelab.errors import TunelabError
 
@@ -270,7 +270,6 @@ def test_every_load_path_refuses_a_planted_stored_config(stored, shared_store, t
         path, str(tmp_path / "model" / "artifacts") if path.startswith("pyfunc") else f"{beside} of run {run_id}")
     if path == "init_from":
         from conftest import compose_cfg
-        from test_security import TINY
 
         from tunelab.engine.build import build_parts
 
@@ -319,7 +318,6 @@ def test_model_checkpoint_never_reads_a_stored_config_and_init_from_takes_a_lone
     loads (the config is never read, so never built) and the marker never appears; with it,
     ``init_from`` a legitimate checkpoint copied alone to an empty folder works."""
     from conftest import compose_cfg
-    from test_security import TINY
 
     from tunelab.engine.build import build_parts
 
@@ -341,7 +339,7 @@ def test_a_checkpoint_copied_alone_still_evaluates_exports_and_serves(trained_ru
     """Self-describing: the best checkpoint copied alone to an empty folder evaluates, exports and
     loads as a pyfunc model made from it alone; the run itself evaluates by runs:/ID; and a
     checkpoint from before checkpoints carried their config still loads from the files beside
-    it. (tests/test_deploy.py monitors and registers runs whose checkpoints carry their config.)"""
+    it. (tests/deploy/test_deploy.py monitors and registers runs whose checkpoints carry their config.)"""
     import mlflow.pyfunc
     import pandas as pd
     from PIL import Image

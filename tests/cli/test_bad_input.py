@@ -2,13 +2,13 @@
 training starts, never a traceback; nothing half-written (MLflow run, checkpoint) is left behind.
 
 Covered elsewhere, not repeated here:
-- tests/test_train.py::test_cli_bad_input_exits_nonzero_with_one_clear_line: unknown group choice
+- tests/cli/test_train.py::test_cli_bad_input_exits_nonzero_with_one_clear_line: unknown group choice
   (model=no_such_model, Hydra's "Could not find ... Available options"), misspelt key without ``+``
   (optimizer.lrr, Hydra's "Could not override"), data.source.root unset / missing, unknown timm arch.
-- tests/test_train.py::test_bad_config_fails_before_any_run: optimizer.lr=0, strategy.head_epochs past
+- tests/cli/test_train.py::test_bad_config_fails_before_any_run: optimizer.lr=0, strategy.head_epochs past
   trainer.max_epochs (no mlflow.db); test_cli_num_classes_smaller_than_labels (image folder, CLI).
-- tests/test_data.py: missing data paths, a folder without class folders, unreadable image at load.
-- tests/test_strategies.py::test_check_stages_rejects_impossible_schedules: hand-made Stage lists.
+- tests/data/test_data.py: missing data paths, a folder without class folders, unreadable image at load.
+- tests/engine/test_strategies.py::test_check_stages_rejects_impossible_schedules: hand-made Stage lists.
 
 Here: the rest, through the real config tree. A few run ``tunelab-train`` as a user would (~8 s
 each); the others call ``train(cfg)`` in-process, which fails in the same place (before the MLflow
@@ -29,20 +29,10 @@ import numpy as np
 import pytest
 from conftest import compose_cfg, path_table, run_cli, write_image_folder, write_text_csv
 from helpers.cli_inprocess import run_train
+from helpers.runs import IMAGE, TINY_MODEL as TINY, nothing_written
 
 from tunelab.config import build
 from tunelab.errors import TunelabError
-
-TINY = ["model.arch=test_efficientnet", "model.pretrained=false", "retention.enabled=false"]
-IMAGE = [*TINY, "data.image_size=32", "data.max_train_samples=64"]
-
-
-def nothing_written(root: Path) -> None:
-    """No MLflow store, run or checkpoint: nothing that could pass for a (partly) successful run."""
-    assert not list(root.rglob("mlflow.db")), "an MLflow store was created"
-    assert not list(root.rglob("mlartifacts")), "MLflow artifacts were written"
-    assert not list(root.rglob("*.ckpt")), "a checkpoint was written"
-
 
 def fails_in_process(tmp_path: Path, overrides: list[str], pattern: str) -> str:
     """``train(cfg)`` as ``tunelab-train`` calls it: raises one line, before any run exists."""
@@ -103,13 +93,13 @@ def test_cli_schedule_past_the_last_epoch_names_both_settings(tmp_path):
     # zero training batches: the run used to end FINISHED, with nothing trained
     (["trainer.limit_train_batches=0"], (r"^trainer\.limit_train_batches must be null, a number of batches "
                                          r"\(an integer >= 1\) or a fraction in \(0, 1\], got 0\.$")),
-    # misspelt keys added with + (without +, Hydra refuses them: tests/test_train.py)
+    # misspelt keys added with + (without +, Hydra refuses them: tests/cli/test_train.py)
     (["+optimizer.lrr=1e-3"], (r"^optimizer\.lrr is not a setting of torch\.optim\.AdamW \(it takes .*\blr\b.*\); "
                                r"remove it or fix its spelling\.$")),
     (["+strategy.head_epoch=2"], (r"^strategy\.head_epoch is not a setting of tunelab\.engine\.strategies\.freeze_unfreeze "
                                   r"\(it takes .*head_epochs")),
     (["+module.layer_decy=0.5"], r"^module\.layer_decy is not a module setting \(settings: .*layer_decay"),
-    # learning rates <= 0 (optimizer.lr=0: tests/test_train.py)
+    # learning rates <= 0 (optimizer.lr=0: tests/cli/test_train.py)
     (["optimizer.lr=-1e-3"], r"^optimizer\.lr must be > 0, got -0\.001\.$"),
     (["optimizer.lr=abc"], r"^optimizer\.lr must be a number > 0, got 'abc'\.$"),
     (["optimizer.lr=inf"], r"^optimizer\.lr must be a finite number > 0, got inf\.$"),
@@ -145,7 +135,7 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, monkeypatch, overrides,
     fails_in_process(tmp_path, [*IMAGE, *overrides], pattern)
 
 
-# Regressions: each of these crashed with a raw exception (as found by tests/test_config_fuzz.py)
+# Regressions: each of these crashed with a raw exception (as found by tests/config/test_config_fuzz.py)
 @pytest.mark.parametrize("overrides,pattern", [
     (["trainer.max_epochs=abc"], r"trainer\.max_epochs must be an integer"),  # ValueError: int('abc')
     (["trainer.max_epochs=[1,2]"], r"trainer\.max_epochs must be an integer"),  # TypeError
@@ -223,7 +213,7 @@ def test_cli_corrupt_image_is_named_before_training(tmp_path):
 
 
 @pytest.mark.parametrize("make,pattern", [
-    # an empty folder (no class folders at all: tests/test_data.py), class folders without images
+    # an empty folder (no class folders at all: tests/data/test_data.py), class folders without images
     (lambda root: [(root / c).mkdir(parents=True) for c in "ab"] and (root / "a" / "notes.txt").write_text("x"),
      r"^data\.source\.root=.*: Found no valid file for the classes a, b\..*\(expected: one sub-folder per class"),
     # a corrupt image among good ones

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import run_cli
-from test_sweeps import SMOKE_GRID
+from helpers.runs import SMOKE_GRID
 from helpers import ui_browser
 from helpers.ui_server import start_ui
 from tunelab.tracking.links import run_link

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_bad_input import IMAGE, nothing_written
+from helpers.runs import IMAGE, nothing_written
 
 from tunelab.errors import TunelabError
 

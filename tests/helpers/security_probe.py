@@ -1,4 +1,4 @@
-"""A user's own callback module, outside tunelab's allow-list: tests/test_security.py lets
+"""A user's own callback module, outside tunelab's allow-list: tests/trust/test_security.py lets
 ``tunelab-train`` build it only after ``TUNELAB_ALLOWED_TARGETS=security_probe`` declares it."""
 
 from __future__ import annotations

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VENV_BIN, compose_cfg
+from conftest import VENV_BIN, compose_cfg, probe_env
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
-from test_faults import PROBE_ENV, TINY, final_weights, runs
-from test_security import plant_malicious_checkpoint
+from helpers.runs import TINY, final_weights, plant_malicious_checkpoint, runs
 
 from tunelab.errors import Preempted, TunelabError
 from tunelab.tracking import tag_names
@@ -33,6 +32,7 @@ from tunelab.tracking.attempts import STALE_ENV, Heartbeat, attempt_tags, death,
 from tunelab.tracking.preemption import STAMP_RECIPE, STAMP_RUN, recipe_hash, resolve_resume
 from tunelab.tracking.runs import mlflow_run
 
+PROBE_ENV = probe_env("fault_probe")
 IN_PROCESS = [o for o in TINY if o != "debug=smoke"]  # compose_cfg adds debug=smoke itself
 
 

@@ -23,7 +23,7 @@ import pytest
 from conftest import (compose_cfg, path_table, run_cli, skip_without_fashion, write_audio_folder, write_image_folder,
                       write_text_csv)
 from omegaconf import OmegaConf
-from test_bad_input import IMAGE, TINY, nothing_written
+from helpers.runs import IMAGE, TINY_MODEL as TINY, nothing_written
 
 import tunelab
 from tunelab.config import build, conf_dir

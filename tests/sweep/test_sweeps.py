@@ -12,9 +12,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import VENV_BIN, run_cli
+from helpers.runs import SMOKE_GRID
 from helpers.ui_server import start_ui
 
-SMOKE_GRID = ["-m", "debug=smoke", "optimizer.lr=1e-3,3e-4", "strategy=full,linear_probe"]
 
 
 def sweep_runs(uri: str) -> tuple[list, list]:

@@ -65,7 +65,7 @@ def test_every_data_module_names_a_known_modality():
     assert kinds == set(MODALITIES), kinds
     with pytest.raises(TunelabError, match="tunelab knows image, text, audio"):
         modality("video")
-    # every shipped model choice is built by tests/test_configs.py, which checks its adapter's modality here too
+    # every shipped model choice is built by tests/config/test_configs.py, which checks its adapter's modality here too
 
 
 @pytest.mark.parametrize("settings", [
