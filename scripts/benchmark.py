@@ -88,7 +88,7 @@ class _Repeat(Dataset):
 class SyntheticData(L.LightningDataModule):
     """What ``build_parts`` asks of a datamodule, serving one fixed batch ``steps`` times."""
 
-    name, task, feature_cache = "synthetic", "classification", None
+    name, task = "synthetic", "classification"
 
     def __init__(self, modality: str, num_classes: int, image_size: int, steps: int):
         super().__init__()

@@ -30,8 +30,9 @@ def test_benchmark_writes_ratios_speedups_memory_and_the_cached_probe(tmp_path, 
     assert rows["head"]["trainable_params"] < rows["half"]["trainable_params"] < rows["full"]["trainable_params"]
     for row in rows.values():
         assert row["raw_samples_per_s"] > 0 and row["tunelab_samples_per_s"] > 0
-        # the JSON rounds samples/s, which at a few samples/s (a busy machine) moves the quotient
-        assert row["ratio"] == pytest.approx(row["tunelab_samples_per_s"] / row["raw_samples_per_s"], rel=0.01)
+        # the JSON rounds samples/s, which at a few samples/s (a busy machine) moves the quotient,
+        # and the ratio to 3 decimals
+        assert row["ratio"] == pytest.approx(row["tunelab_samples_per_s"] / row["raw_samples_per_s"], rel=0.01, abs=5e-4)
     assert set(result["freeze_speedups"]) == {"half", "head"}
     probe = result["cached_probe"]
     assert probe["head_max_abs_diff"] < 1e-4  # the cached head is the uncached head

@@ -271,6 +271,11 @@ class TaskDataModule(L.LightningDataModule):
     def ood_dataset(self, name: str) -> Dataset:
         raise TunelabError(f"data={self.name} ({self.modality}) declares no way to build OOD split {name!r}.")
 
+    def use_feature_cache(self, cache) -> None:
+        """Serve train/val loaders from ``cache.loader(split, self)`` whenever it has one; None: never.
+        (engine/feature_cache.py's FeatureCache, for the epochs of a head-only stage.)"""
+        self.feature_cache = cache
+
     def train_dataloader(self) -> DataLoader:
         cached = self.feature_cache.loader("train", self) if self.feature_cache else None
         return cached or self.loader("train", training=True)

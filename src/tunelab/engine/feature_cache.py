@@ -6,6 +6,10 @@ no dropout / drop-path / batch-statistics inside the backbone, and a model that 
 at its head (``Adapter.features`` / ``classify``). The cached loaders use the same sampler,
 seed and batch size as the uncached ones, so a cached run sees the same batches in the same
 order and ends with the same head (``tests/engine/test_perf.py`` holds it to that).
+
+The contract with the rest of the engine is explicit: the data module serves a cached split
+when its ``use_feature_cache`` cache has one, and a cached batch's inputs arrive as
+:class:`BackboneFeatures`, on which ``FineTuneModule.forward`` runs the head alone.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -97,6 +102,17 @@ def plan_cache(setting, stages: list[Stage], adapter, datamodule, max_epochs: in
     return CachePlan(None, reason)
 
 
+class BackboneFeatures(NamedTuple):
+    """A batch of cached backbone features: the inputs of the head, not of the model."""
+
+    values: torch.Tensor
+
+
+def _collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[BackboneFeatures, torch.Tensor]:
+    features, targets = zip(*items)
+    return BackboneFeatures(torch.stack(features)), torch.stack(targets)
+
+
 class _Features(Dataset):
     """Cached features by position; takes the ``(epoch, index)`` keys of the training sampler."""
 
@@ -132,13 +148,7 @@ class FeatureCache(L.Callback):
         if stage == "fit":
             self.module = pl_module
             self.user_reload = trainer.reload_dataloaders_every_n_epochs
-            trainer.datamodule.feature_cache = self
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        pl_module.reads_features = self.active(trainer.current_epoch)
-
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        pl_module.reads_features = trainer.state.fn == "fit" and self.active(trainer.current_epoch)
+            trainer.datamodule.use_feature_cache(self)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
@@ -149,10 +159,8 @@ class FeatureCache(L.Callback):
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
-            pl_module.reads_features = False
             trainer.reload_dataloaders_every_n_epochs = self.user_reload
-            if getattr(trainer.datamodule, "feature_cache", None) is self:
-                trainer.datamodule.feature_cache = None
+            trainer.datamodule.use_feature_cache(None)
             self.cached.clear()
 
     # -- loaders ----------------------------------------------------------------------------
@@ -169,6 +177,7 @@ class FeatureCache(L.Callback):
             _Features(features, targets),
             batch_size=datamodule.batch_size if training else datamodule.eval_batch_size,
             sampler=datamodule.train_sampler(len(targets)) if training else None,
+            collate_fn=_collate,
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(datamodule.seed),  # as the image loaders: no global draw
         )

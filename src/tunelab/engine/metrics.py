@@ -3,6 +3,8 @@ for classification; MSE, MAE and R² for regression (torchmetrics, so DDP ranks 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -11,7 +13,9 @@ from torchmetrics.classification import (
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 from torchmetrics.utilities import dim_zero_cat
 
-from tunelab.engine.evaluation import macro_auroc
+from tunelab.engine.evaluation import auroc_note, macro_auroc
+
+log = logging.getLogger("tunelab")
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -49,3 +53,20 @@ def regression_metrics() -> MetricCollection:
 
 def task_metrics(task: str, num_outputs: int) -> MetricCollection:
     return classification_metrics(num_outputs) if task == "classification" else regression_metrics()
+
+
+def epoch_auroc(metric: SoftmaxAUROC, split: str, noted: set[str], warn: bool) -> float | None:
+    """``<split>/auroc`` over the epoch's predictions; None where it is undefined.
+
+    A class without samples in the split (a small split, limit_val_batches) has no defined
+    one-vs-rest AUROC: the value covers the classes present and one warning per split (``noted``
+    holds the splits already warned of; ``warn``: this rank speaks) says which are missing,
+    rather than dropping the metric for every run with a short split. With fewer than two
+    classes present nothing is defined."""
+    value, missing = metric.compute()  # gathered over DDP ranks: the same on every rank
+    note = auroc_note(f"{split}/auroc", metric.num_classes, missing, logged=value is not None)
+    if note and split not in noted:
+        noted.add(split)
+        if warn:
+            log.warning(note)
+    return value

@@ -15,38 +15,28 @@ where ``shape`` is the scheduler, ``rewarmup`` restarts a linear warmup at each 
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Callable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from tunelab.adapters import Adapter
 from tunelab.config.settings import EXTENSION, FRACTION, POSITIVE, integer, mapping, reads
-from tunelab.engine.evaluation import auroc_note
+from tunelab.engine.batchnorm import check_mode, hold_running_stats
+from tunelab.engine.feature_cache import BackboneFeatures
 from tunelab.engine.loss_watch import LossWatch
-from tunelab.engine.metrics import SoftmaxAUROC, task_metrics
+from tunelab.engine.metrics import SoftmaxAUROC, epoch_auroc, task_metrics
 from tunelab.engine.param_groups import LAYER_DECAY, layer_scales, param_groups
 from tunelab.engine.perf import compile_model, compile_options, fused_kwargs, to_channels_last
 from tunelab.engine.schedules import constant
 from tunelab.engine.strategies import Stage
 from tunelab.errors import TunelabError
 
-# How BatchNorm layers behave in training mode:
-#   eval:        every layer always uses (and keeps) its running statistics: the Keras
-#                fine-tuning recipe, for small batches or data far from the pretraining set.
-#   frozen_eval: layers whose parameters are frozen use their running statistics (and never
-#                update them); trainable layers normalise with batch statistics.
-#   train:       plain PyTorch behaviour; frozen layers' statistics drift too.
-BATCHNORM_MODES = ("eval", "frozen_eval", "train")
-
-log = logging.getLogger("tunelab")
 
 
 @reads("module", noun="module")
@@ -74,8 +64,6 @@ class FineTuneModule(L.LightningModule):
         stage_rewarmup: Annotated[int, integer(0)] = 0,
     ):
         super().__init__()
-        if batchnorm not in BATCHNORM_MODES:
-            raise TunelabError(f"module.batchnorm must be one of auto, {', '.join(BATCHNORM_MODES)}, got {batchnorm!r}.")
         self.model = adapter.model
         self.groups = adapter.groups
         self.stages = stages
@@ -84,7 +72,7 @@ class FineTuneModule(L.LightningModule):
         self.regularizer = regularizer
         self.label_smoothing = label_smoothing
         self.loss_fn = loss  # None: cross-entropy (with label_smoothing) or MSE, by task
-        self.batchnorm = batchnorm
+        self.batchnorm = check_mode(batchnorm)  # engine/batchnorm.py
         self.layer_scale = layer_scales([g.name for g in self.groups], layer_decay, group_lr_mults)
         self.stage_rewarmup = int(stage_rewarmup)
         self.stage_index, self.stage_start_step = -1, 0
@@ -97,7 +85,6 @@ class FineTuneModule(L.LightningModule):
         self.task = task
         self._set_perf(dict(perf or {}))
         self.classify = adapter.classify
-        self.reads_features = False  # set by the FeatureCache callback on cached epochs
         # Regression heads learn standardised targets; predictions are mapped back to the
         # data's units for the loss-independent metrics (MSE/MAE/R² in the units users know).
         mean, std = target_stats or (0.0, 1.0)
@@ -130,9 +117,10 @@ class FineTuneModule(L.LightningModule):
 
     def forward(self, x) -> torch.Tensor:
         """Logits (classification) or predictions in the targets' units (regression).
-        ``x`` is an image batch or the dict a tokenizer / feature extractor produced."""
-        if self.reads_features:  # x holds cached backbone features (feature_cache.py)
-            out = self.classify(self.model, x)
+        ``x`` is an image batch, the dict a tokenizer / feature extractor produced, or cached
+        backbone features (feature_cache.py), which only the head reads."""
+        if isinstance(x, BackboneFeatures):
+            out = self.classify(self.model, x.values)
         else:
             if self.channels_last:
                 x = to_channels_last(x)
@@ -171,13 +159,8 @@ class FineTuneModule(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode and self.batchnorm != "train":
-            for m in self.model.modules():
-                if not isinstance(m, _BatchNorm):
-                    continue
-                frozen = m.weight is None or not m.weight.requires_grad
-                if self.batchnorm == "eval" or frozen:
-                    m.eval()
+        if mode:
+            hold_running_stats(self.model, self.batchnorm)
         return self
 
     # -- learning rates ----------------------------------------------------------------------
@@ -254,20 +237,10 @@ class FineTuneModule(L.LightningModule):
         return logits, y
 
     def _log_auroc(self, split: str) -> None:
-        """Log ``<split>/auroc`` over the epoch's predictions, then free them.
-
-        A class without samples in the split (a small split, limit_val_batches) has no defined
-        one-vs-rest AUROC: the value covers the classes present and one warning per split says
-        which are missing, rather than dropping the metric for every run with a short split.
-        With fewer than two classes present nothing is defined: not logged, and the warning says so."""
+        """Log ``<split>/auroc`` over the epoch's predictions (metrics.epoch_auroc), then free them."""
         metric = self.auroc[split]
         if not self.trainer.sanity_checking and metric.update_count:  # sanity batches are not the split
-            value, missing = metric.compute()  # gathered over DDP ranks: the same on every rank
-            note = auroc_note(f"{split}/auroc", metric.num_classes, missing, logged=value is not None)
-            if note and split not in self._auroc_noted:
-                self._auroc_noted.add(split)
-                if self.trainer.is_global_zero:
-                    log.warning(note)
+            value = epoch_auroc(metric, split, self._auroc_noted, self.trainer.is_global_zero)
             if value is not None:  # sync_dist only averages equal values; it keeps Lightning quiet
                 self.log(f"{split}/auroc", value, sync_dist=True)
         metric.reset()
