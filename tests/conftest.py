@@ -238,8 +238,9 @@ def run_cli(tmp_path: Path, *args: str, env: dict | None = None):
 def trained_run(tmp_path_factory):
     """One real training (with fake secrets in its environment), shared by a test module's tests.
     They read it or copy it, never write into it."""
+    from helpers.runs import train_cli  # here, not at the top: helpers.runs imports conftest
+
     home = tmp_path_factory.mktemp("trained")
-    from helpers.runs import train_cli
 
     proc = train_cli(home)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -45,6 +45,8 @@ def test_eval_takes_data_overrides_only(tmp_path):
         apply_data_overrides(cfg, ["data.batch_sise=3"])
     with pytest.raises(TunelabError, match=r"Could not find 'data/nope'\. Available options in 'data': audio_csv, "):
         apply_data_overrides(cfg, ["data=nope"])
+    with pytest.raises(TunelabError, match=r"needs data to evaluate on; \['~data'\] removed it"):
+        apply_data_overrides(cfg, ["~data"])
     apply_data_overrides(cfg, ["data=image_folder", "data.source.root=/new/images"])
     assert cfg.data.name == "image_folder" and cfg.data.source.root == "/new/images"
     assert cfg.data.seed == cfg.seed and cfg.data.batch_size != 3  # another config, the run's seed

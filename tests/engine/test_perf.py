@@ -17,7 +17,8 @@ TINY = ["model.arch=test_efficientnet", "model.pretrained=false", "data.image_si
         "module.batchnorm=eval"]  # a random init defaults to batch statistics, which no cache can reproduce
 
 
-def fit(cfg_factory, *overrides):
+def fit(cfg_factory, *overrides, inputs: list | None = None):
+    """The parts and the per-step losses of a real fit; ``inputs`` collects each step's input type."""
     torch.manual_seed(0)
     cfg = cfg_factory(*TINY, *overrides)
     parts = build_parts(cfg)
@@ -28,6 +29,8 @@ def fit(cfg_factory, *overrides):
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
+            if inputs is not None:
+                inputs.append(type(batch[0]).__name__)
 
     trainer = build(cfg.trainer, "trainer", logger=False, enable_checkpointing=False,
                     callbacks=[*core_callbacks(parts), Record()])
@@ -52,7 +55,8 @@ def test_cached_features_train_the_same_head_as_the_backbone(cfg_factory, strate
     """Same seed, same batches: the head trained on cached features equals the head trained
     through the backbone, with head dropout on (model.drop_rate=0.3 draws the same masks)."""
     extra = [f"strategy={strategy}", "model.drop_rate=0.3"] + (["strategy.head_epochs=2"] if strategy != "linear_probe" else [])
-    cached, cached_losses = fit(cfg_factory, *extra, "perf.cache_features=true")
+    inputs: list[str] = []
+    cached, cached_losses = fit(cfg_factory, *extra, "perf.cache_features=true", inputs=inputs)
     plain, plain_losses = fit(cfg_factory, *extra, "perf.cache_features=false")
     assert cached.cache_plan.epochs == range(0, 3 if strategy == "linear_probe" else 2)
     assert plain.cache_plan.epochs is None and "perf.cache_features=false" in plain.stage_table()
@@ -64,6 +68,9 @@ def test_cached_features_train_the_same_head_as_the_backbone(cfg_factory, strate
         backbone = {n: p for n, p in cached.module.model.named_parameters() if n not in head_weights(cached)}
         plain_backbone = {n: p for n, p in plain.module.model.named_parameters() if n in backbone}
         assert_same({n: p.detach() for n, p in backbone.items()}, {n: p.detach() for n, p in plain_backbone.items()}, 1e-5)
+    # the cached epochs really read BackboneFeatures (the head alone); the last one went back to images
+    cached_epochs = 3 if strategy == "linear_probe" else 2
+    assert inputs == ["BackboneFeatures"] * 6 * cached_epochs + ["Tensor"] * 6 * (3 - cached_epochs)
     assert cached.datamodule.feature_cache is None  # served for the fit only
 
 

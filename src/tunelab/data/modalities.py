@@ -2,8 +2,8 @@
 
 Training, evaluation, export, ``tunelab-predict``, the served MLflow model and monitoring ask a
 ``Modality`` instead of testing a name: which files hold it, which entry of the model's data
-config preprocesses it, how an exported folder loads that processor back. How raw inputs become tensors lives in ``data/preprocess.py``, shared
-by the training data modules and serving.
+config preprocesses it, how an exported folder loads that processor back. How raw inputs become
+tensors lives in ``data/preprocess.py``, shared by the training data modules and serving.
 """
 
 from __future__ import annotations

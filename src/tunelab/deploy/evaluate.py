@@ -45,6 +45,9 @@ def apply_data_overrides(cfg, overrides: list[str]) -> None:
         raise TunelabError(f"tunelab-eval takes data overrides only (data=CHOICE, data.KEY=VALUE); got {bad}.")
     ConfigStore.instance().store(group="data", name=TRAINED_DATA, node=OmegaConf.to_container(cfg.data))
     composed = compose_root("eval", overrides)
+    if "data" not in composed:  # ~data: nothing left to evaluate on
+        raise TunelabError(f"tunelab-eval needs data to evaluate on; {overrides} removed it. "
+                           "Pick another with data=CHOICE instead.")
     # the run's seed and folders set as values, never spliced into override text: they come from
     # the stored config (data, not syntax; a folder name with a comma would be a sweep)
     for key in ("seed", "paths.root_dir", "paths.output_dir"):
