@@ -89,3 +89,18 @@ def nothing_written(root: Path) -> None:
 
 # A grid sweep of four smoke runs.
 SMOKE_GRID = ["-m", "debug=smoke", "optimizer.lr=1e-3,3e-4", "strategy=full,linear_probe"]
+
+
+def sweep_runs(uri: str) -> tuple[list, list]:
+    """(parents, children) of every sweep in the store's 'tunelab' experiment."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tunelab")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("tunelab.sweep") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) + len(children) == len(runs), "a run that is neither parent nor child"
+    return parents, children
+
+
+def store_uri(home: Path) -> str:
+    return f"sqlite:///{home}/outputs/mlflow.db"

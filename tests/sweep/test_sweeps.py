@@ -12,24 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import VENV_BIN, run_cli
-from helpers.runs import SMOKE_GRID
+from helpers.runs import SMOKE_GRID, store_uri, sweep_runs
 from helpers.ui_server import start_ui
-
-
-
-def sweep_runs(uri: str) -> tuple[list, list]:
-    """(parents, children) of every sweep in the store's 'tunelab' experiment."""
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("tunelab")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("tunelab.sweep") == "parent"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) + len(children) == len(runs), "a run that is neither parent nor child"
-    return parents, children
-
-
-def store_uri(home: Path) -> str:
-    return f"sqlite:///{home}/outputs/mlflow.db"
 
 
 @pytest.mark.slow
