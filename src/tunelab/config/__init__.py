@@ -28,6 +28,17 @@ def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("pid"):
         # in output folder names: two runs or sweeps started in the same second must not share one
         OmegaConf.register_new_resolver("pid", lambda: os.getpid(), use_cache=True)
+    if not OmegaConf.has_resolver("gpus_of"):
+        # a cluster launcher's request: one task per device, no GPUs for a CPU trainer (whose
+        # node may have none)
+        OmegaConf.register_new_resolver("device_count", _device_count)
+        OmegaConf.register_new_resolver("gpus_of", lambda accelerator, devices: (
+            None if str(accelerator) == "cpu" else _device_count(devices)))
+
+
+def _device_count(devices: Any) -> int:
+    """trainer.devices as a count: 4, or a list of device ids."""
+    return len(devices) if isinstance(devices, (list, tuple, ListConfig)) else int(devices)
 
 
 _register_resolvers()

@@ -71,11 +71,15 @@ def externally_launched() -> bool:
 
 
 def global_rank() -> int:
+    """This process's rank. Ranks tunelab started carry srun's SLURM_PROCID=0 too when their job
+    has one Slurm task, so tunelab's own variables are read first."""
+    if "TUNELAB_LOCAL_WORLD" in os.environ and "LOCAL_RANK" in os.environ:
+        return int(os.environ.get("NODE_RANK", "0")) * int(os.environ["TUNELAB_LOCAL_WORLD"]) + int(os.environ["LOCAL_RANK"])
     for key in ("RANK", "SLURM_PROCID"):
         if key in os.environ:
             return int(os.environ[key])
     if "LOCAL_RANK" in os.environ:
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("TUNELAB_LOCAL_WORLD", "1")))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         return int(os.environ.get("NODE_RANK", "0")) * per_node + int(os.environ["LOCAL_RANK"])
     return 0
 
@@ -213,6 +217,28 @@ def rank_processes(cfg: DictConfig, folder: Path) -> Iterator[RankGroup | None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def cluster_plugins() -> dict:
+    """The cluster environment Lightning must use, as Trainer keyword arguments.
+
+    Inside a Slurm job Lightning picks its SLURM environment by itself, which reads each
+    process's rank from srun's variables and traps SIGUSR1 to ``scontrol requeue`` the job.
+    Ranks tunelab (or torchrun) started inside a job of one Slurm task all carry srun's rank 0,
+    so they are told to read their launcher's variables instead. Ranks srun started keep
+    SLURM's view, without the requeue: pre-emption is tunelab's (SIGTERM saves a resumable
+    checkpoint, resume=auto continues the same run), and a requeued job would start a second run.
+    """
+    from lightning.pytorch.plugins.environments import (LightningEnvironment, SLURMEnvironment,
+                                                        TorchElasticEnvironment)
+
+    if "TUNELAB_LOCAL_WORLD" in os.environ:
+        return {"plugins": [LightningEnvironment()]}
+    if TorchElasticEnvironment.detect():
+        return {"plugins": [TorchElasticEnvironment()]}
+    if "SLURM_NTASKS" in os.environ and SLURMEnvironment.detect():
+        return {"plugins": [SLURMEnvironment(auto_requeue=False)]}
+    return {}
 
 
 def leave_process_group() -> None:

@@ -63,7 +63,16 @@ def attempt_tags(output_dir) -> dict[str, str]:
     me = psutil.Process()
     return {tag_names.OUTPUT_DIR: str(Path(str(output_dir)).resolve()), tag_names.HOST: socket.gethostname(),
             tag_names.PID: str(me.pid), tag_names.PROCESS: f"{_process_space()}/{me.create_time():.2f}",
-            tag_names.HEARTBEAT: str(int(time.time()))}
+            tag_names.HEARTBEAT: str(int(time.time())), **slurm_job_tags()}
+
+
+def slurm_job_tags() -> dict[str, str]:
+    """The Slurm job this attempt runs in (``<array job>_<task>`` for a sweep's array): what
+    ``sacct``, ``scancel`` and the job's log file names know it by."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return {tag_names.SLURM_JOB_ID: f"{array}_{task}" if array and task else os.environ["SLURM_JOB_ID"]}
 
 
 def stale_after_s() -> float:

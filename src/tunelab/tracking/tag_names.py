@@ -29,6 +29,7 @@ HOST = "tunelab.host"
 PID = "tunelab.pid"
 PROCESS = "tunelab.process"  # machine, boot, pid namespace and start time: tells a reused pid from ours
 HEARTBEAT = "tunelab.heartbeat"  # unix seconds of the last sign of life
+SLURM_JOB_ID = "tunelab.slurm_job_id"  # <array job>_<task> of a Slurm array, else the job id
 RESUMED_FROM = "tunelab.resumed_from"
 LOST_ATTEMPTS = "tunelab.lost_attempts"  # attempts that died without a checkpoint, and the steps they lost
 
