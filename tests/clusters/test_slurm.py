@@ -3,6 +3,7 @@ sweep, DDP ranks started by srun, and what a cancelled or timed-out job leaves b
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -10,19 +11,24 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import run_cli
-from helpers.runs import store_uri, sweep_runs
+from conftest import VENV_BIN, probe_env, run_cli
+from helpers.runs import TINY, store_uri, sweep_runs
 
 # The node has no GPUs: a CPU trainer asks Slurm for none; one CPU per trial lets two run at once.
-ON_SLURM = ["-m", "hydra/launcher=slurm", "trainer=cpu", "hydra.launcher.cpus_per_task=1", "debug=smoke"]
+SLURM = ["-m", "hydra/launcher=slurm", "trainer=cpu", "hydra.launcher.cpus_per_task=1"]
+ON_SLURM = [*SLURM, "debug=smoke"]
+# A long job whose pace each attempt sets (fault_probe.SlowSteps sleeps TUNELAB_PROBE_STEP_S per step).
+SLOW = [*SLURM, *TINY, "+callbacks.slow._target_=fault_probe.SlowSteps"]
 
 
 def sacct_states(env: dict[str, str], job: str) -> dict[str, str]:
-    """Slurm's accounting of a job (an array: one line per task), JobID -> State."""
+    """Slurm's accounting of a job (an array: one line per task), JobID -> State ("CANCELLED by 0"
+    -> CANCELLED)."""
     out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "JobID,State"], env=env,
                          capture_output=True, text=True, timeout=30, check=True).stdout
-    return dict(line.split("|")[:2] for line in out.split())
+    return {job_id: state.split()[0] for job_id, state in (line.split("|")[:2] for line in out.splitlines())}
 
 
 def sweep_folder(home: Path) -> Path:
@@ -81,6 +87,66 @@ def test_ddp_on_slurm_is_one_run_per_job_whoever_starts_the_ranks(tmp_path, slur
         assert not rank1.exists()
         for task in (0, 1):
             assert rewrapped in (job_dir / f"{job_dir.name}_{task}_log.out").read_text()
+
+
+def wait_for_run(home: Path, matches, timeout: float = 120):
+    """The first child run that ``matches``, once one exists (polling the store the sweep writes,
+    once its jobs are submitted: reading a store MLflow is still creating races its migration)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list((home / "outputs" / "multiruns").glob("*/.submitit")):
+            found = [c for c in sweep_runs(store_uri(home))[1] if matches(c)]
+            if found:
+                return found[0]
+        time.sleep(1)
+    raise AssertionError(f"no such run within {timeout:.0f} s")
+
+
+@pytest.mark.slow
+def test_scancel_kills_that_trial_only_and_leaves_no_run_running(tmp_path, slurm):
+    env = {**os.environ, **slurm, **probe_env("fault_probe"), "TUNELAB_HOME": str(tmp_path), "TUNELAB_PROBE_STEP_S": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sweep = subprocess.Popen([str(VENV_BIN / "tunelab-train"), *SLOW, "trainer.max_epochs=2,60"], cwd=tmp_path,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        victim = wait_for_run(tmp_path, lambda c: c.data.params.get("sweep.trainer.max_epochs") == "60"
+                              and c.info.status == "RUNNING" and "tunelab.slurm_job_id" in c.data.tags)
+        job_id = victim.data.tags["tunelab.slurm_job_id"]
+        subprocess.run(["scancel", job_id], env=env, check=True, timeout=30)
+        out, err = sweep.communicate(timeout=180)
+    finally:
+        sweep.kill()
+    assert sweep.returncode != 0, "a sweep with a cancelled trial must not report success"
+    parents, children = sweep_runs(store_uri(tmp_path))
+    by_epochs = {c.data.params["sweep.trainer.max_epochs"]: c for c in children}
+    assert by_epochs["2"].info.status == "FINISHED"
+    cancelled = by_epochs["60"]
+    assert cancelled.info.status == "KILLED" and "SIGTERM" in cancelled.data.tags["tunelab.error"]
+    assert parents[0].info.status == "FAILED", "the parent of a sweep with a cancelled trial stays RUNNING"
+    assert sacct_states(slurm, job_id)[job_id] == "CANCELLED"
+    assert "KILLED" in out
+
+
+@pytest.mark.slow
+def test_a_job_at_its_time_limit_is_preempted_and_resume_auto_continues_its_run(tmp_path, slurm):
+    """Slurm's minimum limit is a minute; submitit asks for SIGUSR2 signal_delay_s before it."""
+    command = [*SLOW, "trainer.max_epochs=40", "resume=auto"]  # 80 steps of 1 s: over the limit
+    first = run_cli(tmp_path, *command, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30",
+                    env={**slurm, **probe_env("fault_probe"), "TUNELAB_PROBE_STEP_S": "1"})
+    assert first.returncode != 0
+    _, (child,) = sweep_runs(store_uri(tmp_path))
+    assert child.info.status == "KILLED" and child.data.tags["tunelab.error"] == "pre-empted (SIGTERM)"
+    checkpoint = torch.load(child.data.tags["tunelab.preempted_checkpoint"], map_location="cpu", weights_only=True)
+    assert 0 < checkpoint["global_step"] < 80
+
+    second = run_cli(tmp_path, *command, env={**slurm, **probe_env("fault_probe")})  # resubmitted, full speed
+    assert second.returncode == 0, second.stderr[-3000:]
+    parents, children = sweep_runs(store_uri(tmp_path))
+    (resumed,) = [c for c in children if c.info.run_id == child.info.run_id]
+    assert len(children) == 1 and resumed.info.status == "FINISHED", "resume=auto started a new run"
+    assert resumed.data.tags["tunelab.slurm_job_id"] != child.data.tags["tunelab.slurm_job_id"]
+    (last,) = Path(resumed.data.tags["tunelab.output_dir"]).glob("checkpoints/last.ckpt")
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 80
 
 
 def test_lightning_says_nothing_about_srun_when_slurm_is_merely_installed(monkeypatch):

@@ -51,3 +51,13 @@ class PauseAt(L.Callback):
         deadline = time.monotonic() + self.timeout
         while not (self.folder / f"go_{step}").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+class SlowSteps(L.Callback):
+    """Sleeps after every optimizer step for ``$TUNELAB_PROBE_STEP_S`` seconds (0 when unset): a
+    long job whose pace the test sets per attempt, outside the config (and so the recipe)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        import time
+
+        time.sleep(float(os.environ.get("TUNELAB_PROBE_STEP_S", "0")))

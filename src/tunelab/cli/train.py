@@ -125,7 +125,7 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
             ranks.on_failure = run.fail  # a dead sibling rank fails this run at once
         _describe_run(cfg, run, parts, rank)
         callbacks = _callbacks(cfg, parts, job if rank == 0 else None)
-        agreement, preemption = RankAgreement(config_hash(cfg)), PreemptionCheckpoint(cfg.paths.output_dir)
+        agreement, preemption = RankAgreement(config_hash(cfg)), PreemptionCheckpoint(cfg.paths.output_dir, guard)
         callbacks += [agreement, preemption, *resume_callbacks(cfg, run)]  # stamp + heartbeat: resume=auto after a crash
         trainer = build(cfg.trainer, "trainer", logger=run.lightning_logger(), callbacks=callbacks,
                         **cluster_plugins())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -37,6 +38,9 @@ from tunelab.tracking.store import check_reachable, tracking_uri
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "preempted.ckpt"
+# submitit asks Slurm for this signal hydra.launcher.signal_delay_s before the time limit; its own
+# handler would end the job mid-step (or requeue it without resume=auto), so tunelab takes it.
+SLURM_WARNING = signal.SIGUSR2
 # Each attempt of a run (the first, and every resume) records where it writes and who it is.
 # Inside every checkpoint (plain strings, weights_only reads them): who saved it.
 STAMP_RECIPE, STAMP_RUN = "tunelab_recipe_hash", "tunelab_run_id"
@@ -45,9 +49,17 @@ STAMP_RECIPE, STAMP_RUN = "tunelab_recipe_hash", "tunelab_run_id"
 class PreemptionCheckpoint(L.Callback):
     """On Lightning's SIGTERM exception, save a checkpoint the next run can resume exactly."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, guard: "SigtermGuard | None" = None):
         self.path = Path(folder) / "checkpoints" / CHECKPOINT
         self.saved: str | None = None
+        self.guard = guard
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        # Lightning sets its signal handlers when fit starts and forgets any SIGTERM before:
+        # one that came in between (the guard held it for Lightning) is sent again now.
+        if self.guard is not None and self.guard.pending:
+            self.guard.pending = False
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -64,6 +76,7 @@ class SigtermGuard:
 
     def __init__(self):
         self.in_lightning = False
+        self.pending = False  # a SIGTERM that came while Lightning was meant to handle it
 
     @contextmanager
     def lightning(self) -> Iterator[None]:
@@ -76,17 +89,29 @@ class SigtermGuard:
     def _handle(self, signum, frame) -> None:
         if not self.in_lightning:
             raise Preempted()
+        self.pending = True
+
+    @staticmethod
+    def _relay(signum, frame) -> None:
+        """submitit's warning that a Slurm job nears its time limit (or is pre-empted) becomes a
+        SIGTERM: the same clean stop, while there is time left to write the checkpoint."""
+        log.warning("%s from Slurm: the job nears its time limit; stopping as on SIGTERM",
+                    signal.Signals(signum).name)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     @contextmanager
     def installed(self) -> Iterator["SigtermGuard"]:
         if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
             yield self
             return
-        previous = signal.signal(signal.SIGTERM, self._handle)
+        relayed = [SLURM_WARNING] if "SLURM_JOB_ID" in os.environ else []
+        previous = {sig: signal.signal(sig, self._relay) for sig in relayed}
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
         try:
             yield self
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def recipe_hash(cfg: DictConfig) -> str:
