@@ -17,10 +17,10 @@ from conftest import VENV_BIN, probe_env, run_cli
 from helpers.runs import TINY, store_uri, sweep_runs
 
 # The node has no GPUs: a CPU trainer asks Slurm for none; one CPU per trial lets two run at once.
-SLURM = ["-m", "hydra/launcher=slurm", "trainer=cpu", "hydra.launcher.cpus_per_task=1"]
-ON_SLURM = [*SLURM, "debug=smoke"]
+SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1"]
+ON_SLURM = [*SLURM, "trainer=cpu", "debug=smoke"]
 # A long job whose pace each attempt sets (fault_probe.SlowSteps sleeps TUNELAB_PROBE_STEP_S per step).
-SLOW = [*SLURM, *TINY, "+callbacks.slow._target_=fault_probe.SlowSteps"]
+SLOW = [*SLURM, "trainer=cpu", *TINY, "+callbacks.slow._target_=fault_probe.SlowSteps"]
 
 
 def sacct_states(env: dict[str, str], job: str) -> dict[str, str]:
@@ -69,8 +69,8 @@ def test_ddp_on_slurm_is_one_run_per_job_whoever_starts_the_ranks(tmp_path, slur
     """srun: two Slurm tasks per job, Lightning's SLURM environment joins them. tunelab: one
     Slurm task, whose process starts the second rank itself (both carry srun's rank 0)."""
     one_task = ["hydra.launcher.tasks_per_node=1", "hydra.launcher.cpus_per_task=2"] if tasks == "tunelab" else []
-    result = run_cli(tmp_path, *ON_SLURM, "trainer=ddp_cpu", "trainer.devices=2", "strategy=freeze_unfreeze",
-                     "optimizer.lr=1e-3", *one_task, env=slurm)
+    result = run_cli(tmp_path, *SLURM, "debug=smoke", "trainer=ddp_cpu", "trainer.devices=2",
+                     "strategy=freeze_unfreeze", "optimizer.lr=1e-3", *one_task, env=slurm)
     assert result.returncode == 0, result.stderr[-3000:]
     parents, children = sweep_runs(store_uri(tmp_path))
     assert len(parents) == 1 and len(children) == 1, "one MLflow run per job, not one per rank"
@@ -104,7 +104,8 @@ def wait_for_run(home: Path, matches, timeout: float = 120):
 
 @pytest.mark.slow
 def test_scancel_kills_that_trial_only_and_leaves_no_run_running(tmp_path, slurm):
-    env = {**os.environ, **slurm, **probe_env("fault_probe"), "TUNELAB_HOME": str(tmp_path), "TUNELAB_PROBE_STEP_S": "1"}
+    env = {**os.environ, **slurm, **probe_env("fault_probe"), "TUNELAB_HOME": str(tmp_path),
+           "TUNELAB_PROBE_STEP_S": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     sweep = subprocess.Popen([str(VENV_BIN / "tunelab-train"), *SLOW, "trainer.max_epochs=2,60"], cwd=tmp_path,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
