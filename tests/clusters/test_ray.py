@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from conftest import REPO, run_cli
-from helpers.runs import store_uri, sweep_runs
+from helpers.runs import finished_sweep, store_uri
 
 
 def _load_ray_head():
@@ -74,12 +74,7 @@ def test_a_ray_sweep_is_one_parent_with_a_child_per_trial_run_by_the_cluster_wor
                          env=ray_cluster.env)
     seconds = time.monotonic() - start
     assert result.returncode == 0, result.stderr[-3000:]
-    parents, children = sweep_runs(store_uri(tmp_path))
-    assert len(parents) == 1 and len(children) == 2
-    parent = parents[0]
-    assert parent.info.status == "FINISHED"
-    assert all(c.info.status == "FINISHED" for c in children)
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    parent, children = finished_sweep(store_uri(tmp_path), 2)
     assert {c.data.params["sweep.optimizer.lr"] for c in children} == {"0.001", "0.0003"}
     assert parent.data.params["sweep.launcher"] == "RayLauncher"
     assert "sweep FINISHED: 2 trials (2 FINISHED)" in result.stdout

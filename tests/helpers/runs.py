@@ -104,3 +104,14 @@ def sweep_runs(uri: str) -> tuple[list, list]:
 
 def store_uri(home: Path) -> str:
     return f"sqlite:///{home}/outputs/mlflow.db"
+
+
+def finished_sweep(uri: str, trials: int) -> tuple:
+    """The contract every launcher keeps: one FINISHED parent and ``trials`` FINISHED children
+    nested under it. Returns (parent, children)."""
+    parents, children = sweep_runs(uri)
+    assert len(parents) == 1 and len(children) == trials, (len(parents), len(children))
+    (parent,) = parents
+    assert [parent.info.status, *(c.info.status for c in children)] == ["FINISHED"] * (trials + 1)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    return parent, children

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import VENV_BIN, run_cli
-from helpers.runs import SMOKE_GRID, store_uri, sweep_runs
+from helpers.runs import SMOKE_GRID, finished_sweep, store_uri, sweep_runs
 from helpers.ui_server import start_ui
 
 
@@ -20,12 +20,7 @@ from helpers.ui_server import start_ui
 def test_grid_multirun_is_one_parent_with_a_child_per_job(tmp_path):
     result = run_cli(tmp_path, *SMOKE_GRID, "logger.register_best=grid_best")
     assert result.returncode == 0, result.stderr[-3000:]
-    parents, children = sweep_runs(store_uri(tmp_path))
-    assert len(parents) == 1 and len(children) == 4
-    parent = parents[0]
-    assert parent.info.status == "FINISHED"
-    assert all(c.info.status == "FINISHED" for c in children)
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    parent, children = finished_sweep(store_uri(tmp_path), 4)
     combos = {(c.data.params["sweep.optimizer.lr"], c.data.params["sweep.strategy"]) for c in children}
     assert combos == {("0.001", "full"), ("0.001", "linear_probe"), ("0.0003", "full"), ("0.0003", "linear_probe")}
     assert all(c.data.tags["sweep.strategy"] == c.data.params["sweep.strategy"] for c in children)
