@@ -49,8 +49,8 @@ WHEELS=(
   omegaconf==2.3.1
   # -- `-m hydra/launcher=joblib` sweeps (joblib's loky pickles the job with cloudpickle)
   hydra-joblib-launcher==1.2.0
-  joblib==1.6.0
-  cloudpickle==3.1.3
+  joblib==1.5.3
+  cloudpickle==2.2.1                         # hydra-ray-launcher (the ray extra) pins <3
   # -- MLflow client (skinny: no server/UI) and what `import mlflow` imports unconditionally
   mlflow-skinny==3.17.2
   protobuf==7.36.2                           # mlflow.protos

@@ -23,18 +23,22 @@ def _tunelab_ui() -> list[str]:
 
 
 @contextlib.contextmanager
-def start_ui(store: Path, port: int | None = None, timeout: float = 90.0, *, create: bool = False,
-             workers: int | None = 1, log_path: Path | None = None) -> Iterator[str]:
+def start_ui(store: Path | None, port: int | None = None, timeout: float = 90.0, *, create: bool = False,
+             workers: int | None = 1, log_path: Path | None = None, backend_store_uri: str | None = None,
+             artifacts: Path | None = None) -> Iterator[str]:
     """Run ``tunelab-ui --store STORE`` on a loopback port until the block ends; yields its URL.
 
     ``create`` starts a new store, ``workers=None`` keeps the server's default worker count,
-    ``log_path`` keeps the server's output for the caller. The server runs in its own process
-    group, which is killed on the way out, also on errors.
+    ``log_path`` keeps the server's output for the caller; ``backend_store_uri`` (with
+    ``store=None``) serves a database instead, its artifacts in ``artifacts``. The server runs in
+    its own process group, which is killed on the way out, also on errors.
     """
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    command = [*_tunelab_ui(), "--store", str(store), "--port", str(port)]
+    where = ["--backend-store-uri", backend_store_uri] if backend_store_uri else ["--store", str(store)]
+    command = [*_tunelab_ui(), *where, "--port", str(port)]
+    command += ["--artifacts", str(artifacts)] if artifacts else []
     command += ["--create"] if create else []
     command += ["--workers", str(workers)] if workers else []
     with (open(log_path, "w+") if log_path else tempfile.TemporaryFile("w+")) as log:

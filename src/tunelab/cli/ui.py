@@ -1,5 +1,7 @@
-"""``tunelab-ui``: open the MLflow UI on tunelab's local store (127.0.0.1 unless asked; with
---auth behind MLflow's login, which --allow-remote requires: see tunelab/tracking/auth.py)."""
+"""``tunelab-ui``: open the MLflow UI on tunelab's local store, or serve a database store
+(PostgreSQL) as a team's tracking server (127.0.0.1 unless asked; with --auth behind MLflow's
+login, which --allow-remote requires: see tunelab/tracking/auth.py). A database's password is
+never printed and never on the server's command line (which any local user can read)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import sys
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.tracking.store import default_store
+from tunelab.tracking.links import shown_uri
+from tunelab.tracking.store import check_database, database_uri, default_store
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -20,13 +23,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Open the MLflow UI on the runs tunelab-train logged, to compare them side by side. "
         "The same server accepts runs over HTTP: MLFLOW_TRACKING_URI=http://HOST:PORT tunelab-train ...",
     )
-    parser.add_argument("--store", type=Path, default=None,
-                        help=f"the SQLite file tunelab-train logged to (default: {default_store()})")
-    parser.add_argument("--backend-store-uri", default=None,
-                        help="any MLflow backend store URI instead of --store (e.g. postgresql://...)")
+    store = parser.add_mutually_exclusive_group()
+    store.add_argument("--store", type=Path, default=None,
+                       help=f"the SQLite file tunelab-train logged to (default: {default_store()})")
+    store.add_argument("--backend-store-uri", default=None, metavar="URI",
+                       help="a database instead of --store, for a team's server that many trials write to at "
+                       "once: postgresql://USER:PASSWORD@HOST:PORT/DB (also mysql://, mssql://). The password is "
+                       "shown as *** and kept off the server's command line; leave it out of the URI to use "
+                       "PGPASSWORD or ~/.pgpass instead. The database must exist; MLflow creates its tables")
     parser.add_argument("--artifacts", type=Path, default=None,
-                        help="folder for artifacts of runs logged through this server "
-                        "(default: mlartifacts/ beside the store)")
+                        help="folder for artifacts of runs logged through this server: clients send them over "
+                        "HTTP, the server writes them here (default: mlartifacts/ beside the --store file; "
+                        "./outputs/mlartifacts with --backend-store-uri)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; another address "
                         "needs --allow-remote and --auth)")
@@ -49,9 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def server_command(args: argparse.Namespace) -> tuple[list[str], str, Path]:
-    """The ``mlflow server`` command line, the store it serves and the folder beside that store."""
+    """The ``mlflow server`` command line, the store it serves and the folder beside that store.
+    A store URI with a password is not on the command line: see ``store_environment``."""
     if args.backend_store_uri:
-        uri, base = args.backend_store_uri, Path.cwd() / "outputs"
+        uri, base = database_uri(args.backend_store_uri), Path.cwd() / "outputs"
     else:
         store = (args.store or default_store()).expanduser().resolve()
         if not store.is_file() and args.create:
@@ -66,7 +75,7 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], str, Path]:
     artifacts = (args.artifacts or base / "mlartifacts").expanduser().resolve()
     command = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", uri,
+        *([] if store_environment(uri) else ["--backend-store-uri", uri]),
         "--artifacts-destination", str(artifacts),
         "--host", args.host, "--port", str(args.port),
     ]
@@ -75,6 +84,23 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], str, Path]:
     if args.auth:
         command += ["--app-name", "basic-auth"]
     return command, uri, base
+
+
+def store_environment(uri: str) -> dict[str, str]:
+    """A store URI that holds a password reaches the server through its environment (``mlflow
+    server`` reads MLFLOW_BACKEND_STORE_URI), readable by its own user only, unlike argv."""
+    return {"MLFLOW_BACKEND_STORE_URI": uri} if shown_uri(uri) != uri else {}
+
+
+def check_store(uri: str) -> None:
+    """A database store is reached before the server starts: a wrong address or password is one
+    line here, not a traceback from each server worker."""
+    if uri.startswith("sqlite:"):
+        return
+    try:
+        check_database(uri)
+    except TunelabError as err:
+        raise SystemExit(f"tunelab-ui: error: {err} (--backend-store-uri)") from None
 
 
 def landing_page(uri: str, experiment: str | None = None) -> str:
@@ -115,7 +141,7 @@ def refuse_exposure(args: argparse.Namespace) -> None:
 def banner(args: argparse.Namespace, uri: str, page: str, created_admin: bool | None) -> str:
     host = f"[{args.host}]" if ":" in args.host else args.host
     client = f"MLFLOW_TRACKING_URI=http://{host}:{args.port}"
-    lines = [f"MLflow UI on {uri}",
+    lines = [f"MLflow UI on {shown_uri(uri)}",
              f"  open http://{host}:{args.port}/{page} in a browser (Ctrl+C stops the server)"]
     if created_admin is not None:
         client += f" MLFLOW_TRACKING_USERNAME={args.admin_user} MLFLOW_TRACKING_PASSWORD=..."
@@ -135,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     refuse_exposure(args)
     command, uri, base = server_command(args)
+    check_store(uri)
     new_store = uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file()  # --create
     created_admin = None
     if args.auth:
@@ -150,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     # MLflow's GenAI job runner (seven worker processes polling the same SQLite file) does
     # nothing for training runs; it only competes with the sweep's writers for the store.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    os.environ.update(store_environment(uri))
     os.execv(command[0], command)  # the server owns the terminal and its signals from here on
 
 

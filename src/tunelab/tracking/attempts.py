@@ -58,12 +58,18 @@ def _process_space() -> str:
 
 def attempt_tags(output_dir) -> dict[str, str]:
     """This attempt of a run: the folder it writes (real path), its process, a first heartbeat."""
+    return {tag_names.OUTPUT_DIR: str(Path(str(output_dir)).resolve()), **process_tags(),
+            tag_names.HEARTBEAT: str(int(time.time())), **slurm_job_tags()}
+
+
+def process_tags() -> dict[str, str]:
+    """This process as ``death`` reads it (also the owner of an Optuna trial): host, pid, and
+    where and since when that pid names this process."""
     import psutil
 
     me = psutil.Process()
-    return {tag_names.OUTPUT_DIR: str(Path(str(output_dir)).resolve()), tag_names.HOST: socket.gethostname(),
-            tag_names.PID: str(me.pid), tag_names.PROCESS: f"{_process_space()}/{me.create_time():.2f}",
-            tag_names.HEARTBEAT: str(int(time.time())), **slurm_job_tags()}
+    return {tag_names.HOST: socket.gethostname(), tag_names.PID: str(me.pid),
+            tag_names.PROCESS: f"{_process_space()}/{me.create_time():.2f}"}
 
 
 def slurm_job_tags() -> dict[str, str]:

@@ -12,15 +12,26 @@ from mlflow.tracking import MlflowClient
 from tunelab.tracking import tag_names
 
 
+SECRET_PARAMS = ("password", "passwd", "pwd", "secret", "token")  # query keys a URI may carry a credential in
+
+
 def shown_uri(uri: str) -> str:
-    """``uri`` with any password replaced by ``***``: what messages and logs may print."""
-    from urllib.parse import urlsplit, urlunsplit
+    """``uri`` with any password replaced by ``***``: what messages and logs may print. The
+    password of ``user:password@host`` and of query parameters (``?password=...``, which
+    SQLAlchemy hands to the database driver) alike; a path or a URI without either is unchanged."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     parts = urlsplit(uri)
-    if parts.password is None:
+    if not parts.scheme or not parts.netloc and not parts.query:
         return uri
-    host = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=host))
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        parts = parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hostport}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(any(word in key.lower() for word in SECRET_PARAMS) for key, _ in query):
+        masked = [(k, "***" if any(word in k.lower() for word in SECRET_PARAMS) else v) for k, v in query]
+        parts = parts._replace(query=urlencode(masked, safe="*"))
+    return urlunsplit(parts)
 
 
 # -- links into the MLflow UI -------------------------------------------------------------------

@@ -3,15 +3,19 @@ reached (and logged into) before anything trains."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from tunelab.config.redaction import MIN_LENGTH
 from tunelab.errors import TunelabError
-from tunelab.tracking.links import shown_uri
+from tunelab.tracking.links import SECRET_PARAMS, shown_uri
 from tunelab.tracking.outage import health_status
 
 
@@ -92,3 +96,51 @@ def artifact_location(cfg: DictConfig, uri: str) -> str | None:
 
 def _beside_store(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" if uri.startswith("sqlite:///") else None
+
+
+# -- database stores (a team's tracking server, an Optuna study shared by machines) ---------------
+def database_uri(uri: str) -> str:
+    """``uri`` for the PostgreSQL driver that is installed. SQLAlchemy 2 reads ``postgresql://``
+    as psycopg 3, while tunelab's ``postgres`` extra installs psycopg2: without psycopg 3,
+    ``postgresql://`` means ``postgresql+psycopg2://`` (as it did in SQLAlchemy 1)."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and scheme == "postgresql" and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return uri
+
+
+def check_database(uri: str, timeout: int = 5) -> None:
+    """Connect once to a database store: a wrong address, database, driver or password stops
+    here in one line, the password masked (also where a driver's message would repeat it)."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = None
+    try:
+        url = sqlalchemy.make_url(database_uri(uri))
+        connect_args = {"connect_timeout": timeout} if url.get_backend_name() == "postgresql" else {}
+        engine = sqlalchemy.create_engine(url, connect_args=connect_args, poolclass=NullPool)
+        with engine.connect():
+            pass
+    except Exception as err:  # noqa: BLE001 - any driver's failure becomes the one line below
+        cause = getattr(err, "orig", None) or err
+        lines = str(cause).strip().splitlines() or [type(cause).__name__]
+        raise TunelabError(f"cannot connect to the database {shown_uri(uri)}: {_without_secrets(lines[0], uri)}") from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def _without_secrets(text: str, uri: str) -> str:
+    """``text`` with the URI's passwords (as typed and decoded) replaced by ``***``; shorter ones
+    than redaction's MIN_LENGTH only where they are a whole word (``b`` would blank every b)."""
+    try:
+        parts = urlsplit(uri)
+        secrets = [parts.password or ""] + [v for k, v in parse_qsl(parts.query) if any(w in k.lower() for w in SECRET_PARAMS)]
+    except ValueError:
+        return text
+    for secret in sorted({s for v in secrets for s in (v, unquote(v)) if s}, key=len, reverse=True):
+        pattern = re.escape(secret) if len(secret) >= MIN_LENGTH else rf"(?<!\w){re.escape(secret)}(?!\w)"
+        text = re.sub(pattern, "***", text)
+    return text
