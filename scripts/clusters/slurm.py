@@ -7,6 +7,11 @@ daemons are started here and stopped by their PIDs. Accounting (slurmdbd on a pr
 is not optional: without it submitit cannot tell a cancelled job from a running one and waits
 for its result forever. Everything the cluster writes (state, spool, logs, database) lives in
 one folder; clients find the cluster through ``SLURM_CONF``.
+
+MariaDB listens on 127.0.0.1 only. Slurm 22.05's daemons have no bind-address setting: slurmctld,
+slurmd and slurmdbd listen on every interface (on random ports, and they accept only
+munge-signed requests from holders of this machine's munge key). Run it on a machine whose
+firewall keeps those ports in.
 """
 
 from __future__ import annotations

@@ -40,16 +40,27 @@ def ray_cluster(tmp_path_factory):
     assert not ray_head.session(sid), "Ray processes outlived the head"
 
 
+def sweep_processes() -> set[int]:
+    """The sweep's own process tree: this test's ``tunelab-train`` and what it started (not the
+    other daemons this test session runs, such as its Slurm cluster)."""
+    pids = set()
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any(arg.endswith("tunelab-train") for arg in child.cmdline()[:2]):
+                pids |= {child.pid, *(p.pid for p in child.children(recursive=True))}
+    return pids
+
+
 @contextlib.contextmanager
 def watching_listeners(sid: int) -> Iterator[SimpleNamespace]:
-    """Every socket the head's processes (workers included) and this test's children (the sweep's
-    own process) listen on while the block runs, polled twice a second."""
+    """Every socket the head's processes (workers included) and the sweep's own process tree
+    listen on while the block runs, polled twice a second."""
     seen = SimpleNamespace(listeners=set(), ours=set())
     done = threading.Event()
 
     def poll() -> None:
         while not done.is_set():
-            ours = {p.pid for p in psutil.Process().children(recursive=True)}
+            ours = sweep_processes()
             found = ray_head.listeners(ours | {p.pid for p in ray_head.session(sid)})
             seen.listeners.update(found)
             seen.ours.update(pid for _, _, pid in found if pid in ours)

@@ -125,10 +125,12 @@ def test_scancel_kills_that_trial_only_and_leaves_no_run_running(tmp_path, slurm
 
 @pytest.mark.slow
 def test_a_job_at_its_time_limit_is_preempted_and_resume_auto_continues_its_run(tmp_path, slurm):
-    """Slurm's minimum limit is a minute; submitit asks for SIGUSR2 signal_delay_s before it."""
-    command = [*SLOW, "trainer.max_epochs=40", "resume=auto"]  # 80 steps of 1 s: over the limit
-    first = run_cli(tmp_path, *command, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30",
-                    env={**slurm, **probe_env("fault_probe"), "TUNELAB_PROBE_STEP_S": "1"})
+    """submitit asks for SIGUSR2 signal_delay_s before the limit, and Slurm may send it up to a
+    minute early: a 2-minute limit and a 10 s delay put it 50..110 s into the job, after tunelab
+    took the signal over (a shorter limit can deliver it while the job still starts up)."""
+    command = [*SLOW, "trainer.max_epochs=40", "resume=auto"]  # 80 steps of 2 s: over the limit
+    first = run_cli(tmp_path, *command, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=10",
+                    env={**slurm, **probe_env("fault_probe"), "TUNELAB_PROBE_STEP_S": "2"})
     assert first.returncode != 0
     _, (child,) = sweep_runs(store_uri(tmp_path))
     assert child.info.status == "KILLED" and child.data.tags["tunelab.error"] == "pre-empted (SIGTERM)"
