@@ -51,6 +51,16 @@ def wait_for(ready: Callable[[], bool], daemon: Daemon, what: str, timeout: floa
         time.sleep(0.5)
 
 
+def serve_until_stopped() -> None:
+    """Block a by-hand cluster until Ctrl-C or SIGTERM (also when started in the background,
+    where SIGINT is ignored), so that the caller's ``with`` block stops what it started."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            signal.pause()
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` distinct free TCP ports on 127.0.0.1 (held open together, so none repeats)."""
     sockets = [socket.socket() for _ in range(count)]

@@ -21,6 +21,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ from typing import Iterator
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from tunelab.ports import free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from clusters.daemons import serve_until_stopped  # noqa: E402
 
 ROLE = "tunelab"  # the superuser initdb creates; the URI logs in as it
 SERVER_USER = "postgres"  # who runs the server when we are root
@@ -191,12 +195,8 @@ def main(argv: list[str] | None = None) -> None:
               "  MLFLOW_TRACKING_URI=http://127.0.0.1:5000 tunelab-train -m hparams_search=lr_and_strategy "
               "hydra.sweeper.storage='${oc.env:TUNELAB_OPTUNA_URI}'\n"
               "Ctrl-C stops it.", flush=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background (SIGINT ignored)
-            signal.signal(sig, signal.default_int_handler)
         try:
-            signal.pause()
-        except KeyboardInterrupt:
-            pass
+            serve_until_stopped()
         finally:
             for name in files:
                 (folder / f"{name}.uri").unlink(missing_ok=True)

@@ -40,8 +40,10 @@ from typing import Iterator
 
 import psutil
 
-from tunelab.ports import free_port
 from tunelab.umask import chosen_umask
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from clusters.daemons import free_ports, serve_until_stopped  # noqa: E402
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 MAX_TEMP_DIR = 40  # + "/session_<date>_<time>_<pid>/sockets/plasma_store" stays under 107 bytes
@@ -172,7 +174,7 @@ def ray_head(folder: Path, timeout: float = 90.0) -> Iterator[str]:
     write_token(folder)
     env = client_env(folder)
     temp, remove_temp = short_temp_dir(folder)
-    port, client_port, agent_port = free_port(), free_port(), free_port()
+    port, client_port, agent_port = free_ports(3)  # distinct: each free_port() alone may repeat
     address, log = f"127.0.0.1:{port}", folder / "ray_start.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(start_command(port, client_port, agent_port, temp), cwd=folder, stdout=out,
@@ -202,28 +204,21 @@ def ray_head(folder: Path, timeout: float = 90.0) -> Iterator[str]:
 
 
 def sweep_command(address: str, folder: Path) -> str:
-    """What a user types to sweep on the head (``num_gpus=0`` where this machine has no GPU)."""
+    """What a user types to sweep on the head (a CPU trainer where this machine has no GPU: its
+    trials then ask Ray for none)."""
     import torch
 
-    no_gpu = "" if torch.cuda.is_available() else "hydra.launcher.ray.remote.num_gpus=0 "
+    no_gpu = "" if torch.cuda.is_available() else "trainer=cpu "
     return (f"{' '.join(f'{k}={v}' for k, v in client_env(folder).items())} tunelab-train -m hydra/launcher=ray "
             f"hydra.launcher.ray.init.address={address} {no_gpu}debug=smoke optimizer.lr=1e-3,3e-4")
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or kill: stop the head, never orphan it
-        signal.signal(sig, _interrupt)
     home = Path(tempfile.mkdtemp(prefix="tunelab-ray-"))
     try:
         with ray_head(home) as head:
             print(f"Ray head up at {head} (127.0.0.1 only). In another shell:\n  {sweep_command(head, home)}\n"
                   f"Ctrl-C stops the head and its workers and removes {home} (its logs and token).", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    time.sleep(3600)
+            serve_until_stopped()  # Ctrl-C or kill: stop the head, never orphan it
     finally:
         shutil.rmtree(home, ignore_errors=True)

@@ -22,12 +22,11 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clusters.daemons import Daemon, free_ports, wait_for  # noqa: E402
+from clusters.daemons import Daemon, free_ports, serve_until_stopped, wait_for  # noqa: E402
 
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")  # slurmdbd only talks to munge at its default socket
 PACKAGES = "slurm-wlm slurmdbd munge mariadb-server"
@@ -177,6 +176,4 @@ if __name__ == "__main__":
               f"  export SLURM_CONF={cluster_env['SLURM_CONF']}\n"
               f"  sinfo; tunelab-train -m hydra/launcher=slurm trainer=cpu hydra.launcher.cpus_per_task=1 "
               f"debug=smoke optimizer.lr=1e-3,3e-4\nCtrl-C stops every daemon started here.", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                time.sleep(3600)
+        serve_until_stopped()

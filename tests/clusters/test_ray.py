@@ -124,3 +124,12 @@ def test_only_loopback_listeners_pass_the_check():
     found = [("127.0.0.1", 1, 1), ("::ffff:127.0.0.1", 2, 1), ("::1", 3, 1),
              ("0.0.0.0", 4, 2), ("::", 5, 2), ("192.0.2.2", 6, 2), ("::ffff:192.0.2.2", 7, 2)]
     assert [port for _, port, _ in ray_head.off_loopback(found)] == [4, 5, 6, 7]
+
+
+def test_the_printed_sweep_command_asks_no_gpus_where_there_are_none(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    command = ray_head.sweep_command("127.0.0.1:6379", tmp_path)
+    assert "hydra.launcher.ray.init.address=127.0.0.1:6379 trainer=cpu " in command  # what docs/cluster.md shows
+    assert "num_gpus" not in command
