@@ -34,7 +34,7 @@ KEYS = [  # settings of the default choices (and of every data / model choice us
     "data.batch_size", "data.eval_batch_size", "data.max_train_samples", "data.samples_per_class",
     "data.min_epoch_samples", "data.num_classes",
     "data.val_fraction", "data.test_fraction", "data.num_workers", "data.task", "data.objective", "data.seed",
-    "module.layer_decay", "module.batchnorm", "module.label_smoothing", "module.stage_rewarmup",
+    "module.layer_decay", "module.batchnorm", "data.sampler", "module.stage_rewarmup",
     "module.group_lr_mults", "perf.cache_features", "perf.compile", "perf.channels_last", "seed",
     "retention.samples", "model.drop_rate",
 ]
@@ -55,9 +55,9 @@ def _settings_of(group: str) -> dict[str, list[str]]:
     return found
 
 
-GROUP_KEYS = {group: _settings_of(group) for group in ("strategy", "scheduler", "regularizer")}
+GROUP_KEYS = {group: _settings_of(group) for group in ("strategy", "scheduler", "regularizer", "loss")}
 GROUP_KEYS["strategy"]["lora"] = ["lora.r", "lora.alpha", "lora.dropout", "lora.target_modules"]  # its own node
-DEFAULTS = {"strategy": "freeze_unfreeze", "scheduler": "warmup_cosine", "regularizer": "none"}
+DEFAULTS = {"strategy": "freeze_unfreeze", "scheduler": "warmup_cosine", "regularizer": "none", "loss": "auto"}
 CHOICES = {
     "model": ["efficientnet_lite0", "resnet18", "resnet1000"],
     "data": ["mnist5k", "image_folder", "image_csv", "text_table", "drug_reviews", "no_such_data"],
@@ -66,11 +66,12 @@ CHOICES = {
     "optimizer": ["adamw", "sgd", "rmsprop"],
     "scheduler": ["warmup_cosine", "constant", "linear", "one_cycle", "slanted_triangular", "plateau", "step"],
     "regularizer": ["none", "l2sp"],
+    "loss": [*GROUP_KEYS["loss"], "nope"],  # every shipped choice, read from conf/loss/
 }
 LITERALS = [
     "0", "-1", "1", "2", "3", "1e-3", "-1e-3", "0.5", "1.5", "2.0", "1e400", "-1e400", "inf", "nan", "null", "true",
     "false", "abc", "''", "'5'", "[]", "[1,2]", "[abc]", "{}", "{a: 1}", "{head: -1}", "{head: 0.5}", "all",
-    "epoch", "step", "auto", "eval", "train", "min", "max", "val/acc", "${seed}", "${nope}", "10000000000000000000000",
+    "epoch", "step", "auto", "eval", "train", "min", "max", "balanced", "shuffle", "[1.0, 2.0]", "val/acc", "${seed}", "${nope}", "10000000000000000000000",
     "[{at_epoch: 1, unfreeze: 2}]", "['bias']", "['(']", "regression",
 ]
 

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 from tunelab.config import build, conf_dir
 from tunelab.config.settings import accepted
-from tunelab.engine.build import build_parts
+from tunelab.engine.build import build_parts, build_point
 from tunelab.data.modalities import MODALITIES
 from tunelab.errors import TunelabError
 from conftest import REPO, model_inputs, path_table, skip_without_fashion, write_audio_folder, write_image_folder, write_text_csv
@@ -70,6 +71,21 @@ def _instantiate_group(cfg, group: str, tmp_path: Path, choice: str = ""):
             return
         penalty = build(node, "regularizer")(model, {"1.weight", "1.bias"})(model)
         assert penalty.item() > 0  # the head's beta term; the backbone equals its reference
+    elif group == "loss":  # built for each task it declares, then called on that task's outputs
+        for task in get_object(node._target_).tasks:
+            run = {"task": task, "num_outputs": 3, "class_counts": [2, 3, 5], "num_samples": 10}
+            loss = build_point(cfg, "loss", run)
+            targets = {"classification": torch.tensor([0, 2]), "multilabel": torch.tensor([[1, 0, 1], [0, 1, 0]]),
+                       "regression": torch.tensor([0.5, -1.0])}[task]
+            outputs = torch.randn(2) if task == "regression" else torch.randn(2, 3)
+            assert loss(outputs, targets).ndim == 0 and torch.isfinite(loss(outputs, targets))
+    elif group == "mixup":
+        mixer = build_point(cfg, "mixup", {"task": "classification", "num_outputs": 3, "modality": "image", "seed": 0})
+        if "_target_" not in node:  # mixup=none
+            assert mixer is None
+            return
+        _, soft = mixer(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 1]), step=0)
+        assert torch.allclose(soft.sum(1), torch.ones(4))
     elif group == "debug":
         assert cfg.trainer.limit_train_batches <= 5 and cfg.data.batch_size <= 8
     elif group == "hparams_search":

@@ -50,7 +50,7 @@ def user_folder(tmp_path: Path) -> Path:
 
 
 def user_args(user: Path) -> list[str]:
-    return [f"hydra.searchpath=[file://{user / 'conf'}]", "+loss=smoothed", "+early_stop=patient"]
+    return [f"hydra.searchpath=[file://{user / 'conf'}]", "loss=smoothed", "+early_stop=patient"]
 
 
 BAD = [  # each refused in one line, before anything is read or built

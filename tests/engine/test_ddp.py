@@ -24,9 +24,12 @@ def runs_of(home: Path) -> list:
 
 
 @pytest.mark.slow
-def test_ddp_freeze_then_unfreeze_keeps_ranks_identical_and_frozen_layers_pretrained(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["mixup=mixup_cutmix", "data.sampler=balanced", "loss=weighted_cross_entropy"]],
+                         ids=["plain", "mixup-balanced-weighted"])
+def test_ddp_freeze_then_unfreeze_keeps_ranks_identical_and_frozen_layers_pretrained(tmp_path, extra):
     # head for one epoch, then the top 3 groups: the 6 groups below stay frozen throughout
-    overrides = [*DDP_SMOKE, "strategy=freeze_unfreeze", "strategy.unfreeze=3",
+    # (each rank mixes its own batches from its own seed; the all-reduced update keeps them equal)
+    overrides = [*DDP_SMOKE, *extra, "strategy=freeze_unfreeze", "strategy.unfreeze=3",
                  "+callbacks.probe._target_=ddp_probe.SaveRankWeights", f"+callbacks.probe.folder={tmp_path}/weights"]
     result = run_cli(tmp_path, *overrides, env=PROBE_ENV)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -222,12 +222,15 @@ class _StopAt(L.Callback):
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_equals_uninterrupted(cfg_factory, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["mixup=mixup_cutmix", "data.sampler=balanced", "loss=weighted_cross_entropy"]],
+                         ids=["plain", "mixup-balanced-weighted"])
+def test_interrupted_and_resumed_equals_uninterrupted(cfg_factory, tmp_path, extra):
     """4 epochs, stage change at epoch 2, random augmentation and dropout on: stopping in the
-    middle of epoch 3 and resuming gives the same final weights as never stopping."""
+    middle of epoch 3 and resuming gives the same final weights as never stopping (also with
+    mixup/cutmix, the balanced sampler and class weights, which draw from their own seeds)."""
     from tunelab.engine.recipe import core_callbacks
 
-    overrides = ["strategy.head_epochs=2", "trainer.max_epochs=4", "trainer.limit_train_batches=4",
+    overrides = [*extra, "strategy.head_epochs=2", "trainer.max_epochs=4", "trainer.limit_train_batches=4",
                  "trainer.limit_val_batches=1", "model.drop_rate=0.3", "module.stage_rewarmup=3"]
 
     def fit(extra_callbacks=(), ckpt_path=None):

@@ -98,6 +98,8 @@ def run_job(cfg: DictConfig) -> RunResult:
     job = current_job()
     if job is not None and local_world_size(cfg) == 1:  # a DDP job's ranks own their devices
         share_machine(job, cfg)
+    if cfg.get("tune") is not None:  # tune=lr_find: an LR range test instead of training
+        return _tune(cfg)
     resolve_resume(cfg)  # before the ranks start: they read the checkpoint from the resolved config
     with SigtermGuard().installed() as guard, rank_processes(cfg, Path(str(cfg.paths.output_dir))) as ranks:
         return _fit_and_test(cfg, job, ranks, guard)
@@ -147,6 +149,23 @@ def _fit_and_test(cfg: DictConfig, job, ranks, guard) -> RunResult:
     if rank == 0:
         _report(run, metrics, time.monotonic() - start, parts.datamodule.task, registered)
     return RunResult(run.run_id, metrics, run.tracking_uri if rank == 0 else None, str(cfg.paths.output_dir))
+
+
+def _tune(cfg: DictConfig) -> RunResult:
+    """``tune=lr_find``: the range test's own MLflow run, then the override it suggests."""
+    from tunelab.config.redaction import redact
+    from tunelab.engine.lr_find import find_lr
+    from tunelab.tracking.links import run_link, shown_uri
+
+    found = find_lr(cfg, build(cfg.tune, "tune"))  # its settings are refused before any run exists
+    run = found.run
+    lines = ["", found.summary(), f"MLflow store: {shown_uri(run.tracking_uri)} (experiment {run.experiment_name!r})"]
+    if run.tracking_uri.startswith("sqlite:///"):
+        lines.append(f"open the UI:  tunelab-ui --store {run.tracking_uri[len('sqlite:///'):]}")
+    lines.append(f"run page:     {run_link(run.tracking_uri, run.experiment_id, run.run_id)}")
+    print(redact("\n".join(lines)), flush=True)
+    metrics = {"lr_find/suggested_lr": found.suggested}
+    return RunResult(run.run_id, metrics, run.tracking_uri, str(cfg.paths.output_dir))
 
 
 def _describe_run(cfg: DictConfig, run, parts, rank: int) -> None:

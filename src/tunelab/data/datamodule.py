@@ -89,6 +89,7 @@ class TaskDataModule(L.LightningDataModule):
         num_workers: Annotated[int | str, either(choice("auto"), integer(0))] = "auto",
         objective: str | None = None,
         objective_mode: str = "max",
+        sampler: Annotated[str, choice("shuffle", "balanced")] = "shuffle",
     ):
         super().__init__()
         if val_fraction + test_fraction >= 1:
@@ -104,6 +105,10 @@ class TaskDataModule(L.LightningDataModule):
         if samples_per_class and task != "classification":
             raise TunelabError("data.samples_per_class needs a classification task; use data.max_train_samples "
                                "for regression.")
+        if sampler == "balanced" and task != "classification":
+            raise TunelabError(f"data.sampler=balanced draws classes equally often: it needs a classification task, "
+                               f"not {task}; use data.sampler=shuffle (or class weights in the loss).")
+        self.sampler = sampler
         self.num_workers = resolve_workers(num_workers)
         self.table: Table | None = None
         self.splits: dict[str, tuple[Table, np.ndarray]] = {}
@@ -253,7 +258,19 @@ class TaskDataModule(L.LightningDataModule):
 
     def train_sampler(self, size: int) -> EpochSampler:
         """The training order (also used by the feature cache, so cached epochs see the same batches)."""
-        return EpochSampler(size, self.seed, min_samples=self.min_epoch_samples)
+        weights = None
+        if self.sampler == "balanced":  # 1 / class count per sample: each class drawn equally often
+            table, idx = self.splits["train"]
+            labels = torch.as_tensor(table.labels[idx], dtype=torch.long)
+            weights = 1.0 / torch.bincount(labels, minlength=self.num_classes).double()[labels]
+        return EpochSampler(size, self.seed, min_samples=self.min_epoch_samples, weights=weights)
+
+    def class_counts(self) -> list[int] | None:
+        """Training examples per class (classification), for balanced class weights; else None."""
+        if self.task != "classification":
+            return None
+        table, idx = self.scan().splits["train"]
+        return np.bincount(table.labels[idx], minlength=self.num_classes).tolist()
 
     def first_inputs(self, split: str, count: int):
         """The first ``count`` model inputs of a split, collated as training collates them."""

@@ -89,6 +89,13 @@ class ImageDataModule(TaskDataModule):
         table, idx = self.splits[split]
         return _Images(table, idx, self._transform(training), self.seed)
 
+    def resized_dataset(self, split: str, size: int) -> Dataset:
+        """A split's evaluation images resized to ``size`` px instead of the model's: test-time
+        crops (deploy/tta.py) are cut from a larger resize, normalised like the test split."""
+        self.scan()
+        table, idx = self.splits[split]
+        return _Images(table, idx, image_eval_transform(**{**self.eval_settings(), "size": size}), self.seed)
+
     def ood_dataset(self, name: str) -> Dataset:
         """The test split shifted as ``ood.<name>`` says, or another source with the same classes."""
         from torchvision.transforms import Compose

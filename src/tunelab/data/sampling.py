@@ -13,7 +13,7 @@ from typing import Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Sampler, WeightedRandomSampler
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -27,10 +27,15 @@ class EpochSampler(Sampler):
     least that many samples: 10 labelled images otherwise make a one-step epoch, and every
     epoch-based setting (a strategy's head epochs, validation, checkpoints) would follow suit.
     Each repeat is its own pass, so a repeated image draws a new augmentation.
+
+    ``weights`` (one per sample) draws each pass with replacement in those proportions instead
+    (torch's WeightedRandomSampler, seeded the same way): ``data.sampler=balanced`` gives each
+    sample 1 / its class's count, so every class is drawn equally often on average.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True, min_samples: int | None = None):
-        self.size, self.seed, self.shuffle = size, seed, shuffle
+    def __init__(self, size: int, seed: int, shuffle: bool = True, min_samples: int | None = None,
+                 weights: torch.Tensor | None = None):
+        self.size, self.seed, self.shuffle, self.weights = size, seed, shuffle, weights
         self.passes = max(1, -(-(min_samples or 0) // max(size, 1)))  # ceil division
         self.epoch, self.skip = 0, 0
 
@@ -44,7 +49,10 @@ class EpochSampler(Sampler):
         keys = []
         for repeat in range(self.passes):
             seen = self.epoch * self.passes + repeat  # == epoch without repeats
-            if self.shuffle:
+            if self.weights is not None:
+                order = list(WeightedRandomSampler(self.weights, self.size, replacement=True,
+                                                   generator=torch.Generator().manual_seed(self.seed + seen)))
+            elif self.shuffle:
                 order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + seen)).tolist()
             else:
                 order = list(range(self.size))

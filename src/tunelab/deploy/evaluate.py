@@ -11,6 +11,8 @@ from omegaconf import OmegaConf, open_dict
 
 from tunelab.config import build
 from tunelab.config.compose import compose_root
+from tunelab.config.settings import check_call
+from tunelab.deploy import tta
 from tunelab.engine import evaluation
 from tunelab.engine.trained import Predictor, load_adapter, resolve, store_client
 from tunelab.errors import TunelabError
@@ -26,23 +28,34 @@ class Evaluation:
     logged: str | None = None  # where the MLflow run went, when it was logged
 
     def table(self) -> str:
+        """One row per metric; a test-time augmented one (``test/tta/acc``) with its change from the plain one."""
         width = max(len(k) for k in self.metrics)
-        rows = [f"{k.ljust(width)}  {v:.4f}" for k, v in self.metrics.items() if "/f1_class/" not in k]
+        rows = [f"{k.ljust(width)}  {v:.4f}{self._change(k, v)}" for k, v in self.metrics.items() if "/f1_class/" not in k]
         per_class = [(k.split("/f1_class/")[1], v) for k, v in self.metrics.items() if "/f1_class/" in k]
         if per_class:
             rows.append("F1 per class: " + ", ".join(f"{c} {v:.3f}" for c, v in per_class))
         return "\n".join([self.title, *rows])
 
+    def _change(self, key: str, value: float) -> str:
+        plain = self.metrics.get(key.replace("/tta/", "/", 1)) if "/tta/" in key else None
+        return "" if plain is None else f"  ({value - plain:+.4f})"
+
 
 TRAINED_DATA = "_trained"  # conf/eval.yaml's default data choice: the trained model's own data config
 
 
-def apply_data_overrides(cfg, overrides: list[str]) -> None:
-    """Compose conf/eval.yaml with ``overrides`` (``data=CHOICE``, ``data.KEY=VALUE``), the trained
-    model's data config standing as the default choice of the data group, into ``cfg.data``."""
-    bad = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("data")]
+EVAL_SETTINGS = ("tta",)  # conf/eval.yaml's own settings a command line may change, besides the data
+
+
+def apply_data_overrides(cfg, overrides: list[str]):
+    """Compose conf/eval.yaml with ``overrides`` (``data=CHOICE``, ``data.KEY=VALUE``, ``tta=MODE``), the
+    trained model's data config standing as the default choice of the data group, into ``cfg.data``.
+    Returns the composed eval config, its settings checked (``tta``)."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    bad = [o for o, key in zip(overrides, keys) if not key.startswith("data") and key not in EVAL_SETTINGS]
     if bad:
-        raise TunelabError(f"tunelab-eval takes data overrides only (data=CHOICE, data.KEY=VALUE); got {bad}.")
+        raise TunelabError(f"tunelab-eval takes data overrides only (data=CHOICE, data.KEY=VALUE), and tta=MODE; "
+                           f"got {bad}.")
     ConfigStore.instance().store(group="data", name=TRAINED_DATA, node=OmegaConf.to_container(cfg.data))
     composed = compose_root("eval", overrides)
     if "data" not in composed:  # ~data: nothing left to evaluate on
@@ -52,8 +65,10 @@ def apply_data_overrides(cfg, overrides: list[str]) -> None:
     # the stored config (data, not syntax; a folder name with a comma would be a sweep)
     for key in ("seed", "paths.root_dir", "paths.output_dir"):
         OmegaConf.update(composed, key, OmegaConf.select(cfg, key), merge=False)
+    check_call(tta.requested, {"tta": composed.get("tta")}, "", closed=False)  # tta=flp: one line, before the model is built
     with open_dict(cfg):
         cfg.data = OmegaConf.create(OmegaConf.to_container(composed.data, resolve=True))
+    return composed
 
 
 def check_classes(model_classes: list[str], data_classes: list[str], data_name: str) -> None:
@@ -74,8 +89,10 @@ def evaluate(source: str, overrides: list[str] = (), split: str = "test", store:
     with tempfile.TemporaryDirectory(prefix="tunelab-eval-") as tmp:
         client = store_client(store)
         trained = resolve(source, client, Path(tmp))
-        apply_data_overrides(trained.cfg, list(overrides))
-        dm = build(trained.cfg.data, "data").scan()
+        settings = apply_data_overrides(trained.cfg, list(overrides))
+        dm = build(trained.cfg.data, "data")
+        mode = tta.requested(settings.get("tta"), dm.modality)
+        dm.scan()
         if split not in dm.splits:
             raise TunelabError(f"--split {split!r}: data={dm.name} has splits {sorted(dm.splits)}.")
         if dm.task != trained.meta["task"]:
@@ -88,13 +105,26 @@ def evaluate(source: str, overrides: list[str] = (), split: str = "test", store:
         out = evaluation.predict(Predictor(adapter, dm.task), dm.loader(split), device)
         out.classes = dm.classes if dm.task == "classification" else []
         metrics = {f"{split}/{k}": v for k, v in evaluation.report(out, dm.task, f"{split}/").items()}
-        result = Evaluation(metrics, f"{source} on data={dm.name} split={split} ({len(out.targets)} samples)")
+        title = f"{source} on data={dm.name} split={split} ({len(out.targets)} samples)"
+        if mode:
+            metrics.update(_augmented(Predictor(adapter, dm.task), dm, split, mode, device))
+            title += f", tta={mode} ({tta.MODES[mode]} views per image: {split}/tta/*)"
+        result = Evaluation(metrics, title)
         if log:
-            result.logged = _log(trained, source, split, result, out, Path(tmp), client.tracking_uri)
+            result.logged = _log(trained, source, split, result, out, Path(tmp), client.tracking_uri, mode)
     return result
 
 
-def _log(trained, source: str, split: str, result: Evaluation, out, tmp: Path, uri: str | None) -> str:
+def _augmented(predictor, dm, split: str, mode: str, device) -> dict[str, float]:
+    """``<split>/tta/<metric>``: the report of the predictions averaged over ``mode``'s views (per-class F1 left to the plain report)."""
+    out = tta.predict(predictor, dm, split, mode, device)
+    out.classes = dm.classes if dm.task == "classification" else []
+    found = evaluation.report(out, dm.task, f"{split}/tta/")
+    return {f"{split}/tta/{k}": v for k, v in found.items() if "f1_class/" not in k}
+
+
+def _log(trained, source: str, split: str, result: Evaluation, out, tmp: Path, uri: str | None,
+         mode: str | None = None) -> str:
     """An MLflow run in ``<experiment>-eval`` (tag ``tunelab.kind=eval``), so a sweep's comparison
     holds training runs only, in the store the user chose (``uri``: --store, MLFLOW_TRACKING_URI
     or the default store; never one a stored config names)."""
@@ -103,6 +133,8 @@ def _log(trained, source: str, split: str, result: Evaluation, out, tmp: Path, u
         run.set_tag(tag_names.EVAL_SOURCE, source)
         if trained.run_id:
             run.set_tag(tag_names.EVAL_OF, trained.run_id)  # links the evaluation to its training run
+        if mode:
+            run.set_tag(tag_names.EVAL_TTA, mode)
         run.log_metrics(result.metrics)
         if out.classes:
             run.log_confusion(evaluation.confusion(out), out.classes)

@@ -77,13 +77,16 @@ def build_point(cfg: DictConfig, name: str, run: dict):
     given = {k: v for k, v in run.items() if k in params and k not in built.keywords}
     bound = functools.partial(built.func, *built.args, **built.keywords, **given)
     needed = [n for n, p in params.items() if p.default is p.empty and n not in bound.keywords and n != "self"]
-    return bound() if given and not needed else bound
+    # a class (a loss module) is built now; a function stays the factory its caller completes
+    return bound() if not needed and (given or isinstance(built.func, type)) else bound
 
 
 def build_module(cfg: DictConfig, adapter: Adapter, datamodule: TaskDataModule, stages: list[Stage], perf: dict):
     """FineTuneModule with every extension point its signature declares built from the config."""
     run = {"model": adapter.model, "head_names": set(adapter.groups[-1].param_names),
-           "num_outputs": datamodule.num_outputs, "task": datamodule.task}
+           "num_outputs": datamodule.num_outputs, "task": datamodule.task,
+           "class_counts": datamodule.class_counts(), "num_samples": datamodule.split_sizes()["train"],
+           "modality": adapter.modality, "seed": int(cfg.seed)}
     points = {name: build_point(cfg, name, run) for name in extension_points(FineTuneModule)}
     module = FineTuneModule(adapter, datamodule.num_outputs, stages, datamodule.task, datamodule.target_stats(), perf,
                             **{k: v for k, v in points.items() if v is not None},
@@ -115,8 +118,11 @@ def build_parts(cfg: DictConfig, datamodule: TaskDataModule | None = None) -> Pa
     check_stages(stages, adapter.group_names, int(cfg.trainer.max_epochs),
                  {g.name: list(g.param_names) for g in adapter.groups})
     module = build_module(cfg, adapter, datamodule, stages, perf)
+    # the loss (and its class weights) and the batch mixing, printed and logged with the stage table
+    notes = (*notes, *(part.describe() for part in (module.loss_fn, module.mixer) if hasattr(part, "describe")))
     plan = plan_cache(perf.get("cache_features", "auto"), stages, adapter, datamodule, int(cfg.trainer.max_epochs),
-                      module.batchnorm, full_epochs=full_epochs(cfg.trainer.get("limit_train_batches")))
+                      module.batchnorm, full_epochs=full_epochs(cfg.trainer.get("limit_train_batches")),
+                      mixing="mixup/cutmix mixes the input images" if module.mixer else None)
     pretrained = None
     if (cfg.get("retention") or {}).get("enabled"):
 

@@ -52,8 +52,8 @@ def head_only_epochs(stages: list[Stage], max_epochs: int) -> range | None:
     for i, stage in enumerate(stages):
         if stage.unit == "epoch" and tuple(stage.trainable) == ("head",) and not stage.patterns:
             nxt = stages[i + 1] if i + 1 < len(stages) else None
-            if nxt is not None and nxt.unit != "epoch":
-                return None  # ends mid-epoch: the loaders cannot switch there
+            if nxt is not None and (nxt.unit != "epoch" or nxt.plateau is not None):
+                return None  # ends mid-epoch, or when a metric plateaus: the loaders cannot plan the switch
             end = min(nxt.start, max_epochs) if nxt is not None else max_epochs
             return range(stage.start, end) if stage.start < end else None
     return None
@@ -75,7 +75,7 @@ def stochastic_backbone(model: nn.Module, head_side: tuple[str, ...], batchnorm:
 
 
 def plan_cache(setting, stages: list[Stage], adapter, datamodule, max_epochs: int, batchnorm: str,
-               full_epochs: bool = True) -> CachePlan:
+               full_epochs: bool = True, mixing: str | None = None) -> CachePlan:
     """Decide before training whether (and for which epochs) the fast path runs.
 
     ``auto`` also asks that it pays: computing the cache costs one backbone pass over the
@@ -91,7 +91,7 @@ def plan_cache(setting, stages: list[Stage], adapter, datamodule, max_epochs: in
     elif adapter.features is None or adapter.classify is None:
         reason = "this model cannot be split at its head"
     else:
-        reason = datamodule.random_training_inputs() or stochastic_backbone(adapter.model, adapter.head_side, batchnorm)
+        reason = mixing or datamodule.random_training_inputs() or stochastic_backbone(adapter.model, adapter.head_side, batchnorm)
     if reason is None and setting == "auto" and (len(epochs) < 2 or not full_epochs):
         return CachePlan(None, "the head-only stage is shorter than two full epochs: caching would not pay")
     if reason is None:

@@ -19,17 +19,18 @@ from typing import Annotated, Callable
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from tunelab.adapters import Adapter
-from tunelab.config.settings import EXTENSION, FRACTION, POSITIVE, integer, mapping, reads
+from tunelab.config.settings import EXTENSION, POSITIVE, integer, mapping, reads
 from tunelab.engine.batchnorm import check_mode, hold_running_stats
 from tunelab.engine.feature_cache import BackboneFeatures
 from tunelab.engine.loss_watch import LossWatch
+from tunelab.engine.losses import check_loss, task_default
+from tunelab.engine.mixing import BatchMixer
 from tunelab.engine.metrics import SoftmaxAUROC, epoch_auroc, task_metrics
 from tunelab.engine.param_groups import LAYER_DECAY, layer_scales, param_groups
 from tunelab.engine.perf import compile_model, compile_options, fused_kwargs, to_channels_last
@@ -56,8 +57,8 @@ class FineTuneModule(L.LightningModule):
         scheduler: Annotated[Callable[[int, int], float] | None, EXTENSION] = None,
         regularizer: Annotated[nn.Module | None, EXTENSION] = None,
         loss: Annotated[Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, EXTENSION] = None,
+        mixup: Annotated[BatchMixer | None, EXTENSION] = None,
         # the module.* settings
-        label_smoothing: Annotated[float, FRACTION] = 0.0,
         batchnorm: str = "eval",
         layer_decay: Annotated[float, LAYER_DECAY] = 1.0,
         group_lr_mults: Annotated[dict | None, mapping(POSITIVE)] = None,
@@ -70,8 +71,12 @@ class FineTuneModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_shape = scheduler or constant
         self.regularizer = regularizer
-        self.label_smoothing = label_smoothing
-        self.loss_fn = loss  # None: cross-entropy (with label_smoothing) or MSE, by task
+        self.loss_fn = loss or task_default(task)  # engine/losses.py; none named: the task's usual loss
+        check_loss(self.loss_fn, task)
+        self.mixer = mixup  # engine/mixing.py: mixes training batches; the loss gets soft targets
+        if mixup is not None and not getattr(self.loss_fn, "soft_targets", True) and task == "classification":
+            raise TunelabError(f"mixup gives class probabilities as targets, which the loss {type(self.loss_fn).__name__} "
+                               "does not take; use loss=cross_entropy or weighted_cross_entropy, or mixup=none.")
         self.batchnorm = check_mode(batchnorm)  # engine/batchnorm.py
         self.layer_scale = layer_scales([g.name for g in self.groups], layer_decay, group_lr_mults)
         self.stage_rewarmup = int(stage_rewarmup)
@@ -195,8 +200,7 @@ class FineTuneModule(L.LightningModule):
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.task == "regression":  # MSE on the standardised scale the head learns
             out, y = (out - self.target_mean) / self.target_std, (y - self.target_mean) / self.target_std
-            return self.loss_fn(out, y) if self.loss_fn else F.mse_loss(out, y)
-        return self.loss_fn(out, y) if self.loss_fn else F.cross_entropy(out, y, label_smoothing=self.label_smoothing)
+        return self.loss_fn(out, y)
 
     def _targets(self, y: torch.Tensor) -> torch.Tensor:
         return y.float() if self.task == "regression" else y
@@ -208,8 +212,11 @@ class FineTuneModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         y, n = self._targets(y), len(y)
+        target = y
+        if self.mixer is not None and not isinstance(x, BackboneFeatures):
+            x, target = self.mixer(x, y, self.global_step, self.global_rank)
         logits = self(x)
-        loss = self._loss(logits, y)
+        loss = self._loss(logits, target)
         if self.regularizer is not None:
             penalty = self.regularizer(self.model)
             self.log("train/reg_loss", penalty, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)

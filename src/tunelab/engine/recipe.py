@@ -128,8 +128,8 @@ def log_stage_starts(trainer, module) -> None:
     than an epoch (a compressed smoke schedule, step-based stages) shows up in its history too."""
     names, previous = [s.name for s in module.stages], None
     for step, name in module.stage_log:  # set_stage runs again at setup and on resume: log changes only
-        if trainer.logger and name != previous:
-            trainer.logger.log_metrics({"stage": float(names.index(name))}, step=step)
+        for logger in trainer.loggers if name != previous else ():  # MLflow and any extra (logger=csv...)
+            logger.log_metrics({"stage": float(names.index(name))}, step=step)
         previous = name
 
 

@@ -15,7 +15,7 @@ def stage_table(stages: list[Stage], groups: list[LayerGroup], sizes: dict[str, 
     parameters matching the stage's name patterns train."""
     names = [g.name for g in groups]
     width = max(len(n) for n in names + ["trainable"])
-    heads = [f"{s.name}@{'ep' if s.unit == 'epoch' else 'step'}{s.start}" for s in stages]
+    heads = [f"{s.name}@{'<=' if s.plateau else ''}{'ep' if s.unit == 'epoch' else 'step'}{s.start}" for s in stages]
     cols = [max(len(h), 16) for h in heads]
     lines = [f"{'group':<{width}}  {'params':>10}  " + "  ".join(f"{h:<{c}}" for h, c in zip(heads, cols))]
     lines.append("-" * len(lines[0]))
@@ -35,4 +35,5 @@ def stage_table(stages: list[Stage], groups: list[LayerGroup], sizes: dict[str, 
                  + "  ".join(f"{f'{n:,} ({100 * n / total:.1f}%)':<{w}}" for n, w in zip(trained, cols)))
     if any(s.patterns for s in stages):
         lines.append("* only parameters matching " + " | ".join(sorted({p for s in stages for p in s.patterns})))
+    lines += [f"{s.name} starts {s.plateau.describe(s.unit, s.start)}" for s in stages if s.plateau]
     return "\n".join(lines)

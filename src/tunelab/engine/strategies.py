@@ -5,6 +5,7 @@ parameters train by name pattern, and at what LR multiplier. The StageCallback a
 them; the optimizer holds every group from step 0, so a stage change only flips
 ``requires_grad`` and multipliers (see docs/fine-tuning.md).
 A new strategy is a new function here plus a YAML file in ``conf/strategy/``.
+Staged ones take ``plateau`` (engine/plateau.py): later stages start when a metric plateaus.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated
 
 from tunelab.config.settings import BOOL, POSITIVE, Rule, checked, choice, expect, integer, string_list
+from tunelab.engine.plateau import PLATEAU, Plateau, on_plateau
 from tunelab.errors import TunelabError
 
 COUNT = integer(1)
@@ -35,6 +37,7 @@ class Stage:
     unit: str = "epoch"
     frozen: tuple[str, ...] = ()  # groups that never train whatever the above says (see keep_frozen)
     origin: str = field(default="", compare=False)  # the setting that placed its start, for messages
+    plateau: Plateau | None = None  # set: starts when a metric plateaus, ``start`` at the latest (plateau.py)
 
     def started_by(self) -> str:
         return f" (set by {self.origin})" if self.origin else ""
@@ -128,16 +131,18 @@ def _mult(value, key: str) -> float:
 def freeze_unfreeze(
     groups: list[str], head_epochs: Annotated[int, COUNT] = 1, unfreeze: int | str = "all",
     lr_mult: Annotated[float, MULT] = 0.1, head_lr_mult: Annotated[float, MULT] = 1.0,
+    plateau: Annotated[dict | None, PLATEAU] = None,
 ) -> list[Stage]:
     """Train the head for ``head_epochs`` (strategy=full trains everything at once), then also the
     top ``unfreeze`` groups at ``lr_mult``."""
     opened = top_groups(groups, unfreeze)
     mults = {g: (head_lr_mult if g == "head" else lr_mult) for g in opened}
-    return [Stage("head", 0, ("head",)),
-            Stage("unfreeze", head_epochs, opened, mults, origin=f"strategy.head_epochs={head_epochs}")]
+    return on_plateau([Stage("head", 0, ("head",)),
+                       Stage("unfreeze", head_epochs, opened, mults, origin=f"strategy.head_epochs={head_epochs}")],
+                      plateau)
 
 
-def milestones(groups: list[str], stages: list[dict]) -> list[Stage]:
+def milestones(groups: list[str], stages: list[dict], plateau: Annotated[dict | None, PLATEAU] = None) -> list[Stage]:
     """Any number of stages, each opening more groups: ``[{at_epoch|at_step, unfreeze, lr_mult}]``.
 
     ``unfreeze`` is a top-N count, ``"all"``, a list of group names or a regex over names; what
@@ -186,13 +191,14 @@ def milestones(groups: list[str], stages: list[dict]) -> list[Stage]:
             raise TunelabError(f"{where}.name must be a non-empty string, got {_shown(name)}.")
         result.append(Stage(name, start, tuple(g for g in groups if g in opened), dict(opened), unit=unit,
                             origin=f"{at}={start}"))
-    return result
+    return on_plateau(result, plateau)
 
 
 @checked("strategy")
 def gradual(
     groups: list[str], every: Annotated[int, COUNT] = 1, unit: Annotated[str, choice(*UNITS)] = "epoch",
     groups_per_stage: Annotated[int, COUNT] = 1, lr_mult: Annotated[float, MULT] = 1.0,
+    plateau: Annotated[dict | None, PLATEAU] = None,
 ) -> list[Stage]:
     """ULMFiT's gradual unfreezing: head first, then ``groups_per_stage`` more groups from the
     top every ``every`` epochs (or steps), until everything trains."""
@@ -203,17 +209,17 @@ def gradual(
         stages.append(Stage(f"top{min(k, len(backbone))}", every * len(stages), opened,
                             {g: lr_mult for g in opened if g != "head"}, unit=unit,
                             origin=f"strategy.every={every}, strategy.groups_per_stage={groups_per_stage}"))
-    return stages
+    return on_plateau(stages, plateau)
 
 
 @checked("strategy")
 def lp_ft(groups: list[str], probe_epochs: Annotated[int, COUNT] = 2, lr_mult: Annotated[float, MULT] = 0.1,
-          probe_lr_mult: Annotated[float, MULT] = 1.0) -> list[Stage]:
+          probe_lr_mult: Annotated[float, MULT] = 1.0, plateau: Annotated[dict | None, PLATEAU] = None) -> list[Stage]:
     """LP-FT (Kumar et al. 2022): linear probe, then fine-tune everything, head included,
     at a lower LR, so the probed head does not distort the pretrained features."""
-    return [Stage("probe", 0, ("head",), {"head": probe_lr_mult}),
-            Stage("finetune", probe_epochs, tuple(groups), {g: lr_mult for g in groups},
-                  origin=f"strategy.probe_epochs={probe_epochs}")]
+    return on_plateau([Stage("probe", 0, ("head",), {"head": probe_lr_mult}),
+                       Stage("finetune", probe_epochs, tuple(groups), {g: lr_mult for g in groups},
+                             origin=f"strategy.probe_epochs={probe_epochs}")], plateau)
 
 
 def bitfit(groups: list[str]) -> list[Stage]:

@@ -32,6 +32,7 @@ from tunelab.tracking import tag_names
 from tunelab.tracking.store import default_store
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+EMA_WEIGHTS = "ema_state_dict"  # a checkpoint's EMA of the weights (engine/ema.py), state_dict's keys
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Trained:
     run_id: str | None = None  # the training run, when known
     config_path: Path | None = None  # the files the config and meta came from; None: the checkpoint
     meta_path: Path | None = None
-    state: dict | None = field(default=None, repr=False)  # the checkpoint's state_dict, read once
+    state: dict | None = field(default=None, repr=False)  # the checkpoint's weights (model_state), read once
 
     @property
     def classes(self) -> list[str]:
@@ -136,6 +137,16 @@ def lightning_state(path: Path, what: str) -> dict:
     return read_checkpoint(path, what)["state_dict"]
 
 
+def model_state(checkpoint: dict) -> dict:
+    """The weights a trained model is read with, by every reader (eval, export, the registry,
+    serving, ``init_from``): the ``state_dict``, with the EMA of the weights in place of the raw
+    ones when the run kept one (engine/ema.py). Only keys the ``state_dict`` has are replaced."""
+    state, ema = checkpoint["state_dict"], checkpoint.get(EMA_WEIGHTS)
+    if not isinstance(ema, dict):
+        return state
+    return {**state, **{k: v for k, v in ema.items() if k in state and isinstance(v, torch.Tensor)}}
+
+
 def _stored_inside(checkpoint: dict) -> tuple[Any, Any] | None:
     """The config and meta a checkpoint carries (module.on_save_checkpoint), or None when it was
     written before checkpoints carried them."""
@@ -149,7 +160,7 @@ def _trained(ckpt: Path, beside, run_id: str | None = None, label=str) -> Traine
     """The model in ``ckpt``: its own config and meta, else (older checkpoints) the files
     ``beside()`` finds, ``(config, meta)``; all judged before use, named by ``label(path)``."""
     checkpoint = read_checkpoint(ckpt, "checkpoint")
-    state, inside = checkpoint["state_dict"], _stored_inside(checkpoint)
+    state, inside = model_state(checkpoint), _stored_inside(checkpoint)
     if inside is not None:
         return Trained(judged(inside[0], f"the config stored in {label(ckpt)}"),
                        _judged_meta(inside[1], f"the model meta stored in {label(ckpt)}"), ckpt, run_id, state=state)
@@ -252,7 +263,7 @@ def load_adapter(trained: Trained):
     cfg, meta = trained.cfg, trained.meta
     adapter = build(cfg.model, "model", num_outputs=int(meta["num_outputs"]), lora=cfg.get("lora"),
                     **accepted(cfg.model, meta.get("model_kwargs") or {}))
-    state = trained.state if trained.state is not None else lightning_state(trained.checkpoint, "checkpoint")
+    state = trained.state if trained.state is not None else model_state(read_checkpoint(trained.checkpoint))
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     adapter.model.load_state_dict(weights)
     adapter.model.eval()

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +26,7 @@ from tunelab.config.redaction import RedactingClient, redact_value, redacted_yam
 from tunelab.errors import Preempted, TrialPruned, TunelabError
 from tunelab.tracking import tag_names
 from tunelab.tracking.attempts import attempt_tags
+from tunelab.tracking.extra_loggers import extra_loggers, log_hyperparams
 from tunelab.tracking.links import save_view, shown_uri
 from tunelab.tracking.outage import Outage, bound_retries, healthy
 from tunelab.tracking.plots import plot_confusion, plot_lr_history
@@ -56,14 +57,16 @@ class Run:
     tracking_uri: str
     outage: Outage | None = None  # remote servers only
     experiment_id: str | None = None
+    extra_loggers: list = field(default_factory=list)  # logger=tensorboard / csv (extra_loggers.py)
 
     def _send(self, what: str, send) -> None:
         self.outage.guarded(what, send) if self.outage else send()
 
-    def lightning_logger(self) -> MLFlowLogger:
+    def lightning_logger(self) -> MLFlowLogger | list:
+        """What the Trainer logs to: this run, first (``trainer.logger``), then any extra loggers."""
         logger = _RunLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri, run_id=self.run_id)
         logger.outage = self.outage
-        return logger
+        return [logger, *self.extra_loggers] if self.extra_loggers else logger
 
     def log_text(self, text: str, name: str) -> None:
         self._send(name, lambda: self.client.log_text(self.run_id, text, name))
@@ -258,17 +261,19 @@ def mlflow_run(cfg: DictConfig, run_name: str | None = None, *, kind: str = "tra
     ``kind`` ``eval`` / ``monitor``: a tunelab-eval / tunelab-monitor run about a trained model,
     in its own experiment, never a sweep's child or a resumed run. ``uri``: the store to log to
     (default: MLFLOW_TRACKING_URI, else the config's)."""
+    extras = extra_loggers(cfg) if kind == "train" else []  # refused before a run exists
     uri = uri or tracking_uri(cfg)
     check_reachable(uri)
     client = RedactingClient(uri)  # nothing read from the environment is sent (redaction.py)
     local = not uri.startswith(("http://", "https://"))
     name = experiment_name(cfg, kind)
     exp_id, run_id, params = _open_run(client, cfg, uri, name, run_name, kind)
-    handle = Run(client, run_id, name, uri, None if local else Outage(uri, shown_uri(uri)), exp_id)
+    handle = Run(client, run_id, name, uri, None if local else Outage(uri, shown_uri(uri)), exp_id, extras)
     if not local:
         bound_retries()
     try:
         _log_params(client, handle.run_id, params)
+        log_hyperparams(extras, params)
         handle.log_text(redacted_yaml(cfg), "config.yaml")
         yield handle
     except BaseException as err:

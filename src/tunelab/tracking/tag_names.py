@@ -45,5 +45,6 @@ REGISTERED_MODEL = "tunelab.registered_model"
 # After training: eval and monitor runs
 EVAL_OF = "tunelab.eval_of"
 EVAL_SOURCE = "tunelab.eval_source"
+EVAL_TTA = "tunelab.eval_tta"  # the test-time augmentation behind an eval run's <split>/tta/* metrics
 MONITOR_OF = "tunelab.monitor_of"
 MONITOR_INPUTS = "tunelab.monitor_inputs"
