@@ -5,6 +5,7 @@
     .venv/bin/python scripts/benchmark.py --model resnet50 --batch-size 128 --image-size 224 --precision bf16-mixed --channels-last
     .venv/bin/python scripts/benchmark.py --model bert-base --seq-len 128 --compile
     .venv/bin/python scripts/benchmark.py --cached-probe                   # 10-epoch linear probe, cached vs not
+    .venv/bin/python scripts/benchmark.py --strategies none --activation-checkpointing   # step memory and speed, off vs on
 
 For each strategy (full fine-tuning, lower half frozen, head only) it times the same batch
 through (a) a plain loop: forward, cross-entropy, backward, AdamW step, and (b) tunelab's own
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name -> Hydra overrides building it (random weights unless shipped)
     "efficientnet_lite0": ["model=efficientnet_lite0"],
+    "vit_tiny": ["model=vit_tiny"],  # conf/model/vit_tiny.yaml: ViT-Tiny/16, random init
     "minilm": ["model=minilm"],
     # BERT-base sizes, random init; its tokenizer is a synthetic 30,522-word vocabulary (see
     # bert_tokenizer): the batches are random token ids, and no checkpoint needs to ship
@@ -88,7 +90,7 @@ class _Repeat(Dataset):
 class SyntheticData(L.LightningDataModule):
     """What ``build_parts`` asks of a datamodule, serving one fixed batch ``steps`` times."""
 
-    name, task = "synthetic", "classification"
+    name, task, threshold = "synthetic", "classification", 0.5  # threshold: multilabel only, unused here
 
     def __init__(self, modality: str, num_classes: int, image_size: int, steps: int):
         super().__init__()
@@ -104,6 +106,12 @@ class SyntheticData(L.LightningDataModule):
 
     def target_stats(self):
         return None
+
+    def class_counts(self):
+        return None  # no class weights for the loss
+
+    def split_sizes(self) -> dict[str, int]:
+        return {"train": self.steps * len(self.batch[1]) if self.batch else self.steps, "val": 0, "test": 0}
 
     def random_training_inputs(self):
         return None
@@ -263,15 +271,16 @@ def raw_loop(model, batch, trainable: set[str], args, device, steps: int) -> tup
     return args.batch_size * (steps - args.warmup) / (time.perf_counter() - start), memory.mb
 
 
-def tunelab_loop(cfg, data: SyntheticData, args, device) -> tuple[float, float, object]:
+def tunelab_loop(cfg, data: SyntheticData, args, device, timer: StepTimer | None = None,
+                 extra: tuple = ()) -> tuple[float, float, object]:
     from tunelab.engine.recipe import core_callbacks
     from tunelab.config import build
     from tunelab.engine.build import build_parts
 
     parts = build_parts(cfg, datamodule=data)
-    timer = StepTimer(args.warmup, device)
+    timer = timer or StepTimer(args.warmup, device)
     trainer = build(cfg.trainer, "trainer", logger=False, enable_checkpointing=False,
-                    callbacks=[*core_callbacks(parts), timer])
+                    callbacks=[*core_callbacks(parts), timer, *extra])
     with PeakMemory(device) as memory:
         trainer.fit(parts.module, datamodule=data)
     return args.batch_size * timer.steps / (timer.end - timer.start), memory.mb, parts
@@ -285,16 +294,21 @@ def strategy_overrides(strategy: str, backbone_groups: int) -> list[str]:
     return ["strategy=milestones", f"strategy.stages=[{{at_epoch: 0, unfreeze: {backbone_groups // 2}}}]"]
 
 
+def common_overrides(args, device) -> list[str]:
+    """What every measured tunelab run shares: the model, one epoch of training only, the settings."""
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    return [*model_overrides(args.model), "retention.enabled=false", "trainer.max_epochs=1",
+            f"trainer.accelerator={accelerator}", f"trainer.precision={args.precision}", "++trainer.limit_val_batches=0",
+            "++trainer.enable_progress_bar=false", "callbacks=none", f"perf.compile={args.compile}",
+            f"perf.compile_backend={args.compile_backend}",
+            f"perf.channels_last={args.channels_last}", f"data.image_size={args.image_size}",
+            f"perf.fused_optimizer={args.fused}"]
+
+
 def run_strategies(args, device) -> dict:
     from tunelab.config import build
 
-    accelerator = "gpu" if device.type == "cuda" else "cpu"
-    common = [*model_overrides(args.model), "retention.enabled=false", "trainer.max_epochs=1",
-              f"trainer.accelerator={accelerator}", f"trainer.precision={args.precision}", "++trainer.limit_val_batches=0",
-              "++trainer.enable_progress_bar=false", "callbacks=none", f"perf.compile={args.compile}",
-              f"perf.compile_backend={args.compile_backend}",
-              f"perf.channels_last={args.channels_last}", f"data.image_size={args.image_size}",
-              f"perf.fused_optimizer={args.fused}"]
+    common = common_overrides(args, device)
     steps = args.warmup + args.steps
     strategies = args.strategies.split(",")
     if strategies[0] != "full":
@@ -302,9 +316,7 @@ def run_strategies(args, device) -> dict:
     rows, backbone_groups = [], 0
     for strategy in strategies:
         cfg = compose([*common, *strategy_overrides(strategy, backbone_groups)])
-        modality = "text" if cfg.model._target_.endswith("text_adapter") else "image"
-        data = SyntheticData(modality, args.classes, args.image_size, steps)
-        data.batch = make_batch(modality, args.batch_size, args.image_size, args.seq_len, BERT_VOCAB, args.classes, device)
+        data = synthetic_data(cfg, args, device, steps)
         raw_runs, tl_runs, flops = [], [], 0
         for _ in range(args.repeats):  # alternating, best of N: the least disturbed run of each loop
             torch.manual_seed(0)
@@ -336,6 +348,13 @@ def run_strategies(args, device) -> dict:
         speedups[r["strategy"]] = {"raw": round(raw_up, 3), "tunelab": round(tl_up, 3),
                                    "fraction_of_raw": round(tl_up / raw_up, 3)}
     return {"rows": rows, "freeze_speedups": speedups}
+
+
+def synthetic_data(cfg, args, device, steps: int) -> SyntheticData:
+    modality = "text" if cfg.model._target_.endswith("text_adapter") else "image"
+    data = SyntheticData(modality, args.classes, args.image_size, steps)
+    data.batch = make_batch(modality, args.batch_size, args.image_size, args.seq_len, BERT_VOCAB, args.classes, device)
+    return data
 
 
 def mfu(flops_per_sample: float, raw_sps: float, tl_sps: float, device) -> dict:
@@ -377,16 +396,104 @@ def cached_probe(args, device) -> dict:
             "val_acc": {"cached": cached_acc, "uncached": plain_acc}}
 
 
+def allocation_peak(profiler) -> int:
+    """The peak of the running sum of the CPU allocations (+) and frees (-) a profiler recorded."""
+    from torch._C._profiler import _ExtraFields_Allocation
+
+    events, stack = [], list(profiler.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        fields = node.extra_fields
+        if isinstance(fields, _ExtraFields_Allocation) and fields.device.type == "cpu":
+            events.append((node.start_time_ns, fields.alloc_size))
+    running = peak = 0
+    for _, size in sorted(events, key=lambda e: e[0]):
+        running += size
+        peak = max(peak, running)
+    return peak
+
+
+class StepMemory(L.Callback):
+    """Peak memory of training step ``at`` (forward, backward, optimizer step): what the step
+    holds at once above what was live when it began; its activations are most of it.
+
+    CUDA: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` at the step's start.
+    CPU: torch's profiler (``profile_memory=True``) records every allocation and free of torch's
+    CPU allocator during the step (RSS and tracemalloc miss or blur them); the peak of their
+    running sum. A tensor made before the step and freed in it (the last step's gradients, which
+    ``zero_grad`` drops) is not seen freed on CPU, so the CPU figure counts the gradients in full.
+    """
+
+    def __init__(self, at: int, device: torch.device):
+        self.at, self.device, self.profiler, self.base, self.mb = at, device, None, 0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx != self.at:
+            return
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx != self.at:
+            return
+        if self.device.type == "cuda":
+            sync(self.device)
+            peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.profiler.__exit__(None, None, None)
+            peak = allocation_peak(self.profiler)
+        self.mb = round(peak / 2**20, 1)
+
+
+def activation_checkpointing(args, device) -> dict:
+    """Full fine-tuning through tunelab's path with ``perf.activation_checkpointing`` off and on:
+    samples/s (best of ``--repeats``, alternating), then, after every timed run (profiling never
+    overlaps timing), the peak memory of step 1 of one more short fit each (StepMemory; step 0
+    creates the optimizer state)."""
+    cfgs = {setting: compose([*common_overrides(args, device), "strategy=full",
+                              f"++perf.activation_checkpointing={setting}"]) for setting in (False, True)}
+    speed = {setting: [] for setting in cfgs}
+    for _ in range(args.repeats):
+        for setting, cfg in cfgs.items():
+            torch.manual_seed(0)
+            speed[setting].append(tunelab_loop(cfg, synthetic_data(cfg, args, device, args.warmup + args.steps), args,
+                                               device)[0])
+    rows = []
+    for setting, cfg in cfgs.items():
+        memory = StepMemory(1, device)
+        torch.manual_seed(0)
+        tunelab_loop(cfg, synthetic_data(cfg, args, device, 2), args, device, StepTimer(0, device), (memory,))
+        rows.append({"activation_checkpointing": setting, "samples_per_s": round(max(speed[setting]), 2),
+                     "step_peak_mb": memory.mb})
+        print(f"  activation_checkpointing={str(setting).lower():<5} {rows[-1]['samples_per_s']:9.1f}/s  "
+              f"step peak {memory.mb:8.1f} MB", flush=True)
+    off, on = rows
+    return {"rows": rows, "memory_ratio": round(on["step_peak_mb"] / off["step_peak_mb"], 3),
+            "speed_ratio": round(on["samples_per_s"] / off["samples_per_s"], 3),
+            "memory": "CUDA allocator peak above the step's start" if device.type == "cuda" else
+                      "torch profiler: peak of the CPU allocations live at once during the step"}
+
+
 def summarize(folder: Path) -> str:
     """The Markdown table docs/performance.md quotes, from every JSON in ``folder``."""
     lines = ["| model | device | mode | precision | layout | strategy | trainable | raw /s | tunelab /s | tunelab/raw "
              "| speedup raw | speedup tunelab | of raw's | peak MB raw / tunelab | MFU raw / tunelab |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    probes = []
+    probes, checkpointing = [], []
     for path in sorted(folder.glob("*.json")):
         r = json.loads(path.read_text())
         if "cached_probe" in r:
             probes.append((path.name, r["cached_probe"]))
+        if "activation_checkpointing" in r:
+            checkpointing.append(r)
         if "cached_probe" in r and len(r["rows"]) == 1:
             continue  # a probe-only file: its one row is a smoke measurement
         for row in r["rows"]:
@@ -402,6 +509,18 @@ def summarize(folder: Path) -> str:
         lines.append(f"\ncached probe ({name}): {c['epochs']} epochs, cached {c['cached_s']} s vs uncached {c['uncached_s']} s "
                      f"= **{c['speedup']}x**; head weights differ by {c['head_max_abs_diff']:.1e}; val/acc "
                      f"{c['val_acc']['cached']:.4f} vs {c['val_acc']['uncached']:.4f}")
+    if len(lines) == 2 and not probes:  # only checkpointing files: no empty strategy table
+        lines = []
+    if checkpointing:
+        lines += ["", "| model | device | precision | batch | input | samples/s off / on | step peak MB off / on | memory on/off "
+                  "| speed on/off |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in checkpointing:
+        c = r["activation_checkpointing"]
+        off, on = c["rows"]
+        size = f"{r['image_size']} px" if "minilm" not in r["model"] and "bert" not in r["model"] else f"{r['seq_len']} tokens"
+        lines.append(f"| {r['model']} | {r['device'].split(',')[0] if 'cpu' in r['device'] else r['device']} | {r['precision']} "
+                     f"| {r['batch_size']} | {size} | {off['samples_per_s']:.1f} / {on['samples_per_s']:.1f} "
+                     f"| {off['step_peak_mb']:.1f} / {on['step_peak_mb']:.1f} | **{c['memory_ratio']:.2f}** | {c['speed_ratio']:.2f} |")
     return "\n".join(lines)
 
 
@@ -428,6 +547,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cached-probe", action="store_true", help="also time a linear probe with and without the feature cache")
     parser.add_argument("--probe-epochs", type=int, default=10)
     parser.add_argument("--probe-overrides", nargs="*", default=[], help="Hydra overrides for the probe's run")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="also time full fine-tuning with perf.activation_checkpointing off and on, with one step's peak memory")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--summarize", type=Path, metavar="FOLDER", help="print the Markdown table of FOLDER's JSON files and exit")
     args = parser.parse_args(argv)
@@ -457,6 +578,8 @@ def main(argv=None) -> int:
               **(run_strategies(args, device) if args.strategies != "none" else {"rows": [], "freeze_speedups": {}})}
     if args.cached_probe:
         result["cached_probe"] = cached_probe(args, device)
+    if args.activation_checkpointing:
+        result["activation_checkpointing"] = activation_checkpointing(args, device)
     overhead_target = TARGETS["overhead_gpu" if device.type == "cuda" else "overhead_cpu"]
     for full in result["rows"][:1]:
         print(f"overhead (full fine-tuning): tunelab/raw = {full['ratio']:.3f} (target >= {overhead_target}: "
@@ -469,9 +592,14 @@ def main(argv=None) -> int:
         c = result["cached_probe"]
         print(f"cached probe: {c['speedup']:.1f}x faster (target >= 10: {'met' if c['speedup'] >= 10 else 'MISSED'}), "
               f"heads differ by {c['head_max_abs_diff']:.1e}")
+    if "activation_checkpointing" in result:
+        c = result["activation_checkpointing"]
+        print(f"activation checkpointing: step peak memory x{c['memory_ratio']:.2f}, samples/s x{c['speed_ratio']:.2f} "
+              f"({c['memory']})")
     args.out.mkdir(parents=True, exist_ok=True)
     tag = f"{args.model}-{device.type}-{mode}-{args.precision}{'-cl' if args.channels_last else ''}"
     tag += "-probe" if args.cached_probe else ""
+    tag += "-ckpt" if args.activation_checkpointing else ""
     path = args.out / f"{tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")

@@ -40,7 +40,9 @@ def _instantiate_group(cfg, group: str, tmp_path: Path, choice: str = ""):
     elif group == "data":
         dm = build(node, "data").scan()
         assert set(dm.split_sizes()) == {"train", "val", "test"} and min(dm.split_sizes().values()) > 0
-        assert dm.num_classes >= 2 if dm.task == "classification" else dm.num_outputs == 1
+        fits = {"classification": dm.num_classes >= 2, "multilabel": dm.num_outputs == len(dm.classes) >= 1,
+                "regression": dm.num_outputs == 1}
+        assert fits[dm.task]
     elif group == "strategy":
         # the group names of the default model (EfficientNet-Lite0), which the shipped options fit
         stages = build(node, "strategy")(["stem", *[f"blocks.{i}" for i in range(7)], "head"])

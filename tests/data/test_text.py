@@ -181,7 +181,7 @@ def _dm(csv, **kwargs):
 @pytest.mark.parametrize("make,message", [
     (lambda csv: _dm(csv, padding="longer"), "data.padding must be longest or max_length"),
     (lambda csv: _dm(csv, max_length=1), "data.max_length must be an integer >= 2"),
-    (lambda csv: _dm(csv, task="ranking"), "data.task must be one of classification, regression"),
+    (lambda csv: _dm(csv, task="ranking"), "data.task must be one of classification, multilabel, regression"),
     (lambda csv: _dm(csv, objective_mode="up"), "data.objective_mode must be min or max"),
     (lambda csv: _dm(csv, val_fraction=0.01, test_fraction=0.01).scan(), r"leave the (val|test).* split\(s\) empty"),
     (lambda csv: load_text_table(str(csv.rename(csv.with_suffix(".xlsx")))), "texts.xlsx is not .csv, .tsv, .jsonl"),

@@ -179,3 +179,17 @@ def test_hyperparameters_withhold_values_read_from_the_environment(tmp_path, mon
     written = (Path(logger.log_dir) / "hparams.yaml").read_text()
     assert params["logger.tags.team"] == "<env.TL_FAKE_SECRET>"  # positive control: the value is a param
     assert "hunter2" not in written and yaml.safe_load(written)["logger.tags.team"] == "<env.TL_FAKE_SECRET>"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["logger=all", "logger.extra.csv.save_dir=/tmp"], r"^logger.extra.csv would write to /tmp/csv, outside"),
+    (["tune=lr_find", "tune.min_lr=1", "tune.max_lr=0.1"], r"^tune.min_lr \(1\) must be below tune.max_lr"),
+])
+def test_check_finds_what_only_the_run_start_used_to(tmp_path, monkeypatch, args, message):
+    """--check builds the extra loggers and the LR finder, writing nothing."""
+    from tunelab.engine.plan import check_command
+
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path))
+    with pytest.raises(TunelabError, match=message):
+        check_command(["debug=smoke", *args])
+    assert not any(tmp_path.iterdir())

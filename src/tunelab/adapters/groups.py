@@ -12,6 +12,8 @@ from typing import Callable
 
 from torch import nn
 
+from tunelab.errors import TunelabError
+
 
 @dataclass(frozen=True)
 class LayerGroup:
@@ -38,10 +40,19 @@ class Adapter:
     features: Callable | None = None
     classify: Callable | None = None
     head_side: tuple[str, ...] = ()  # modules that run after the features (their dropout is expected)
+    # checkpointing(model) turns on activation checkpointing (perf.activation_checkpointing):
+    # blocks keep only their inputs and recompute the rest in the backward pass. None: it cannot.
+    checkpointing: Callable[[nn.Module], None] | None = None
 
     @property
     def group_names(self) -> list[str]:
         return [g.name for g in self.groups]
+
+    def enable_activation_checkpointing(self) -> None:
+        if self.checkpointing is None:
+            raise TunelabError(f"perf.activation_checkpointing=true but {self.description or type(self.model).__name__} "
+                               "has no activation checkpointing; set perf.activation_checkpointing=false.")
+        self.checkpointing(self.model)
 
 
 def name_groups(param_groups: list[list[str]]) -> list[str]:

@@ -128,6 +128,20 @@ class PooledClassifier(nn.Module):
         raise NotImplementedError
 
 
+def checkpoint_backbone(model: nn.Module) -> None:
+    """transformers' own activation checkpointing of the backbone's layers, non-reentrant:
+    reentrant checkpointing gives a layer no gradient when its input needs none (frozen
+    embeddings below trainable layers). It is active in training mode only."""
+    backbone = model.backbone
+    # activation_checkpointing_enable since transformers 5.x; gradient_checkpointing_enable is its deprecated name
+    enable = getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable
+    try:
+        enable({"use_reentrant": False})
+    except ValueError as err:  # supports_gradient_checkpointing = False
+        raise TunelabError(f"perf.activation_checkpointing=true but transformers {type(backbone).__name__} has no "
+                           f"activation checkpointing ({str(err).splitlines()[0]}); set perf.activation_checkpointing=false.") from None
+
+
 def new_head(width: int, num_outputs: int, std: float) -> nn.Linear:
     """A new head starts near zero, so first predictions are near uniform (or the mean)."""
     if num_outputs < 1:

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from tunelab.adapters.groups import Adapter
-from tunelab.adapters.hf import PooledClassifier, add_lora, hf_groups, load_backbone, new_head, pool, resolve_checkpoint
+from tunelab.adapters.hf import (PooledClassifier, add_lora, checkpoint_backbone, hf_groups, load_backbone, new_head, pool,
+                                 resolve_checkpoint)
 from tunelab.config.settings import BOOL, FRACTION, POSITIVE, checked
 from tunelab.errors import TunelabError
 
@@ -94,5 +95,6 @@ def speech_adapter(
                     f"{len(groups)} layer groups, always frozen: {', '.join(frozen) or 'none'})",
         modality="audio",
         features=SpeechModel.features, classify=SpeechModel.classify, head_side=("dropout", "head"),
+        checkpointing=checkpoint_backbone,
         frozen_groups=frozen,
     )

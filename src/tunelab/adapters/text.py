@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from tunelab.adapters.groups import Adapter
-from tunelab.adapters.hf import (SHIPPED_CHECKPOINTS, PooledClassifier, add_lora, check_pooling, hf_groups, load_backbone,
-                                 new_head, pool, resolve_checkpoint)
+from tunelab.adapters.hf import (SHIPPED_CHECKPOINTS, PooledClassifier, add_lora, check_pooling, checkpoint_backbone,
+                                 hf_groups, load_backbone, new_head, pool, resolve_checkpoint)
 from tunelab.config.settings import BOOL, FRACTION, POSITIVE, checked, choice
 from tunelab.errors import TunelabError
 
@@ -103,6 +103,7 @@ def text_adapter(
                     f"{note}, {len(groups)} layer groups)",
         modality="text",
         features=TextModel.features, classify=TextModel.classify, head_side=("dropout", "head"),
+        checkpointing=checkpoint_backbone,
         pretrained_task=pretrained_task if pretrained else None,
     )
 

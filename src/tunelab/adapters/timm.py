@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Annotated
 
 import timm
 import timm.data
+from timm.layers import set_reentrant_ckpt
 from timm.models import get_pretrained_cfg, group_parameters
 import torch.nn.functional as F
 from torch import nn
@@ -65,8 +67,22 @@ def timm_adapter(
         description=f"timm {arch} ({source}, {head}, {len(groups)} layer groups)",
         pretrained_head=original_head,
         pretrained_task="imagenet" if original_head is not None and original_head.out_features == 1000 else None,
+        checkpointing=functools.partial(checkpoint_blocks, arch=arch),
         **_feature_split(model, layers),
     )
+
+
+def checkpoint_blocks(model: nn.Module, arch: str) -> None:
+    """timm's own activation checkpointing (``checkpoint_seq`` over the blocks or stages).
+
+    Non-reentrant, whatever ``TIMM_REENTRANT_CKPT`` says: reentrant checkpointing gives the
+    blocks no gradient when their input needs none (a frozen stem below trainable blocks)."""
+    set_reentrant_ckpt(False)
+    try:
+        model.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError, AttributeError):  # e.g. DLA, Inception: "not supported"
+        raise TunelabError(f"perf.activation_checkpointing=true but timm {arch} has no activation checkpointing; "
+                           "set perf.activation_checkpointing=false.") from None
 
 
 def _create(arch: str, num_outputs: int, drop_rate: float, drop_path_rate: float | None, kwargs: dict | None,

@@ -203,7 +203,8 @@ def _register(cfg: DictConfig, run, job) -> str | None:
     return register_run_model(run.client, run.run_id, str(name))
 
 
-SHOWN = {"classification": ("val/acc", "test/acc", "test/f1"), "regression": ("val/mse", "test/mse", "test/mae", "test/r2")}
+SHOWN = {"classification": ("val/acc", "test/acc", "test/f1"), "multilabel": ("val/map", "test/map", "test/f1"),
+         "regression": ("val/mse", "test/mse", "test/mae", "test/r2")}
 
 
 def _summary(metrics: dict[str, float], task: str) -> list[str]:

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from tunelab.config.settings import BOOL, POSITIVE, checked
 from tunelab.data.datamodule import TaskDataModule
 from tunelab.data.modalities import AUDIO_SUFFIXES
+from tunelab.data.multilabel import collate_labels, label_at
 from tunelab.data.preprocess import centre_crop, extract_features, read_audio
 from tunelab.data.folders import MAX_ENTRIES, scan_class_folders
 from tunelab.data.sampling import sample_seed
@@ -66,8 +67,8 @@ class _Clips(Dataset):
         extra = len(wave) - self.length
         if extra > 0 and self.random_crop and epoch is not None:
             start = int(np.random.default_rng(sample_seed(self.seed, epoch, j)).integers(0, extra + 1))
-            return wave[start: start + self.length], self.table.labels[j].item()
-        return centre_crop(wave, self.length), self.table.labels[j].item()  # what serving crops too
+            return wave[start: start + self.length], label_at(self.table.labels, j)
+        return centre_crop(wave, self.length), label_at(self.table.labels, j)  # what serving crops too
 
 
 class AudioDataModule(TaskDataModule):
@@ -107,7 +108,7 @@ class AudioDataModule(TaskDataModule):
     def collate(self, batch: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         waves, labels = zip(*batch)
         features = extract_features(self.model_data_config["feature_extractor"], waves, self.sampling_rate)
-        return features, torch.tensor(labels)
+        return features, collate_labels(labels)
 
     def eval_settings(self) -> dict:
         return {"sampling_rate": self.sampling_rate, "max_seconds": float(self.max_seconds)}

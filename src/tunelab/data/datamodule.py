@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from tunelab.config.settings import FRACTION, SEED, checked, choice, either, integer
+from tunelab.config.settings import FRACTION, SEED, checked, choice, either, integer, number
 from tunelab.data.sampling import EpochSampler
+from tunelab.data.multilabel import check_multilabel, check_single_label, multilabel_strata
 from tunelab.data.table import Table, check_task
 from tunelab.errors import TunelabError
 
@@ -45,12 +46,15 @@ def resolve_workers(num_workers: int | str) -> int:
     return int(num_workers)
 
 
-METRICS = {"classification": ("loss", "acc", "precision", "recall", "f1", "auroc"), "regression": ("loss", "mse", "mae", "r2")}
+METRICS = {"classification": ("loss", "acc", "precision", "recall", "f1", "auroc"),
+           "multilabel": ("loss", "map", "f1", "f1_micro", "precision", "recall", "exact_match"),
+           "regression": ("loss", "mse", "mae", "r2")}
+DEFAULT_OBJECTIVE = {"classification": "val/acc", "multilabel": "val/map", "regression": "val/mse"}
 
 
 def check_objective(task: str, objective: str | None, mode: str) -> tuple[str, str]:
     """The metric checkpoints and sweeps follow must be one this task logs on validation."""
-    objective = objective or ("val/acc" if task == "classification" else "val/mse")
+    objective = objective or DEFAULT_OBJECTIVE[task]
     valid = [f"val/{m}" for m in METRICS[task]]
     if objective not in valid:
         raise TunelabError(f"data.objective={objective!r} is not a validation metric of a {task} task; "
@@ -90,6 +94,7 @@ class TaskDataModule(L.LightningDataModule):
         objective: str | None = None,
         objective_mode: str = "max",
         sampler: Annotated[str, choice("shuffle", "balanced")] = "shuffle",
+        threshold: Annotated[float, number(0, 1, low_open=True, high_open=True)] = 0.5,
     ):
         super().__init__()
         if val_fraction + test_fraction >= 1:
@@ -103,12 +108,13 @@ class TaskDataModule(L.LightningDataModule):
         self.max_train_samples, self.seed = max_train_samples, seed
         self.samples_per_class, self.min_epoch_samples = samples_per_class, min_epoch_samples
         if samples_per_class and task != "classification":
-            raise TunelabError("data.samples_per_class needs a classification task; use data.max_train_samples "
-                               "for regression.")
+            raise TunelabError(f"data.samples_per_class needs a classification task, not {task}; use "
+                               "data.max_train_samples instead.")
         if sampler == "balanced" and task != "classification":
             raise TunelabError(f"data.sampler=balanced draws classes equally often: it needs a classification task, "
                                f"not {task}; use data.sampler=shuffle (or class weights in the loss).")
         self.sampler = sampler
+        self.threshold = float(threshold)  # multilabel: a label is predicted when its sigmoid is above it
         self.num_workers = resolve_workers(num_workers)
         self.table: Table | None = None
         self.splits: dict[str, tuple[Table, np.ndarray]] = {}
@@ -124,7 +130,8 @@ class TaskDataModule(L.LightningDataModule):
         if len(table) == 0:
             raise TunelabError(f"data source {table.origin} holds no labelled examples.")
         self._check_labels(table)
-        strata = table.labels if self.task == "classification" else regression_strata(table.labels)
+        strata = {"classification": lambda y: y, "multilabel": multilabel_strata,
+                  "regression": regression_strata}[self.task](table.labels)
         if table.test is not None:
             self._check_labels(table.test)
             train, val = stratified_split(strata, (self.val_fraction,), self.seed)[::-1]
@@ -158,6 +165,9 @@ class TaskDataModule(L.LightningDataModule):
         return table, train
 
     def _check_labels(self, table: Table) -> None:
+        if self.task == "multilabel":
+            return check_multilabel(table, self.requested_classes)
+        check_single_label(table, self.task)
         if self.task == "regression":
             if table.labels.dtype.kind != "f" or not np.isfinite(table.labels).all():
                 raise TunelabError(f"{table.origin}: regression targets must be finite numbers.")
@@ -190,7 +200,7 @@ class TaskDataModule(L.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        """Classes of a classification task (0 for regression)."""
+        """Classes of a classification task, labels of a multilabel one (0 for regression)."""
         self.scan()
         if self.task == "regression":
             return 0
@@ -266,10 +276,13 @@ class TaskDataModule(L.LightningDataModule):
         return EpochSampler(size, self.seed, min_samples=self.min_epoch_samples, weights=weights)
 
     def class_counts(self) -> list[int] | None:
-        """Training examples per class (classification), for balanced class weights; else None."""
-        if self.task != "classification":
+        """Training examples per class (classification) or positives per label (multilabel), for
+        balanced class weights; else None."""
+        if self.task == "regression":
             return None
         table, idx = self.scan().splits["train"]
+        if self.task == "multilabel":
+            return table.labels[idx].sum(axis=0).astype(int).tolist()
         return np.bincount(table.labels[idx], minlength=self.num_classes).tolist()
 
     def first_inputs(self, split: str, count: int):

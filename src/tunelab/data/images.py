@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from tunelab.config.settings import check_call, checked, integer, mapping, reads
 from tunelab.data.datamodule import TaskDataModule
+from tunelab.data.multilabel import label_at
 from tunelab.data.preprocess import image_eval_transform, load_image
 from tunelab.data.sampling import sample_seed, seeded_call
 from tunelab.data.shifts import image_shift
@@ -32,7 +33,7 @@ class _Images(Dataset):
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (None, key)
         j = int(self.indices[i])
-        image, label = load_image(self.table.items[j]), self.table.labels[j].item()
+        image, label = load_image(self.table.items[j]), label_at(self.table.labels, j)
         if epoch is None and self.seeded:
             return seeded_call(sample_seed(self.seed, -1, j), self.transform, image), label
         if epoch is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gzip
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -17,7 +17,9 @@ from PIL import Image
 from tunelab.data.folders import MAX_ENTRIES, scan_class_folders
 from tunelab.data.modalities import IMAGE_SUFFIXES
 from tunelab.data.preprocess import unreadable_image_errors
-from tunelab.data.table import Table, first_few, load_path_table
+from tunelab.config.settings import BOOL, mapping
+from tunelab.data.multilabel import attribute_labels
+from tunelab.data.table import LABEL_COLUMN, SEPARATOR, Table, first_few, load_path_table
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,14 @@ def load_mnist5k() -> Table:
     )
 
 
+def load_mnist5k_attributes(attributes: Annotated[dict, mapping()]) -> Table:
+    """MNIST-5k as a multi-label task: each label is an attribute of the digit (``attributes`` maps
+    its name to the digits that have it, e.g. ``even: [0, 2, 4, 6, 8]``: conf/data/mnist5k_attributes.yaml)."""
+    digits = load_mnist5k()
+    labels, names = attribute_labels(digits.labels, attributes, digits.origin)
+    return Table(digits.items, labels, names, f"{digits.origin} (digit attributes)")
+
+
 def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
@@ -108,10 +118,12 @@ def load_image_folder(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, v
     return Table(items=found.paths, labels=found.labels, classes=found.classes, origin=str(found.root))
 
 
-def load_image_csv(path: str, path_column: str = "path", label_column: str = "label", root: str | None = None,
-                   task: str = "classification", verify: bool | str = "auto") -> Table:
+def load_image_csv(path: str, path_column: str = "path", label_column: Annotated[Any, LABEL_COLUMN] = "label",
+                   root: str | None = None, task: str = "classification", verify: bool | str = "auto",
+                   label_separator: Annotated[str, SEPARATOR] = "|", allow_empty: Annotated[bool, BOOL] = False) -> Table:
     """A CSV / TSV / JSONL / Parquet table of image paths and labels (the table reader audio uses,
-    data/table.py); every listed file must exist and, as for folders, open as an image."""
-    table = load_path_table(path, path_column, label_column, root, task)
+    data/table.py); every listed file must exist and, as for folders, open as an image.
+    Multi-label (``task=multilabel``): names joined by ``label_separator``, or a list of 0/1 columns."""
+    table = load_path_table(path, path_column, label_column, root, task, label_separator, allow_empty)
     check_images(table.items, f"listed in {table.origin}", verify)
     return table

@@ -7,7 +7,7 @@ import html
 import importlib.util
 import zipfile
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated, Any, Callable
 
 import numpy as np
 import torch
@@ -16,7 +16,10 @@ from torch.utils.data import Dataset
 from tunelab.config.settings import BOOL, checked, choice, integer
 from tunelab.data.datamodule import TaskDataModule
 from tunelab.data.preprocess import encode_texts, pad_tokens
-from tunelab.data.table import Table, encode_labels, read_frame
+from tunelab.data.multilabel import collate_labels, label_at
+from tunelab.data.table import (
+    LABEL_COLUMN, SEPARATOR, Table, empty_allowed, encode_labels, label_columns, read_frame, table_labels,
+)
 from tunelab.errors import TunelabError
 
 # drugs.com ratings were binned into these labels by the package; as an ordinal score they
@@ -67,22 +70,25 @@ def load_drug_reviews(task: str = "classification", subset: str = "all") -> Tabl
     return train_table
 
 
-def load_text_table(path: str, text_column: str = "text", label_column: str = "label",
+def load_text_table(path: str, text_column: str = "text", label_column: Annotated[Any, LABEL_COLUMN] = "label",
                     text_pair_column: str | None = None, test_path: str | None = None,
-                    task: str = "classification") -> Table:
+                    task: str = "classification", label_separator: Annotated[str, SEPARATOR] = "|",
+                    allow_empty: Annotated[bool, BOOL] = False) -> Table:
     """A table of texts (and optional text pairs) with labels; ``test_path`` is an optional
-    held-out file with the same columns (else the DataModule splits off a test set)."""
+    held-out file with the same columns (else the DataModule splits off a test set).
+    Multi-label (``task=multilabel``): names joined by ``label_separator``, or a list of 0/1 columns."""
+    label_column = label_columns(label_column)
     columns = {"text_column": text_column, "label_column": label_column, "text_pair_column": text_pair_column}
 
     def read(file: str, key: str, classes: list[str] | None) -> Table:
-        frame, resolved = read_frame(file, columns, key)
-        labels, names = encode_labels(frame[label_column], task, f"{resolved} column {label_column!r}", classes)
+        frame, resolved = read_frame(file, columns, key, may_be_empty=empty_allowed(label_column, task))
+        labels, names = table_labels(frame, label_column, task, str(resolved), classes, label_separator, allow_empty)
         pairs = frame[text_pair_column].astype(str).tolist() if text_pair_column else None
         return Table(frame[text_column].astype(str).tolist(), labels, names, str(resolved), pairs=pairs)
 
     table = read(path, "data.source.path", None)
     if test_path:
-        table.test = read(test_path, "data.source.test_path", table.classes if task == "classification" else None)
+        table.test = read(test_path, "data.source.test_path", table.classes if task != "regression" else None)
     return table
 
 
@@ -97,7 +103,7 @@ class _Tokens(Dataset):
 
     def __getitem__(self, key):
         i = key[1] if isinstance(key, tuple) else key  # (epoch, index) from the training sampler
-        return {k: v[i] for k, v in self.encodings.items()}, self.labels[i].item()
+        return {k: v[i] for k, v in self.encodings.items()}, label_at(self.labels, i)
 
 
 class TextDataModule(TaskDataModule):
@@ -144,7 +150,7 @@ class TextDataModule(TaskDataModule):
             raise TunelabError(f"data.ood.{name}: a text OOD split needs source: {{_target_: ...}}.")
         self.scan()
         table = spec["source"]() if callable(spec["source"]) else spec["source"]
-        if self.task == "classification" and list(table.classes) != list(self.table.classes):
+        if self.task != "regression" and list(table.classes) != list(self.table.classes):
             raise TunelabError(f"data.ood.{name}: its classes {table.classes[:8]} differ from the task's "
                                f"{self.table.classes[:8]}; an OOD split must use the same classes.")
         return self._encode(table, np.arange(len(table)), f"ood.{name}")
@@ -158,7 +164,7 @@ class TextDataModule(TaskDataModule):
 
     def collate(self, batch: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         features, labels = zip(*batch)
-        return pad_tokens(self.tokenizer, features, self.padding, self.max_length), torch.tensor(labels)
+        return pad_tokens(self.tokenizer, features, self.padding, self.max_length), collate_labels(labels)
 
     def eval_settings(self) -> dict:
         self.scan()

@@ -97,14 +97,14 @@ def evaluate(source: str, overrides: list[str] = (), split: str = "test", store:
             raise TunelabError(f"--split {split!r}: data={dm.name} has splits {sorted(dm.splits)}.")
         if dm.task != trained.meta["task"]:
             raise TunelabError(f"the model does {trained.meta['task']} but data={dm.name} is {dm.task}.")
-        if dm.task == "classification":
+        if dm.task != "regression":
             check_classes(trained.classes, dm.classes, dm.name)
         adapter = load_adapter(trained)
         dm.set_model_data_config(adapter.data_config)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         out = evaluation.predict(Predictor(adapter, dm.task), dm.loader(split), device)
-        out.classes = dm.classes if dm.task == "classification" else []
-        metrics = {f"{split}/{k}": v for k, v in evaluation.report(out, dm.task, f"{split}/").items()}
+        out.classes = dm.classes if dm.task != "regression" else []
+        metrics = {f"{split}/{k}": v for k, v in evaluation.report(out, dm.task, f"{split}/", dm.threshold).items()}
         title = f"{source} on data={dm.name} split={split} ({len(out.targets)} samples)"
         if mode:
             metrics.update(_augmented(Predictor(adapter, dm.task), dm, split, mode, device))
@@ -118,8 +118,8 @@ def evaluate(source: str, overrides: list[str] = (), split: str = "test", store:
 def _augmented(predictor, dm, split: str, mode: str, device) -> dict[str, float]:
     """``<split>/tta/<metric>``: the report of the predictions averaged over ``mode``'s views (per-class F1 left to the plain report)."""
     out = tta.predict(predictor, dm, split, mode, device)
-    out.classes = dm.classes if dm.task == "classification" else []
-    found = evaluation.report(out, dm.task, f"{split}/tta/")
+    out.classes = dm.classes if dm.task != "regression" else []
+    found = evaluation.report(out, dm.task, f"{split}/tta/", dm.threshold)
     return {f"{split}/tta/{k}": v for k, v in found.items() if "f1_class/" not in k}
 
 
@@ -136,7 +136,9 @@ def _log(trained, source: str, split: str, result: Evaluation, out, tmp: Path, u
         if mode:
             run.set_tag(tag_names.EVAL_TTA, mode)
         run.log_metrics(result.metrics)
-        if out.classes:
+        if out.classes and trained.meta["task"] == "multilabel":  # no single predicted class: no confusion
+            run.log_text(evaluation.class_key_table(out.classes, f"{split}/"), "class_metric_keys.json")
+        elif out.classes:
             run.log_confusion(evaluation.confusion(out), out.classes)
             run.log_text(evaluation.class_key_table(out.classes, f"{split}/"), "class_metric_keys.json")
             run.log_artifact(evaluation.reliability_plot(out, tmp / "reliability.png"))

@@ -123,6 +123,8 @@ def export(trained, out: Path, formats: list[str], tolerance: float = 1e-3) -> d
     if processor is not None:
         processor.save_pretrained(out / "preprocess")
     meta = {**trained.meta, "inputs": names, "output": "prediction" if dm.task == "regression" else "logits",
+            # what turns the logits into probabilities: one per class (softmax) or one per label (sigmoid)
+            **({} if dm.task == "regression" else {"activation": "sigmoid" if dm.task == "multilabel" else "softmax"}),
             "preprocess": settings_from(dm), "formats": report, "source_run": trained.run_id,
             "lora_merged": bool(trained.cfg.get("lora"))}
     (out / "tunelab_export.json").write_text(json.dumps(meta, indent=1))

@@ -58,10 +58,21 @@ class Exported:
         out = self.scores(items)
         if self.meta["task"] == "regression":
             return pd.DataFrame({"prediction": out.reshape(-1)})
+        if self.meta["task"] == "multilabel":
+            return label_sets(1 / (1 + np.exp(-out.astype(np.float64))), self.meta["classes"], self.meta["threshold"])
         logits = out - out.max(axis=1, keepdims=True)
         probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
         classes = self.meta["classes"]
         return pd.DataFrame({"label": [classes[i] for i in probs.argmax(axis=1)], "confidence": probs.max(axis=1)})
+
+
+def label_sets(probs: np.ndarray, classes: list[str], threshold: float) -> pd.DataFrame:
+    """Multi-label predictions: ``labels`` (the names whose probability exceeds ``threshold``,
+    joined by ``|``; empty when none does) and ``prob_<label>``, each label's sigmoid probability."""
+    chosen = ["|".join(c for c, p in zip(classes, row) if p > threshold) for row in probs]
+    frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])
+    frame.insert(0, "labels", chosen)
+    return frame
 
 
 def read_inputs(source: Path, settings: dict, column: str | None, pair_column: str = "text_pair") -> list:
@@ -90,7 +101,8 @@ def read_inputs(source: Path, settings: dict, column: str | None, pair_column: s
 
 
 def label_inputs(model: Exported, items: list, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
-    """``items`` labelled in batches: ``input`` then ``label,confidence`` (or ``prediction``)."""
+    """``items`` labelled in batches: ``input`` then ``label,confidence`` (``labels,prob_<label>...`` for
+    multi-label, ``prediction`` for regression)."""
     from tqdm import tqdm
 
     starts = tqdm(range(0, len(items), batch_size), desc="labelling", unit="batch", disable=not progress)

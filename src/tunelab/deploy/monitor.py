@@ -103,7 +103,8 @@ def monitor(source: str, inputs: Path, column: str | None = None, reference: str
         client = store_client(store)
         trained = resolve(source, client, Path(tmp))
         if trained.meta["task"] != "classification":
-            raise TunelabError("tunelab-monitor watches classifiers (prediction shares and confidence).")
+            raise TunelabError("tunelab-monitor watches single-label classifiers (prediction shares and confidence), "
+                               f"not {trained.meta['task']} models.")
         adapter = load_adapter(trained)
         dm = build(trained.cfg.data, "data").scan()
         dm.set_model_data_config(adapter.data_config)

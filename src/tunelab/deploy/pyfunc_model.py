@@ -6,7 +6,8 @@ the checkpoint with ``weights_only=True``.
 Input: a DataFrame with one column of raw inputs, preprocessed exactly as the test split was:
 ``image`` (base64-encoded image bytes, or file paths), ``text`` (strings; a model trained on
 text pairs also reads ``text_pair``) or ``audio`` (float waveforms at the model's sampling rate,
-or file paths). Output: a DataFrame with the predicted ``label`` and one ``prob_<class>`` column per class, or ``prediction`` for regression. So
+or file paths). Output: a DataFrame with the predicted ``label`` and one ``prob_<class>`` column per class, or ``prediction`` for regression
+(multi-label: ``labels``, the names above the threshold joined by ``|``, and ``prob_<label>`` sigmoid probabilities). So
 ``mlflow models serve -m models:/NAME/VERSION`` answers JSON posts of raw images or texts.
 """
 
@@ -19,6 +20,7 @@ import pandas as pd
 
 from tunelab.data.modalities import PAIR_COLUMN, modality_of
 from tunelab.data.preprocess import Preprocessor
+from tunelab.deploy.exported import label_sets
 from tunelab.engine.trained import Predictor, from_artifacts, load_adapter
 
 # Inputs are arrays or strings by modality, so predict() has no single type hint to give;
@@ -54,8 +56,10 @@ class TunelabModel(mlflow.pyfunc.PythonModel):
             out = self.predictor(self._inputs(model_input))
         if self.meta["task"] == "regression":
             return pd.DataFrame({"prediction": out.numpy()})
-        probs = torch.softmax(out.float(), dim=-1).numpy()
         classes = self.meta["classes"]
+        if self.meta["task"] == "multilabel":
+            return label_sets(torch.sigmoid(out.float()).numpy(), classes, self.meta["threshold"])
+        probs = torch.softmax(out.float(), dim=-1).numpy()
         frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])
         frame.insert(0, "label", [classes[i] for i in probs.argmax(axis=1)])
         return frame

@@ -69,6 +69,8 @@ class Averaged(torch.nn.Module):
         outputs = [self.predictor(view).float() for view in views(images, self.mode, self.size)]
         if self.predictor.task == "regression":
             return torch.stack(outputs).mean(0)
+        if self.predictor.task == "multilabel":  # each label's mean probability, as the logit the report's sigmoid reads
+            return torch.logit(torch.stack([out.sigmoid() for out in outputs]).mean(0), eps=1e-7)
         probs = torch.stack([out.softmax(-1) for out in outputs]).mean(0)
         return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()  # tiny: no -inf where every view said 0
 

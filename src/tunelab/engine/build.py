@@ -46,7 +46,8 @@ class Parts:
     def describe(self, strategy: str) -> str:
         """What the run will train, on what, when: printed at its start and by --check."""
         dm = self.datamodule
-        kind = f"{dm.num_classes} classes" if dm.task == "classification" else "regression"
+        kind = {"classification": f"{dm.num_classes} classes", "multilabel": f"{dm.num_classes} labels (multi-label)",
+                "regression": "regression"}[dm.task]
         return (f"model: {self.adapter.description}\ndata: {dm.name}, {kind}, splits {dm.split_sizes()}\n"
                 f"stages (strategy {strategy}):\n{self.stage_table()}")
 
@@ -89,6 +90,7 @@ def build_module(cfg: DictConfig, adapter: Adapter, datamodule: TaskDataModule, 
            "modality": adapter.modality, "seed": int(cfg.seed)}
     points = {name: build_point(cfg, name, run) for name in extension_points(FineTuneModule)}
     module = FineTuneModule(adapter, datamodule.num_outputs, stages, datamodule.task, datamodule.target_stats(), perf,
+                            datamodule.threshold,
                             **{k: v for k, v in points.items() if v is not None},
                             **{**cfg.get("module", {}), "batchnorm": batchnorm_mode(cfg)})
     return module

@@ -22,6 +22,11 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
     multiclass_precision,
     multiclass_recall,
+    multilabel_average_precision,
+    multilabel_exact_match,
+    multilabel_f1_score,
+    multilabel_precision,
+    multilabel_recall,
 )
 from torchmetrics.functional.regression import mean_absolute_error, mean_squared_error, r2_score
 
@@ -33,7 +38,7 @@ log = logging.getLogger("tunelab")
 @dataclass
 class Outputs:
     """Everything a model said about one split: logits (or predictions) and the targets."""
-    scores: torch.Tensor  # (N, C) logits, or (N,) regression predictions in the data's units
+    scores: torch.Tensor  # (N, C) logits (one per class or label), or (N,) regression predictions in the data's units
     targets: torch.Tensor
     classes: list[str] = field(default_factory=list)
 
@@ -114,6 +119,36 @@ def classification_report(out: Outputs, prefix: str = "") -> dict[str, float]:
     return {k: float(v) for k, v in report.items()}
 
 
+def present_labels_map(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Macro average precision over the labels with positives in the split: a label without
+    any has no defined AP (torchmetrics scores it 0), so it is left out, as ``macro_auroc`` leaves
+    out classes without samples. NaN when no label has a positive. ``val/map``, ``test/map``
+    and ``tunelab-eval``'s ``map`` all come from here."""
+    present = targets.long().sum(0) > 0
+    if not present.any():
+        return torch.tensor(float("nan"))
+    return multilabel_average_precision(probs[:, present].float(), targets[:, present].long(), int(present.sum()),
+                                        average="macro", thresholds=None)
+
+
+def multilabel_report(out: Outputs, threshold: float = 0.5) -> dict[str, float]:
+    """What the module logs for multi-label data (engine/metrics.py), and F1 per label."""
+    probs, y = out.scores.float().sigmoid(), out.targets.long()
+    at = {"num_labels": probs.shape[1], "threshold": threshold}
+    report = {
+        "map": present_labels_map(probs, y),
+        "f1": multilabel_f1_score(probs, y, **at, average="macro"),
+        "f1_micro": multilabel_f1_score(probs, y, **at, average="micro"),
+        "precision": multilabel_precision(probs, y, **at, average="macro"),
+        "recall": multilabel_recall(probs, y, **at, average="macro"),
+        "exact_match": multilabel_exact_match(probs, y, **at),
+    }
+    per_label = multilabel_f1_score(probs, y, **at, average=None)
+    for key, value in zip(class_metric_keys(out.classes or [str(i) for i in range(at["num_labels"])]), per_label):
+        report[f"f1_class/{key}"] = value
+    return {k: float(v) for k, v in report.items()}
+
+
 def regression_report(out: Outputs) -> dict[str, float]:
     pred, y = out.scores.float().flatten(), out.targets.float().flatten()
     report = {"mse": mean_squared_error(pred, y), "mae": mean_absolute_error(pred, y)}
@@ -122,7 +157,10 @@ def regression_report(out: Outputs) -> dict[str, float]:
     return {k: float(v) for k, v in report.items()}
 
 
-def report(out: Outputs, task: str, prefix: str = "") -> dict[str, float]:
+def report(out: Outputs, task: str, prefix: str = "", threshold: float = 0.5) -> dict[str, float]:
+    """``threshold``: where a multi-label probability counts as the label (``data.threshold``)."""
+    if task == "multilabel":
+        return multilabel_report(out, threshold)
     return classification_report(out, prefix) if task == "classification" else regression_report(out)
 
 
@@ -200,8 +238,8 @@ def shifted_splits(module, dm, reference: dict[str, float], max_batches: int | N
     results: dict[str, float] = {}
     for name in dm.ood_names():
         out = predict(module, dm.ood_loader(name), device, max_batches)
-        out.classes = dm.classes if dm.task == "classification" else []
-        found = {k: v for k, v in report(out, dm.task, f"ood/{name}/").items() if "f1_class/" not in k}
+        out.classes = dm.classes if dm.task != "regression" else []
+        found = {k: v for k, v in report(out, dm.task, f"ood/{name}/", dm.threshold).items() if "f1_class/" not in k}
         results.update({f"ood/{name}/{k}": v for k, v in found.items()})
         if dm.task == "classification" and "test/acc" in reference:  # accuracy lost under the shift
             results[f"ood/{name}/acc_drop"] = reference["test/acc"] - found["acc"]

@@ -33,7 +33,7 @@ from tunelab.engine.losses import check_loss, task_default
 from tunelab.engine.mixing import BatchMixer
 from tunelab.engine.metrics import SoftmaxAUROC, epoch_auroc, task_metrics
 from tunelab.engine.param_groups import LAYER_DECAY, layer_scales, param_groups
-from tunelab.engine.perf import compile_model, compile_options, fused_kwargs, to_channels_last
+from tunelab.engine.perf import checkpoint_activations, compile_model, compile_options, fused_kwargs, to_channels_last
 from tunelab.engine.schedules import constant
 from tunelab.engine.strategies import Stage
 from tunelab.errors import TunelabError
@@ -50,6 +50,7 @@ class FineTuneModule(L.LightningModule):
         task: str = "classification",
         target_stats: tuple[float, float] | None = None,
         perf: dict | None = None,
+        threshold: float = 0.5,  # multilabel: data.threshold, where a label's probability counts as the label
         /,
         *,
         # extension points: each built from the top-level config node of its name (build_parts)
@@ -88,18 +89,20 @@ class FineTuneModule(L.LightningModule):
         self._scheduler: LambdaLR | None = None
         self._total_steps = 1
         self.task = task
-        self._set_perf(dict(perf or {}))
+        self._set_perf(dict(perf or {}), adapter)
         self.classify = adapter.classify
         # Regression heads learn standardised targets; predictions are mapped back to the
         # data's units for the loss-independent metrics (MSE/MAE/R² in the units users know).
         mean, std = target_stats or (0.0, 1.0)
         self.register_buffer("target_mean", torch.tensor(float(mean)))
         self.register_buffer("target_std", torch.tensor(float(std)))
-        self._set_metrics(task, num_outputs)
+        self._set_metrics(task, num_outputs, threshold)
 
-    def _set_perf(self, perf: dict) -> None:
+    def _set_perf(self, perf: dict, adapter: Adapter) -> None:
         """Speed options (perf.py): none of them changes what is computed beyond float tolerance."""
         self.compile_options = compile_options(perf)
+        if perf.get("activation_checkpointing"):  # before any compilation: the graph traces the checkpoints
+            checkpoint_activations(adapter, self.batchnorm)
         self.channels_last = bool(perf.get("channels_last", False))
         self.fused_optimizer = perf.get("fused_optimizer", "auto")
         if self.channels_last:
@@ -108,10 +111,11 @@ class FineTuneModule(L.LightningModule):
         self._compiled_for: frozenset[str] | None = None
         self.__dict__["_compiled"] = None  # not a submodule: checkpoints hold the plain model only
 
-    def _set_metrics(self, task: str, num_outputs: int) -> None:
+    def _set_metrics(self, task: str, num_outputs: int, threshold: float = 0.5) -> None:
+        # multilabel: metrics.multilabel_metrics; no train/acc, confusion matrix or AUROC (single-label metrics)
         self.train_acc = MulticlassAccuracy(num_outputs, average="micro") if task == "classification" else None
-        self.val_metrics = task_metrics(task, num_outputs).clone(prefix="val/")
-        self.test_metrics = task_metrics(task, num_outputs).clone(prefix="test/")
+        self.val_metrics = task_metrics(task, num_outputs, threshold).clone(prefix="val/")
+        self.test_metrics = task_metrics(task, num_outputs, threshold).clone(prefix="test/")
         # Kept across the test epoch (never logged as a scalar): train() plots it after testing.
         self.test_confusion = MulticlassConfusionMatrix(num_outputs) if task == "classification" else None
         self.test_confusion_matrix: torch.Tensor | None = None  # set when a test epoch ends (on_test_epoch_end)
@@ -203,7 +207,7 @@ class FineTuneModule(L.LightningModule):
         return self.loss_fn(out, y)
 
     def _targets(self, y: torch.Tensor) -> torch.Tensor:
-        return y.float() if self.task == "regression" else y
+        return y.float() if self.task in ("regression", "multilabel") else y  # multilabel: 0/1 floats for the loss
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Runs after the StageCallback's hook: these are the LRs this step will use.

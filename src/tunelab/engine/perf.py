@@ -1,5 +1,6 @@
-"""Speed options (``perf`` in conf/train.yaml): torch.compile recompiled at every stage change,
-channels_last, fused optimizers. docs/performance.md has the measurements behind each default.
+"""Speed and memory options (``perf`` in conf/train.yaml): torch.compile recompiled at every stage
+change, channels_last, fused optimizers, activation checkpointing. docs/performance.md has the
+measurements behind each default.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Annotated
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from tunelab.config.settings import BOOL, choice, reads, text
 from tunelab.errors import TunelabError
@@ -29,10 +31,12 @@ def perf_settings(
     compile_backend: Annotated[str, text()] = "inductor",
     channels_last: Annotated[bool, BOOL] = True,
     fused_optimizer: Annotated[bool | str, choice("auto", True, False)] = "auto",
+    activation_checkpointing: Annotated[bool, BOOL] = False,
 ) -> dict:
     """The ``perf`` settings (conf/train.yaml), as the module and the feature cache read them."""
     return {"cache_features": cache_features, "compile": compile, "compile_mode": compile_mode,
-            "compile_backend": compile_backend, "channels_last": channels_last, "fused_optimizer": fused_optimizer}
+            "compile_backend": compile_backend, "channels_last": channels_last, "fused_optimizer": fused_optimizer,
+            "activation_checkpointing": activation_checkpointing}
 
 
 def compile_options(perf: dict | None) -> dict | None:
@@ -60,6 +64,21 @@ def compile_model(model: nn.Module, options: dict) -> nn.Module:
     """
     torch.compiler.reset()
     return torch.compile(model, **options)
+
+
+def checkpoint_activations(adapter, batchnorm: str) -> None:
+    """perf.activation_checkpointing: the adapter's model keeps only each block's input in the
+    forward pass and recomputes the block in the backward pass (less memory, one more forward).
+
+    Refused where the recomputation would change training: a BatchNorm layer normalising with
+    batch statistics updates its running statistics in the recomputed forward too, twice a step.
+    Dropout and drop-path are safe: the recomputation replays the forward's random state.
+    """
+    if batchnorm != "eval" and any(isinstance(m, _BatchNorm) for m in adapter.model.modules()):
+        raise TunelabError(f"perf.activation_checkpointing=true with module.batchnorm={batchnorm} would update the "
+                           "BatchNorm running statistics twice per step (once more when a block is recomputed); "
+                           "set module.batchnorm=eval or perf.activation_checkpointing=false.")
+    adapter.enable_activation_checkpointing()
 
 
 def to_channels_last(x):

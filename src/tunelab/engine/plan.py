@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab.config import check_targets, conf_dir
+from tunelab.config import build, check_targets, conf_dir
 from tunelab.config.compose import as_hydra_job, combinations, command_overrides, compose_run
 from tunelab.config.hydra_guard import check_hydra, walk_config
 from tunelab.config.preflight import check_required_groups
@@ -23,6 +23,7 @@ from tunelab.engine.build import plan_parts
 from tunelab.engine.module import FineTuneModule
 from tunelab.engine.validation import check_config
 from tunelab.errors import TunelabError
+from tunelab.tracking.extra_loggers import extra_loggers
 
 
 def global_groups(root: Path) -> set[str]:
@@ -129,8 +130,19 @@ def check_run(overrides: list[str], deep: bool = True) -> str:
         validate(cfg, choices)
         if not deep:
             return f"config valid: {picked}"
-
+        _check_loggers(cfg)
+        if cfg.get("tune"):  # the LR finder's own range check (min_lr < max_lr)
+            build(cfg.tune, "tune")
         return f"{picked}\n{plan_parts(cfg)}"
+
+
+def _check_loggers(cfg: DictConfig) -> None:
+    """Build the extra loggers (none writes before it logs): a missing package or a folder outside
+    the job's outputs is found now. A check has no job folder yet; an unwritten stand-in takes its place."""
+    job = cfg.copy()
+    if OmegaConf.select(job, "paths.output_dir", throw_on_resolution_failure=False) is None:
+        job.paths.output_dir = str(Path(str(job.paths.log_dir)) / "check")
+    extra_loggers(job)
 
 
 def check_command(argv: list[str], deep: bool = True) -> str:

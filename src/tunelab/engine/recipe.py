@@ -35,9 +35,12 @@ def core_callbacks(parts=None) -> list:
 def model_meta(parts) -> dict:
     """What rebuilds the model and feeds it later (eval, export, serving), with the config."""
     dm, adapter = parts.datamodule, parts.adapter
-    return {"task": dm.task, "modality": adapter.modality, "num_outputs": dm.num_outputs,
-            "classes": dm.classes if dm.task == "classification" else [], "model_kwargs": dm.model_kwargs,
+    meta = {"task": dm.task, "modality": adapter.modality, "num_outputs": dm.num_outputs,
+            "classes": dm.classes if dm.task != "regression" else [], "model_kwargs": dm.model_kwargs,
             "preprocess": settings_from(dm)}
+    if dm.task == "multilabel":  # classes are the label names; predict and serving mark those above it
+        meta["threshold"] = dm.threshold
+    return meta
 
 
 def store_description(cfg: DictConfig, meta: str, module, rank: int) -> None:
