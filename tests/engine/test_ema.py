@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
+from helpers.interrupt import Interrupt, StopAt
 from tunelab.config import build
 from tunelab.config.settings import accepted
 from tunelab.engine.build import build_parts
@@ -118,22 +119,6 @@ def test_validation_checkpoints_and_testing_use_the_ema(cfg_factory):
     assert abs(logged - _validate(cfg, parts, final)) > 1e-4  # the raw weights score otherwise
 
 
-class _Interrupt(Exception):
-    pass
-
-
-class _StopAt(L.Callback):
-    """Save a checkpoint after optimizer step ``step`` and die, like a pre-empted job."""
-
-    def __init__(self, step: int, path):
-        self.step, self.path = step, path
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path)
-            raise _Interrupt()
-
-
 @pytest.mark.slow
 def test_resume_restores_the_ema_exactly(cfg_factory, tmp_path):
     """Stopped mid-epoch after the stage change and resumed: the same EMA (and weights) as never
@@ -144,13 +129,13 @@ def test_resume_restores_the_ema_exactly(cfg_factory, tmp_path):
         ema = WeightEMA(decay=0.999, warmup=True)
         try:
             trainer, parts = _fit(cfg, ema, *extra, ckpt_path=ckpt_path)
-        except _Interrupt:
+        except Interrupt:
             return None, None
         return _state(ema.ema.module), _state(parts.module.model)
 
     reference, reference_raw = run()
     ckpt = tmp_path / "stopped.ckpt"
-    run(_StopAt(4, ckpt))  # epoch 1, its first step of 3
+    run(StopAt(4, ckpt))  # epoch 1, its first step of 3
     saved = torch.load(ckpt, weights_only=True)
     assert any(not torch.equal(saved["ema_state_dict"][k], v) for k, v in saved["state_dict"].items()
                if k.startswith("model."))

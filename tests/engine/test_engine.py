@@ -7,6 +7,7 @@ import lightning as L
 import pytest
 import torch
 
+from helpers.interrupt import Interrupt, StopAt
 from tunelab.adapters.lora import merge_lora
 from tunelab.config import build
 from tunelab.engine.build import build_parts
@@ -205,22 +206,6 @@ def test_lora_trains_adapters_only_and_merges_exactly(cfg_factory):
     assert torch.allclose(expected, merged, atol=1e-5)
 
 
-class _Interrupt(Exception):
-    pass
-
-
-class _StopAt(L.Callback):
-    """Save a checkpoint after optimizer step ``step`` and die, like a pre-empted job."""
-
-    def __init__(self, step: int, path):
-        self.step, self.path = step, path
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path)
-            raise _Interrupt()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["mixup=mixup_cutmix", "data.sampler=balanced", "loss=weighted_cross_entropy"]],
                          ids=["plain", "mixup-balanced-weighted"])
@@ -241,13 +226,13 @@ def test_interrupted_and_resumed_equals_uninterrupted(cfg_factory, tmp_path, ext
                         callbacks=[*core_callbacks(), *extra_callbacks])
         try:
             trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=ckpt_path, weights_only=True)
-        except _Interrupt:
+        except Interrupt:
             pass
         return parts.module
 
     reference = {k: v.clone() for k, v in fit().model.state_dict().items()}
     ckpt = tmp_path / "preempted.ckpt"
-    fit([_StopAt(10, ckpt)])  # epoch 2 (the third) has steps 8..11: stop after step 10 of 16
+    fit([StopAt(10, ckpt)])  # epoch 2 (the third) has steps 8..11: stop after step 10 of 16
     assert ckpt.is_file()
     resumed = fit(ckpt_path=str(ckpt))
     assert resumed.stage_index == 1 and resumed.stage_start_step == 8
