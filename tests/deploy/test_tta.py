@@ -110,10 +110,13 @@ def symmetric_run(tmp_path_factory):
     images = write_symmetric_folder(tmp / "images")
     cfg = compose_cfg(tmp, [*TINY_MODEL, "data=image_folder", f"data.source.root={images}", "data.image_size=32",
                             "data.test_fraction=0.25", "data.augment=null"])
-    train(cfg)
-    client = MlflowClient(tracking_uri(cfg))
+    with pytest.MonkeyPatch.context() as env:  # this module's own store, whatever an earlier test left set
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        train(cfg)
+        uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
-    return SimpleNamespace(cfg=cfg, client=client, run_id=run.info.run_id, uri=tracking_uri(cfg), root=tmp)
+    return SimpleNamespace(cfg=cfg, client=client, run_id=run.info.run_id, uri=uri, root=tmp)
 
 
 def eval_runs(client) -> list:
