@@ -17,7 +17,7 @@ import torch
 from sklearn.metrics import average_precision_score, f1_score
 
 from conftest import compose_cfg, write_image_folder
-from helpers.runs import TINY_MODEL, nothing_written
+from helpers.runs import TINY_MODEL, nothing_written, save_test_images
 from tunelab.cli import export as export_cli
 from tunelab.cli import predict as predict_cli
 from tunelab.cli.train import train
@@ -214,18 +214,14 @@ def test_eval_export_predict_and_serving_give_each_labels_probability(cfg_factor
     best = next(Path(cfg.paths.output_dir, "checkpoints").glob("epoch*.ckpt"))
     trained = from_checkpoint(best)
     predictor = Predictor(load_adapter(trained), "multilabel").eval()
-    dm = build(cfg.data, "data").scan()
-    table, indices = dm.splits["test"]
-    folder = tmp_path / "new"
-    folder.mkdir()
-    for n, j in enumerate(indices[:12]):
-        load_image(table.items[j]).save(folder / f"{n:02d}.png")
+    folder = save_test_images(cfg, tmp_path / "new")
     images = sorted(str(p) for p in folder.iterdir())
     with torch.no_grad():
         expected = torch.sigmoid(predictor(Preprocessor(trained.meta["preprocess"])(images))).numpy()
 
     # tunelab-eval: the test split's metrics, as scikit-learn computes them from the same probabilities
     found = evaluate(str(best), [], "test", log=False).metrics
+    dm = build(cfg.data, "data").scan()
     dm.set_model_data_config(load_adapter(trained).data_config)
     out = evaluation.predict(predictor, dm.loader("test"))
     probs, y = torch.sigmoid(out.scores).numpy(), out.targets.numpy()

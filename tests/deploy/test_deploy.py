@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import VENV_BIN, compose_cfg, write_text_csv
+from helpers.runs import save_test_images
 from tunelab.cli import export as export_cli
 from tunelab.cli import predict as predict_cli
 from tunelab.deploy.exported import Exported
@@ -38,15 +39,7 @@ def digits(tmp_path_factory):
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     cfg = compose_cfg(tmp, ["logger.register_best=digits"])
     train(cfg)
-    from tunelab.config import build
-
-    dm = build(cfg.data, "data").scan()
-    table, indices = dm.splits["test"]
-    folder = tmp / "new_images"
-    folder.mkdir()
-    for n, j in enumerate(indices[:12]):
-        load_image(table.items[j]).save(folder / f"{n:02d}.png")
-    return cfg, folder
+    return cfg, save_test_images(cfg, tmp / "new_images")
 
 
 @pytest.mark.slow

@@ -14,6 +14,9 @@ import torch
 from conftest import run_cli
 from mlflow.tracking import MlflowClient
 
+from tunelab.config import build
+from tunelab.data.preprocess import load_image
+
 # The smallest real training: a random-init tiny EfficientNet on 32 px MNIST, 2 epochs of 2 batches.
 TINY = ("debug=smoke", "model.arch=test_efficientnet", "model.pretrained=false", "data.image_size=32",
         "retention.enabled=false", "data.ood={}")
@@ -115,3 +118,12 @@ def finished_sweep(uri: str, trials: int) -> tuple:
     assert [parent.info.status, *(c.info.status for c in children)] == ["FINISHED"] * (trials + 1)
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     return parent, children
+
+
+def save_test_images(cfg, folder: Path, count: int = 12) -> Path:
+    """The first ``count`` test-split images of ``cfg``'s data saved as PNGs: new images to predict."""
+    table, indices = build(cfg.data, "data").scan().splits["test"]
+    folder.mkdir()
+    for n, j in enumerate(indices[:count]):
+        load_image(table.items[j]).save(folder / f"{n:02d}.png")
+    return folder

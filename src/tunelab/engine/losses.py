@@ -62,6 +62,10 @@ def class_weights(weights, class_counts: list[int] | None, num_outputs: int | No
     return torch.tensor([float(w) for w in weights])
 
 
+def _listed(weights: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{w:.3g}" for w in weights.tolist()) + "]"
+
+
 class TaskLoss(nn.Module):
     """A loss with the tasks it fits, and per-class weights as a buffer (they follow the device)."""
 
@@ -77,8 +81,7 @@ class TaskLoss(nn.Module):
         """One line for the plan printed at the start of a run (and its stage_table.txt)."""
         line = f"loss: {type(self).__name__}"
         if self.weight is not None:
-            shown = ", ".join(f"{w:.3g}" for w in self.weight.tolist())
-            line += f", class weights {self.weights_from}: [{shown}]"
+            line += f", class weights {self.weights_from}: {_listed(self.weight)}"
         return line
 
 
@@ -154,7 +157,7 @@ class BinaryCrossEntropy(TaskLoss):
     def describe(self) -> str:
         if self.pos_weight is None:
             return "loss: BinaryCrossEntropy"
-        return "loss: BinaryCrossEntropy, positive weights [" + ", ".join(f"{w:.3g}" for w in self.pos_weight.tolist()) + "]"
+        return f"loss: BinaryCrossEntropy, positive weights {_listed(self.pos_weight)}"
 
 
 class MeanSquaredError(TaskLoss):

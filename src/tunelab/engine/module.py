@@ -202,7 +202,7 @@ class FineTuneModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.task == "regression":  # MSE on the standardised scale the head learns
+        if self.task == "regression":  # the loss sees the standardised scale the head learns
             out, y = (out - self.target_mean) / self.target_std, (y - self.target_mean) / self.target_std
         return self.loss_fn(out, y)
 
