@@ -4,10 +4,13 @@
     .venv/bin/python scripts/experiments.py strategy_shootout            # run the sweep, write the report
     .venv/bin/python scripts/experiments.py strategy_shootout --no-run   # only re-read the finished runs
     .venv/bin/python scripts/experiments.py few_shot trainer.max_epochs=2  # extra overrides for every run
+    .venv/bin/python scripts/experiments.py strategy_shootout --arms full,lp_ft --trials 3 --seeds 1,2
 
 Each experiment is one or more override files (experiments/<part>.yaml) run as
 ``tunelab-train experiment=<part>``; their runs carry the tag ``tunelab.experiment=<part>``.
-The report reads the latest sweep of every part back from MLflow (never from log files) and
+An experiment of tuned arms (strategy_shootout) runs, per arm, a search and then seeds at the
+setting it chose (scripts/experiment_tuning.py); their runs also carry the tag ``arm=<arm>``.
+The report reads the latest sweep of every part (and arm) back from MLflow (never from log files) and
 writes experiments/<name>/results.md and experiments/<name>/<name>.png. results.md is exactly
 what this script prints, including the notes that hold each claim against the numbers.
 """
@@ -25,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from experiment_reports import REPORTS, Experiment  # noqa: E402
+from experiment_tuning import latest_sweeps, run_arms  # noqa: E402
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -38,19 +42,6 @@ def run_sweep(part: str, overrides: list[str]) -> None:
     if done.returncode != 0:  # a failed trial still leaves the others in MLflow: report what finished
         print(f"warning: {' '.join(command)} exited {done.returncode}; reporting the runs that finished",
               file=sys.stderr)
-
-
-def latest_sweep(client: MlflowClient, part: str) -> list:
-    """The child runs of the most recent sweep of ``part`` (finished, failed and pruned alike)."""
-    ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, f"tags.`tunelab.experiment` = '{part}'", max_results=5000) if ids else []
-    if not runs:
-        sys.exit(f"no runs tagged tunelab.experiment={part} in {client.tracking_uri}: run without --no-run first")
-    by_parent: dict[str, list] = {}
-    for run in runs:
-        by_parent.setdefault(run.data.tags.get("mlflow.parentRunId", ""), []).append(run)
-    newest = max(by_parent.values(), key=lambda group: min(r.info.start_time for r in group))
-    return sorted(newest, key=lambda r: r.info.start_time)
 
 
 def header(experiment: Experiment, runs: dict[str, list], tracking_uri: str) -> str:
@@ -76,15 +67,26 @@ def main() -> None:
     parser.add_argument("--no-run", action="store_true", help="only read the finished runs from MLflow")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments",
                         help="write <out>/<name>/results.md and <name>.png (default: experiments/)")
+    parser.add_argument("--arms", help="tuned experiments: only these arms, comma-separated (default: all)")
+    parser.add_argument("--trials", type=int, help="tuned experiments: search trials per arm (default: the search file's)")
+    parser.add_argument("--seeds", help="tuned experiments: the seeds, e.g. 1,2 (default: the file's)")
     args, overrides = parser.parse_known_args()
     experiment = REPORTS[args.name]
-    if not args.no_run:
-        for part in experiment.parts:
-            run_sweep(part, overrides)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'outputs' / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)  # the reports read metric histories from the same store
     client = MlflowClient(uri)
-    runs = {part: latest_sweep(client, part) for part in experiment.parts}
+    if not args.no_run and experiment.arms:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")  # a fresh Optuna study per arm and run
+        arms = [a for a in experiment.arms if not args.arms or a.name in args.arms.split(",")]
+        unknown = set(args.arms.split(",")) - {a.name for a in arms} if args.arms else set()
+        if unknown:
+            parser.error(f"--arms: no arm {', '.join(sorted(unknown))} in {args.name} "
+                         f"(arms: {', '.join(a.name for a in experiment.arms)})")
+        run_arms(ROOT, client, experiment.name, tuple(arms), overrides, stamp, args.trials, args.seeds)
+    elif not args.no_run:
+        for part in experiment.parts:
+            run_sweep(part, overrides)
+    runs = {part: latest_sweeps(client, part) for part in experiment.parts}
     folder = args.out / experiment.name
     folder.mkdir(parents=True, exist_ok=True)
     body = experiment.report(runs, folder / f"{experiment.name}.png")

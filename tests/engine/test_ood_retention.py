@@ -30,13 +30,14 @@ def test_rotated_digits_lose_accuracy_and_a_linear_probe_keeps_the_backbone(cfg_
     assert metrics["ood/rotated/acc"] < metrics["test/acc"]
     assert metrics["ood/rotated/acc_drop"] == pytest.approx(metrics["test/acc"] - metrics["ood/rotated/acc"])
     logged = last_run(cfg).data.metrics
-    for name in ("rotated", "noised", "blurred", "low_contrast"):
+    for name in ("rotated", "noised", "blurred", "low_contrast", "sklearn_digits"):
         assert f"ood/{name}/acc" in logged and f"ood/{name}/acc_drop" in logged
     # the backbone never trained: no drift, the same representation
     assert logged["retention/drift/backbone"] == 0.0
     assert logged["retention/cka"] == pytest.approx(1.0, abs=1e-6)
     # and it still names scikit-image's coffee, cat, rocket and motorcycle photos as ImageNet did
     assert logged["retention/imagenet_top1_pretrained"] == 1.0 == logged["retention/imagenet_top1"]
+    assert logged["retention/imagenet_agreement"] == 1.0 and logged["retention/imagenet_kl"] == 0.0
 
 
 @pytest.mark.slow
@@ -47,6 +48,7 @@ def test_full_fine_tuning_moves_the_backbone(cfg_factory):
     assert all(metrics[k] >= 0 for k in metrics if k.startswith("retention/drift/"))
     assert metrics["retention/imagenet_top1_pretrained"] == 1.0
     assert metrics["retention/imagenet_top1"] <= 1.0
+    assert metrics["retention/imagenet_agreement"] < 1.0 and metrics["retention/imagenet_kl"] > 0
 
 
 def test_linear_cka_is_one_for_rotations_and_low_for_noise():

@@ -152,7 +152,8 @@ def _retention(cfg: DictConfig, parts) -> dict[str, float]:
     inputs = parts.datamodule.first_inputs("test", int(cfg.retention.samples))  # the reference batch
     device = next(parts.module.parameters()).device
     return measure(parts.pretrained, parts.module.model, parts.adapter.groups, to_device(inputs, device),
-                   parts.adapter.pretrained_head, parts.adapter.data_config, parts.adapter.pretrained_task)
+                   parts.adapter.pretrained_head, parts.adapter.data_config, parts.adapter.pretrained_task,
+                   cfg.retention.get("natural_images"))
 
 
 def _batch_limit(limit) -> int | None:
