@@ -66,12 +66,14 @@ def run_arms(root: Path, client, name: str, arms: tuple[Arm, ...], overrides: li
                                 *([f"seed={seeds}"] if seeds else [])])
 
 
-def latest_sweeps(client, part: str, arm: str | None = None) -> list:
+def latest_sweeps(client, part: str, arm: str | None = None, required: bool = True) -> list:
     """The child runs of the newest sweep of ``part`` (per arm, when its runs carry arm tags),
-    finished, failed and pruned alike, in start order."""
+    finished, failed and pruned alike, in start order. ``required``: none is an error."""
     ids = [e.experiment_id for e in client.search_experiments()]
     query = f"tags.`tunelab.experiment` = '{part}'" + (f" and tags.`{ARM_TAG}` = '{arm}'" if arm else "")
     runs = client.search_runs(ids, query, max_results=5000) if ids else []
+    if not runs and not required:
+        return []
     if not runs:
         sys.exit(f"no runs tagged tunelab.experiment={part} in {client.tracking_uri}: run without --no-run first")
     sweeps: dict[tuple[str, str], list] = {}

@@ -90,20 +90,71 @@ def test_report_without_runs_says_how_to_get_them(tmp_path):
 
 
 @pytest.mark.slow
-def test_lr_and_schedule_report_counts_pruned_epochs_from_the_runs(tmp_path):
-    written, client = _sweep_and_report(tmp_path, "lr_and_schedule", [
-        "trainer.max_epochs=3", "hydra.sweeper.n_trials=5", "hydra.sweeper.pruner.n_startup_trials=1",
-        "hydra.sweeper.pruner.n_warmup_steps=0"])
-    runs = _tagged(client, "lr_and_schedule")
-    assert len(runs) == 5
-    epochs = sum(len(client.get_metric_history(r.info.run_id, "val/acc")) for r in runs)
-    pruned = sum(r.data.tags.get("tunelab.trial_state") == "PRUNED" for r in runs)
-    assert f"{pruned} pruned by the median pruner" in written
-    assert f"**Pruning**: {epochs} of 15 epochs trained ({15 - epochs} saved" in written
-    complete = [r for r in runs if r.info.status == "FINISHED"]
-    assert all(len(client.get_metric_history(r.info.run_id, "val/acc")) == 3 for r in complete)
-    rows = [line for line in written.splitlines() if re.match(r"\| \d+ \| \d", line)]
-    assert len(rows) == 5 and all(row.split("|")[3].strip() in {"warmup_cosine", "constant", "linear", "one_cycle"} for row in rows)
-    best = max(max(m.value for m in client.get_metric_history(r.info.run_id, "val/acc")) for r in runs)
-    assert rows[0].split("|")[5].strip() == f"{best:.3f}"  # ranked by each trial's best epoch, not its last
-    assert f"val acc {best:.3f}" in written.split("**Best**")[1]
+def test_lr_and_schedule_report_reads_each_schedulers_search_and_seeds(tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "experiments.py"), "lr_and_schedule",
+                           "--arms", "constant,warmup_cosine", "--trials", "3", "--seeds", "1,2", "--out", str(tmp_path),
+                           "debug=smoke", "data.image_size=32", f"paths.log_dir={tmp_path}",
+                           "hydra.sweeper.pruner.n_startup_trials=1", "hydra.sweeper.pruner.n_warmup_steps=0"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    written = (tmp_path / "lr_and_schedule" / "results.md").read_text()
+    client = MlflowClient(store)
+    for arm in ("constant", "warmup_cosine"):
+        search = [r for r in _tagged(client, "lr_and_schedule_search") if r.data.tags.get("arm") == arm]
+        assert len(search) == 3 and {r.data.params["scheduler"] for r in search} == {arm}
+        best = [max(m.value for m in client.get_metric_history(r.info.run_id, "val/acc")) for r in search
+                if r.data.tags.get("tunelab.trial_state") != "PRUNED"]
+        pruned = sum(r.data.tags.get("tunelab.trial_state") == "PRUNED" for r in search)
+        row = next(line for line in written.splitlines() if line.startswith(f"| {arm} |"))
+        assert f"{min(best):.3f} .. {max(best):.3f} ({pruned} pruned)" in row
+        seeds = [r for r in _tagged(client, "lr_and_schedule") if r.data.tags.get("arm") == arm]
+        assert sorted(r.data.params["seed"] for r in seeds) == ["1", "2"] and len({r.data.params["optimizer.lr"] for r in seeds}) == 1
+    assert "| linear | (no search) |" in written and "Claim \"the LR matters more than the schedule\"" in written
+
+
+def test_paired_comparison_cancels_the_luck_a_seed_gives_both_arms():
+    from experiment_stats import Stat, compare, compare_paired
+
+    luck = {"1": 0.60, "2": 0.80, "3": 0.70, "4": 0.90}  # what each seed's data order gives any arm
+    b = dict(luck)
+    a = {s: v + d for (s, v), d in zip(luck.items(), (0.02, 0.03, 0.02, 0.03))}
+    assert compare(Stat(list(a.values())), Stat(list(b.values())), "a", "b", "acc")[0] == 0  # lost in seed spread
+    sign, words = compare_paired(a, b, "a", "b", "acc")
+    assert sign == 1 and "a - b = +0.025" in words and "4 seeds" in words
+    assert compare_paired(a, b, "a", "b", "loss", higher_is_better=False)[0] == -1
+    a["5"], b["4"] = 0.99, float("nan")  # unpaired and unmeasured seeds drop out
+    assert "3 seeds" in compare_paired(a, b, "a", "b", "acc")[1]
+    assert compare_paired({"1": 0.5}, {"1": 0.4}, "a", "b", "acc")[0] == 0
+
+
+@pytest.mark.slow
+def test_tuned_arms_search_then_run_their_seeds_at_the_chosen_setting(tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "experiments.py"), "strategy_shootout",
+                           "--arms", "full,lp_ft", "--trials", "2", "--seeds", "1,2", "--out", str(tmp_path),
+                           "debug=smoke", "data.image_size=32", f"paths.log_dir={tmp_path}"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    written = (tmp_path / "strategy_shootout" / "results.md").read_text()
+    client = MlflowClient(store)
+    for arm, knobs in {"full": ["optimizer.lr"], "lp_ft": ["optimizer.lr", "strategy.lr_mult"]}.items():
+        search = [r for r in _tagged(client, "strategy_shootout_search") if r.data.tags.get("arm") == arm]
+        seeds = [r for r in _tagged(client, "strategy_shootout") if r.data.tags.get("arm") == arm]
+        assert len(search) == 2 and len({r.data.tags["mlflow.parentRunId"] for r in search}) == 1
+        assert {r.data.params["seed"] for r in search} == {"0"}  # tuned on a seed that is not evaluated
+        parent = client.get_run(search[0].data.tags["mlflow.parentRunId"]).data.tags
+        best = next(r for r in search if r.info.run_id == parent["tunelab.best_run_id"])
+        for knob in knobs:  # the seeds run exactly the best trial's setting
+            assert {float(r.data.params[knob]) for r in seeds} == {float(best.data.tags[f"sweep.{knob}"])}
+        assert sorted(r.data.params["seed"] for r in seeds) == ["1", "2"]
+        row = next(line for line in written.splitlines() if line.startswith(f"| {arm} |"))
+        assert f"lr {float(parent['best.optimizer.lr']):.2g}" in row and row.rstrip(" |").endswith("2")
+    natural = {arm: {r.data.params["seed"]: r.data.metrics["ood/sklearn_digits/acc"]
+                     for r in _tagged(client, "strategy_shootout") if r.data.tags.get("arm") == arm} for arm in ("full", "lp_ft")}
+    diff = mean(natural["lp_ft"][s] - natural["full"][s] for s in ("1", "2"))
+    shown = written.split("on the natural shift")[1].split("\n")[0]
+    assert f"lp_ft - full = {diff:+.3f}" in shown
+    assert "| linear_probe | (no search) |" in written  # arms not run are shown as missing, not invented

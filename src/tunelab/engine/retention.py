@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 from typing import Annotated
 
 import numpy as np
@@ -124,9 +125,7 @@ def _rgb(array: np.ndarray):
 def imagenet_photos(data_config: dict):
     """(batch, accepted label sets) of the photos above, transformed as the pretrained model was
     evaluated on ImageNet; None when scikit-image is not installed."""
-    try:
-        import skimage.data  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("skimage") is None:
         return None
     transform = _eval_transform(data_config)
     images = [transform(_rgb(_photo_arrays(name)[0])) for name in IMAGENET_PHOTOS]
@@ -147,9 +146,7 @@ def natural_images(data_config: dict, count: int | None = None) -> torch.Tensor 
     and ``lfw_subset``'s 100 faces and 100 non-faces, 25 px), transformed as the pretrained model
     was evaluated on ImageNet; None without scikit-image. No labels: the pretrained model's own
     predictions are the reference. ``count``: only the first so many (debug=smoke)."""
-    try:
-        import skimage.data  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("skimage") is None:
         return None
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct")
     batch = _natural_batch(tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
