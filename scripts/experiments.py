@@ -72,16 +72,22 @@ def main() -> None:
     parser.add_argument("--seeds", help="tuned experiments: the seeds, e.g. 1,2 (default: the file's)")
     args, overrides = parser.parse_known_args()
     experiment = REPORTS[args.name]
+    tuned = sorted(name for name, e in REPORTS.items() if e.arms)
+    if not experiment.arms and (args.arms or args.trials or args.seeds):
+        parser.error(f"--arms, --trials and --seeds apply to experiments of tuned arms ({', '.join(tuned)}), "
+                     f"not {args.name}; pass overrides instead (e.g. seed=1,2)")
+    if args.trials is not None and args.trials < 1:
+        parser.error(f"--trials must be at least 1, got {args.trials}")
+    arms = [a for a in experiment.arms if not args.arms or a.name in args.arms.split(",")]
+    unknown = set(args.arms.split(",")) - {a.name for a in arms} if args.arms else set()
+    if unknown:
+        parser.error(f"--arms: no arm {', '.join(sorted(unknown))} in {args.name} "
+                     f"(arms: {', '.join(a.name for a in experiment.arms)})")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'outputs' / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)  # the reports read metric histories from the same store
     client = MlflowClient(uri)
     if not args.no_run and experiment.arms:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")  # a fresh Optuna study per arm and run
-        arms = [a for a in experiment.arms if not args.arms or a.name in args.arms.split(",")]
-        unknown = set(args.arms.split(",")) - {a.name for a in arms} if args.arms else set()
-        if unknown:
-            parser.error(f"--arms: no arm {', '.join(sorted(unknown))} in {args.name} "
-                         f"(arms: {', '.join(a.name for a in experiment.arms)})")
         run_arms(ROOT, client, experiment.name, tuple(arms), overrides, stamp, args.trials, args.seeds)
     elif not args.no_run:
         for part in experiment.parts:

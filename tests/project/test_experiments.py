@@ -158,3 +158,16 @@ def test_tuned_arms_search_then_run_their_seeds_at_the_chosen_setting(tmp_path):
     shown = written.split("on the natural shift")[1].split("\n")[0]
     assert f"lp_ft - full = {diff:+.3f}" in shown
     assert "| linear_probe | (no search) |" in written  # arms not run are shown as missing, not invented
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pretrained_vs_scratch", "--seeds", "1,2"], "apply to experiments of tuned arms"),
+    (["few_shot", "--trials", "0"], "--trials must be at least 1"),
+    (["strategy_shootout", "--arms", "full,bogus"], "no arm bogus in strategy_shootout (arms: full, linear_probe"),
+])
+def test_bad_experiment_options_fail_in_one_line_before_any_run(tmp_path, args, message):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "experiments.py"), *args, "--out", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr.splitlines()[-1], done.stderr
+    assert not list(tmp_path.iterdir())  # no store, no report
