@@ -19,8 +19,9 @@ NAN = float("nan")
 
 # -- reading runs ---------------------------------------------------------------------------
 def setting(run, key: str) -> str:
-    """A swept value as the sweep set it (tag ``sweep.<key>``), else the logged config param."""
-    value = run.data.tags.get(f"sweep.{key}", run.data.params.get(key, ""))
+    """A swept value as the sweep set it (tag ``sweep.<key>``), else the logged config param, else
+    the config group's choice (param ``choice.<group>``: ``strategy=lp_ft`` given, not swept)."""
+    value = run.data.tags.get(f"sweep.{key}", run.data.params.get(key, run.data.params.get(f"choice.{key}", "")))
     return {"None": "null", "": "null", "True": "true", "False": "false"}.get(value, value)
 
 

@@ -57,12 +57,15 @@ def chosen_setting(client, search_part: str, arm: Arm) -> list[str]:
 
 def run_arms(root: Path, client, name: str, arms: tuple[Arm, ...], overrides: list[str], stamp: str,
              trials: int | None = None, seeds: str | None = None) -> None:
-    """Search, then seeds, arm by arm; ``trials`` and ``seeds`` replace the files' budget."""
+    """Search, then seeds, arm by arm; ``trials`` and ``seeds`` replace the files' budget.
+    Overrides of ``hydra.sweeper.*`` (the pruner, the sampler) go to the searches only."""
+    for_search = [o for o in overrides if o.lstrip("+~").startswith("hydra.sweeper.")]
+    common = [o for o in overrides if o not in for_search]
     for arm in arms:
         budget = [f"hydra.sweeper.n_trials={trials}"] if trials else []
         train(root, f"{name}_search", arm, [*arm.searched, f"hydra.sweeper.study_name={name}-{arm.name}-{stamp}",
-                                            *budget, *overrides])
-        train(root, name, arm, [*chosen_setting(client, f"{name}_search", arm), *overrides,
+                                            *budget, *for_search, *common])
+        train(root, name, arm, [*chosen_setting(client, f"{name}_search", arm), *common,
                                 *([f"seed={seeds}"] if seeds else [])])
 
 

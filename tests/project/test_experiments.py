@@ -38,6 +38,17 @@ def _sweep_and_report(tmp_path, name: str, overrides: list[str]) -> tuple[str, M
     return written, MlflowClient(store)
 
 
+def _tuned_run_and_report(tmp_path, name: str, *args: str) -> tuple[str, MlflowClient]:
+    """scripts/experiments.py's search-then-seeds run of ``name`` (seeds 1, 2), shrunk by ``args``
+    and debug=smoke, into a fresh store: (the written results.md, a client on the store)."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "experiments.py"), name, "--seeds", "1,2",
+                           "--out", str(tmp_path), *args, "debug=smoke", "data.image_size=32", f"paths.log_dir={tmp_path}"],
+                          cwd=REPO, env={**os.environ, "MLFLOW_TRACKING_URI": store}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return (tmp_path / name / "results.md").read_text(), MlflowClient(store)
+
+
 def _tagged(client: MlflowClient, part: str) -> list:
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     return [r for r in runs if r.data.tags.get("tunelab.experiment") == part]
@@ -91,19 +102,12 @@ def test_report_without_runs_says_how_to_get_them(tmp_path):
 
 @pytest.mark.slow
 def test_lr_and_schedule_report_reads_each_schedulers_search_and_seeds(tmp_path):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "experiments.py"), "lr_and_schedule",
-                           "--arms", "constant,warmup_cosine", "--trials", "3", "--seeds", "1,2", "--out", str(tmp_path),
-                           "debug=smoke", "data.image_size=32", f"paths.log_dir={tmp_path}",
-                           "hydra.sweeper.pruner.n_startup_trials=1", "hydra.sweeper.pruner.n_warmup_steps=0"],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    written = (tmp_path / "lr_and_schedule" / "results.md").read_text()
-    client = MlflowClient(store)
+    written, client = _tuned_run_and_report(tmp_path, "lr_and_schedule", "--arms", "constant,warmup_cosine",
+                                            "--trials", "3", "hydra.sweeper.pruner.n_startup_trials=1",
+                                            "hydra.sweeper.pruner.n_warmup_steps=0")
     for arm in ("constant", "warmup_cosine"):
         search = [r for r in _tagged(client, "lr_and_schedule_search") if r.data.tags.get("arm") == arm]
-        assert len(search) == 3 and {r.data.params["scheduler"] for r in search} == {arm}
+        assert len(search) == 3 and {r.data.params["choice.scheduler"] for r in search} == {arm}
         best = [max(m.value for m in client.get_metric_history(r.info.run_id, "val/acc")) for r in search
                 if r.data.tags.get("tunelab.trial_state") != "PRUNED"]
         pruned = sum(r.data.tags.get("tunelab.trial_state") == "PRUNED" for r in search)
@@ -131,15 +135,7 @@ def test_paired_comparison_cancels_the_luck_a_seed_gives_both_arms():
 
 @pytest.mark.slow
 def test_tuned_arms_search_then_run_their_seeds_at_the_chosen_setting(tmp_path):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "experiments.py"), "strategy_shootout",
-                           "--arms", "full,lp_ft", "--trials", "2", "--seeds", "1,2", "--out", str(tmp_path),
-                           "debug=smoke", "data.image_size=32", f"paths.log_dir={tmp_path}"],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    written = (tmp_path / "strategy_shootout" / "results.md").read_text()
-    client = MlflowClient(store)
+    written, client = _tuned_run_and_report(tmp_path, "strategy_shootout", "--arms", "full,lp_ft", "--trials", "2")
     for arm, knobs in {"full": ["optimizer.lr"], "lp_ft": ["optimizer.lr", "strategy.lr_mult"]}.items():
         search = [r for r in _tagged(client, "strategy_shootout_search") if r.data.tags.get("arm") == arm]
         seeds = [r for r in _tagged(client, "strategy_shootout") if r.data.tags.get("arm") == arm]
