@@ -277,13 +277,23 @@ FEW_SHOT_ARMS = tuple(Arm(f"{s}-{k}", (f"strategy={s}", f"data.samples_per_class
                           (f"strategy.lr_mult={MULT}",) if s == "lp_ft" else ()) for k in SHOTS for s in FEW_SHOT)
 
 
+def _short(value: str) -> str:
+    """A logged number in 2 significant digits (0.10000000000000002 -> 0.1); anything else as is."""
+    try:
+        return f"{float(value):.2g}"
+    except ValueError:
+        return value
+
+
 def few_shot(parts: dict[str, list], png: Path) -> str:
     runs = finished(parts["few_shot"])
     cell = group(runs, lambda r: (int(setting(r, "data.samples_per_class")), setting(r, "strategy")))
     shots = sorted({k for k, _ in cell})
     stats = {(k, s): stat(cell.get((k, s), []), lambda r: metric(r, "test/acc")) for k in shots for s in FEW_SHOT}
     by_seed = {(k, s): {setting(r, "seed"): metric(r, "test/acc") for r in cell.get((k, s), [])} for k in shots for s in FEW_SHOT}
-    lr = {key: f" (lr {float(setting(v[0], 'optimizer.lr')):.1e})" for key, v in cell.items()}
+    lr = {(k, s): f" (lr {float(setting(v[0], 'optimizer.lr')):.1e}"
+          + (f", x{_short(setting(v[0], 'strategy.lr_mult'))} after the probe)" if s == "lp_ft" else ")")
+          for (k, s), v in cell.items()}
     rows = []
     for k in shots:
         best = max(FEW_SHOT, key=lambda s: -math.inf if math.isnan(stats[(k, s)].mean) else stats[(k, s)].mean)
