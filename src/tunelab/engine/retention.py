@@ -100,11 +100,14 @@ NATURAL_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "c
                   "retina", "rocket", "stereo_motorcycle", "text")
 
 
+# the keys of a timm data config that make its ImageNet evaluation transform
+EVAL_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct")
+
+
 def _eval_transform(data_config: dict):
     from timm.data import create_transform
 
-    return create_transform(**{k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct")
-                               if k in data_config})
+    return create_transform(**{k: data_config[k] for k in EVAL_KEYS if k in data_config})
 
 
 def _photo_arrays(name: str) -> list[np.ndarray]:
@@ -148,9 +151,8 @@ def natural_images(data_config: dict, count: int | None = None) -> torch.Tensor 
     predictions are the reference. ``count``: only the first so many (debug=smoke)."""
     if importlib.util.find_spec("skimage") is None:
         return None
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct")
     batch = _natural_batch(tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
-                                 for k, v in data_config.items() if k in keys))
+                                 for k, v in data_config.items() if k in EVAL_KEYS))
     return batch if count is None else batch[:count]
 
 
