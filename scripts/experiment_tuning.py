@@ -3,10 +3,13 @@
 An arm is what a claim compares (a strategy, a scheduler...). For every arm, scripts/experiments.py
 runs two tunelab sweeps, both ordinary MLflow sweeps (a parent run and its trials):
 
-1. the search: ``experiments/<name>_search.yaml`` (Optuna, the same trial budget and LR range for
+1. the search: ``experiments/<part>_search.yaml`` (Optuna, the same trial budget and LR range for
    every arm, at a seed that is not one of the evaluation seeds) plus the arm's own extra searched
    keys (its LR multiplier, L2-SP's alpha...);
-2. the seeds: ``experiments/<name>.yaml`` at the search's best setting, over seeds 1..5.
+2. the seeds: ``experiments/<part>.yaml`` at the search's best setting, over seeds 1..5.
+
+``<part>`` is the experiment's name, or the arm's own pair of files when its recipe differs (the
+text arms of pretrained_vs_scratch).
 
 Both carry the tag ``arm=<arm>``; the report reads each arm's latest search and latest seeds back
 from MLflow and compares arms paired by seed.
@@ -29,6 +32,7 @@ class Arm:
     name: str
     overrides: tuple[str, ...]  # what makes the arm, e.g. ("strategy=full_l2sp",)
     searched: tuple[str, ...] = ()  # searched besides optimizer.lr, e.g. ("regularizer.alpha=tag(log, interval(1e-3, 1))",)
+    part: str | None = None  # its search and seeds files, when not the experiment's: experiments/<part>[_search].yaml
 
     @property
     def searched_keys(self) -> list[str]:
@@ -62,10 +66,11 @@ def run_arms(root: Path, client, name: str, arms: tuple[Arm, ...], overrides: li
     for_search = [o for o in overrides if o.lstrip("+~").startswith("hydra.sweeper.")]
     common = [o for o in overrides if o not in for_search]
     for arm in arms:
+        part = arm.part or name
         budget = [f"hydra.sweeper.n_trials={trials}"] if trials else []
-        train(root, f"{name}_search", arm, [*arm.searched, f"hydra.sweeper.study_name={name}-{arm.name}-{stamp}",
+        train(root, f"{part}_search", arm, [*arm.searched, f"hydra.sweeper.study_name={name}-{arm.name}-{stamp}",
                                             *budget, *for_search, *common])
-        train(root, name, arm, [*chosen_setting(client, f"{name}_search", arm), *common,
+        train(root, part, arm, [*chosen_setting(client, f"{part}_search", arm), *common,
                                 *([f"seed={seeds}"] if seeds else [])])
 
 

@@ -6,10 +6,10 @@
     .venv/bin/python scripts/experiments.py few_shot trainer.max_epochs=2  # extra overrides for every run
     .venv/bin/python scripts/experiments.py strategy_shootout --arms full,lp_ft --trials 3 --seeds 1,2
 
-Each experiment is one or more override files (experiments/<part>.yaml) run as
-``tunelab-train experiment=<part>``; their runs carry the tag ``tunelab.experiment=<part>``.
-An experiment of tuned arms (strategy_shootout) runs, per arm, a search and then seeds at the
-setting it chose (scripts/experiment_tuning.py); their runs also carry the tag ``arm=<arm>``.
+Each experiment compares arms (strategies, schedulers, inits...). Per arm it runs a search
+(experiments/<part>_search.yaml) and then seeds at the setting the search chose
+(experiments/<part>.yaml), each as ``tunelab-train experiment=<part>`` (scripts/experiment_tuning.py).
+Their runs carry the tags ``tunelab.experiment=<part>`` and ``arm=<arm>``.
 The report reads the latest sweep of every part (and arm) back from MLflow (never from log files) and
 writes experiments/<name>/results.md and experiments/<name>/<name>.png. results.md is exactly
 what this script prints, including the notes that hold each claim against the numbers.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,15 +32,6 @@ import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_sweep(part: str, overrides: list[str]) -> None:
-    command = [str(ROOT / ".venv" / "bin" / "tunelab-train"), f"experiment={part}", *overrides]
-    print("+", " ".join(command), flush=True)
-    done = subprocess.run(command, cwd=ROOT)
-    if done.returncode != 0:  # a failed trial still leaves the others in MLflow: report what finished
-        print(f"warning: {' '.join(command)} exited {done.returncode}; reporting the runs that finished",
-              file=sys.stderr)
 
 
 def header(experiment: Experiment, runs: dict[str, list], tracking_uri: str) -> str:
@@ -67,15 +57,11 @@ def main() -> None:
     parser.add_argument("--no-run", action="store_true", help="only read the finished runs from MLflow")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments",
                         help="write <out>/<name>/results.md and <name>.png (default: experiments/)")
-    parser.add_argument("--arms", help="tuned experiments: only these arms, comma-separated (default: all)")
-    parser.add_argument("--trials", type=int, help="tuned experiments: search trials per arm (default: the search file's)")
-    parser.add_argument("--seeds", help="tuned experiments: the seeds, e.g. 1,2 (default: the file's)")
+    parser.add_argument("--arms", help="only these arms, comma-separated (default: all)")
+    parser.add_argument("--trials", type=int, help="search trials per arm (default: the search file's)")
+    parser.add_argument("--seeds", help="the seeds, e.g. 1,2 (default: the file's)")
     args, overrides = parser.parse_known_args()
     experiment = REPORTS[args.name]
-    tuned = sorted(name for name, e in REPORTS.items() if e.arms)
-    if not experiment.arms and (args.arms or args.trials or args.seeds):
-        parser.error(f"--arms, --trials and --seeds apply to experiments of tuned arms ({', '.join(tuned)}), "
-                     f"not {args.name}; pass overrides instead (e.g. seed=1,2)")
     if args.trials is not None and args.trials < 1:
         parser.error(f"--trials must be at least 1, got {args.trials}")
     arms = [a for a in experiment.arms if not args.arms or a.name in args.arms.split(",")]
@@ -86,12 +72,9 @@ def main() -> None:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'outputs' / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)  # the reports read metric histories from the same store
     client = MlflowClient(uri)
-    if not args.no_run and experiment.arms:
+    if not args.no_run:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")  # a fresh Optuna study per arm and run
         run_arms(ROOT, client, experiment.name, tuple(arms), overrides, stamp, args.trials, args.seeds)
-    elif not args.no_run:
-        for part in experiment.parts:
-            run_sweep(part, overrides)
     # a search part may be missing: its seeds were run by hand (tunelab-train experiment=<name> ...)
     runs = {part: latest_sweeps(client, part, required=not part.endswith("_search")) for part in experiment.parts}
     folder = args.out / experiment.name

@@ -43,7 +43,7 @@ def _tuned_run_and_report(tmp_path, name: str, *args: str) -> tuple[str, MlflowC
     and debug=smoke, into a fresh store: (the written results.md, a client on the store)."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "experiments.py"), name, "--seeds", "1,2",
-                           "--out", str(tmp_path), *args, "debug=smoke", "data.image_size=32", f"paths.log_dir={tmp_path}"],
+                           "--out", str(tmp_path), *args, "debug=smoke", f"paths.log_dir={tmp_path}"],
                           cwd=REPO, env={**os.environ, "MLFLOW_TRACKING_URI": store}, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return (tmp_path / name / "results.md").read_text(), MlflowClient(store)
@@ -102,7 +102,7 @@ def test_report_without_runs_says_how_to_get_them(tmp_path):
 
 @pytest.mark.slow
 def test_lr_and_schedule_report_reads_each_schedulers_search_and_seeds(tmp_path):
-    written, client = _tuned_run_and_report(tmp_path, "lr_and_schedule", "--arms", "constant,warmup_cosine",
+    written, client = _tuned_run_and_report(tmp_path, "lr_and_schedule", "data.image_size=32", "--arms", "constant,warmup_cosine",
                                             "--trials", "3", "hydra.sweeper.pruner.n_startup_trials=1",
                                             "hydra.sweeper.pruner.n_warmup_steps=0")
     for arm in ("constant", "warmup_cosine"):
@@ -135,7 +135,8 @@ def test_paired_comparison_cancels_the_luck_a_seed_gives_both_arms():
 
 @pytest.mark.slow
 def test_tuned_arms_search_then_run_their_seeds_at_the_chosen_setting(tmp_path):
-    written, client = _tuned_run_and_report(tmp_path, "strategy_shootout", "--arms", "full,lp_ft", "--trials", "2")
+    written, client = _tuned_run_and_report(tmp_path, "strategy_shootout", "data.image_size=32", "--arms", "full,lp_ft",
+                                            "--trials", "2")
     for arm, knobs in {"full": ["optimizer.lr"], "lp_ft": ["optimizer.lr", "strategy.lr_mult"]}.items():
         search = [r for r in _tagged(client, "strategy_shootout_search") if r.data.tags.get("arm") == arm]
         seeds = [r for r in _tagged(client, "strategy_shootout") if r.data.tags.get("arm") == arm]
@@ -156,8 +157,32 @@ def test_tuned_arms_search_then_run_their_seeds_at_the_chosen_setting(tmp_path):
     assert "| linear_probe | (no search) |" in written  # arms not run are shown as missing, not invented
 
 
+@pytest.mark.slow
+def test_pretrained_vs_scratch_tunes_each_init_and_pairs_them_by_seed_across_image_and_text_files(tmp_path):
+    arms = {"mnist-100-pretrained": "pretrained_vs_scratch", "mnist-100-scratch": "pretrained_vs_scratch",
+            "text-pretrained": "pretrained_vs_scratch_text", "text-scratch": "pretrained_vs_scratch_text"}
+    written, client = _tuned_run_and_report(tmp_path, "pretrained_vs_scratch", "--arms", ",".join(arms), "--trials", "2")
+    test_acc = {}
+    for arm, part in arms.items():
+        search = [r for r in _tagged(client, f"{part}_search") if r.data.tags.get("arm") == arm]
+        seeds = [r for r in _tagged(client, part) if r.data.tags.get("arm") == arm]
+        assert len(search) == 2 and sorted(r.data.params["seed"] for r in seeds) == ["1", "2"]
+        assert {r.data.params["model.pretrained"].lower() for r in search + seeds} == {str(arm.endswith("pretrained")).lower()}
+        parent = client.get_run(search[0].data.tags["mlflow.parentRunId"]).data.tags
+        assert {float(r.data.params["optimizer.lr"]) for r in seeds} == {float(parent["best.optimizer.lr"])}
+        test_acc[arm] = {r.data.params["seed"]: r.data.metrics["test/acc"] for r in seeds}
+    for cell, label in (("mnist-100", "MNIST-5k, 100 images"), ("text", "drug reviews")):
+        gap = mean(test_acc[f"{cell}-pretrained"][s] - test_acc[f"{cell}-scratch"][s] for s in ("1", "2"))
+        row = next(line for line in written.splitlines() if label in line)
+        cells = [c.strip() for c in row.strip(" |").split("|")]
+        assert cells[5].startswith(f"{gap:+.3f} (") and cells[6] == "4"  # the paired gap, over both inits' 2 seeds
+    assert "| EfficientNet-Lite0, Fashion-MNIST, 500 images | (no run) | (no search) |" in written
+    assert "Claim \"the gap is largest when data is scarce\"" in written  # 1,000 images not run: said, not invented
+    assert "fewer than 2 seeds finished both" in written.split("data is scarce")[1]
+
+
 @pytest.mark.parametrize("args, message", [
-    (["pretrained_vs_scratch", "--seeds", "1,2"], "apply to experiments of tuned arms"),
+    (["pretrained_vs_scratch", "--arms", "text-pretrained,text-bogus"], "no arm text-bogus in pretrained_vs_scratch"),
     (["few_shot", "--trials", "0"], "--trials must be at least 1"),
     (["strategy_shootout", "--arms", "full,bogus"], "no arm bogus in strategy_shootout (arms: full, linear_probe"),
 ])
