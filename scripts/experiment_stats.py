@@ -1,8 +1,8 @@
 """Reading experiment runs back from MLflow, and the statistics their verdicts rest on.
 
-A difference counts only when it exceeds two standard errors over the seeds (of the per-seed
-differences, when arms are paired by seed); otherwise it is reported as within seed noise,
-whichever way the claim goes.
+Arms are compared paired by seed: a difference counts only when it exceeds two standard errors
+of the per-seed differences; otherwise it is reported as within seed noise, whichever way the
+claim goes.
 """
 
 from __future__ import annotations
@@ -68,26 +68,11 @@ def stat(runs: list, value: Callable) -> Stat:
     return Stat([v for v in (value(r) for r in runs) if not math.isnan(v)])
 
 
-def se_of_difference(a: Stat, b: Stat) -> float:
-    return math.sqrt(a.se ** 2 + b.se ** 2)
-
-
-def compare(a: Stat, b: Stat, a_name: str, b_name: str, what: str, higher_is_better: bool = True) -> tuple[int, str]:
-    """(+1 a better / -1 b better / 0 within noise, a sentence saying so with the numbers)."""
-    if not a.values or not b.values:
-        return 0, f"{a_name} vs {b_name} on {what}: not measured (no finished run)"
-    diff, se = a.mean - b.mean, se_of_difference(a, b)
-    sign = 0 if abs(diff) <= 2 * se else (1 if (diff > 0) == higher_is_better else -1)
-    numbers = f"{a_name} {a.mean:.3f} vs {b_name} {b.mean:.3f}, difference {diff:+.3f}, 2 SE {2 * se:.3f}"
-    words = {1: f"{a_name} is better on {what}", -1: f"{b_name} is better on {what}",
-             0: f"no clear difference on {what} (within seed noise)"}[sign]
-    return sign, f"{words} ({numbers})"
-
-
 def compare_paired(a: dict[str, float], b: dict[str, float], a_name: str, b_name: str, what: str,
                    higher_is_better: bool = True) -> tuple[int, str]:
-    """As ``compare``, on per-seed differences (``a`` and ``b`` map seed -> value): the seed's own
-    luck (data order, augmentation) cancels, so 2 SE of the differences is the yardstick."""
+    """(+1 a better / -1 b better / 0 within noise, a sentence saying so with the numbers), judged on
+    per-seed differences (``a`` and ``b`` map seed -> value): the seed's own luck (data order,
+    augmentation) cancels, so 2 SE of the differences is the yardstick."""
     d = paired(a, b)
     if len(d.diffs) < 2:
         return 0, f"{a_name} vs {b_name} on {what}: fewer than 2 seeds finished both"
