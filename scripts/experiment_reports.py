@@ -54,8 +54,9 @@ def pretrained_vs_scratch(parts: dict[str, list], png: Path) -> str:
     rows, beats, gaps = [], [], {}
     for cell, (label, _, _) in CELLS.items():
         pre, scratch = f"{cell}-pretrained", f"{cell}-scratch"
-        gaps[cell] = {seed: v - by_seed(scratch).get(seed, NAN) for seed, v in by_seed(pre).items()}
-        gap = paired(by_seed(pre), by_seed(scratch))
+        pre_acc, scratch_acc = by_seed(pre), by_seed(scratch)
+        gaps[cell] = {seed: v - scratch_acc.get(seed, NAN) for seed, v in pre_acc.items()}  # NaN: unpaired, dropped
+        gap = paired(pre_acc, scratch_acc)
         for name in ("test/acc", "test/f1") if cell == "text" else ("test/acc",):
             beats.append(compare_paired(by_seed(pre, name), by_seed(scratch, name), "pretrained", "scratch",
                                         f"{name} ({label})"))
