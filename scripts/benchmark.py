@@ -20,9 +20,11 @@ ratio is the framework's overhead, nothing else. Random weights are fine for spe
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import threading
@@ -63,12 +65,19 @@ def model_overrides(name: str) -> list[str]:
     return MODELS.get(name, ["model=resnet18", f"model.arch={name}", "model.pretrained=false"])
 
 
+def _scratch_dir(prefix: str) -> str:
+    """A temporary folder, removed when the benchmark exits."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def bert_tokenizer() -> str:
     """A folder holding a WordPiece tokenizer over BERT's vocabulary size (special tokens, then
     placeholder words): what the text adapter needs to build BERT-base without any download."""
     from transformers import BertTokenizerFast
 
-    folder = Path(tempfile.mkdtemp(prefix="tunelab-bench-tokenizer-"))
+    folder = Path(_scratch_dir("tunelab-bench-tokenizer-"))
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     (folder / "vocab.txt").write_text("\n".join([*special, *(f"w{i}" for i in range(BERT_VOCAB - len(special)))]) + "\n")
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
@@ -233,7 +242,7 @@ def compose(overrides: list[str]):
 
     from tunelab.config import conf_dir
 
-    scratch = tempfile.mkdtemp(prefix="tunelab-bench-")  # nothing is written there: no logger, no checkpoints
+    scratch = _scratch_dir("tunelab-bench-")  # nothing is written there: no logger, no checkpoints
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         # module.batchnorm=eval: the raw loop mirrors it, and random-weight models would get
         # batch statistics under the default (auto), which the raw loop does not model
