@@ -5,6 +5,7 @@ user's own config group file in a hydra.searchpath folder, a real tunelab-eval a
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
 from omegaconf import open_dict
 
-from conftest import run_cli, write_image_folder
+from conftest import compose_cfg, run_cli, write_image_folder
 from tunelab.cli import eval as eval_cli
 from tunelab.cli import monitor
 from tunelab.cli import ui
@@ -118,6 +119,24 @@ def test_artifacts_land_beside_the_store_the_environment_chose(cfg_factory, tmp_
     assert run.info.artifact_uri == (beside / "tunelab" / run.info.run_id / "artifacts").as_uri()
     assert list((beside / "tunelab" / run.info.run_id / "artifacts" / "checkpoints").glob("*.ckpt"))
     assert not (tmp_path / "outputs" / "mlartifacts").exists(), "artifacts went to ./outputs of the current folder"
+
+
+@pytest.mark.slow
+def test_two_trainings_in_one_process_each_log_to_their_own_store_and_leave_mlflow_as_it_was(tmp_path, monkeypatch):
+    """Lightning's MLFlowLogger calls mlflow.set_tracking_uri, which writes MLFLOW_TRACKING_URI into
+    os.environ, where it wins over the next config: a notebook's second train() went to the first store."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    fluent_before = mlflow.get_tracking_uri()
+    for name in ("first", "second"):
+        train(compose_cfg(tmp_path / name))
+        assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+        assert mlflow.get_tracking_uri() == fluent_before
+    for name in ("first", "second"):
+        client = MlflowClient(f"sqlite:///{tmp_path / name / 'outputs' / 'mlflow.db'}")
+        assert len(client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])) == 1, name
 
 
 def test_an_artifact_root_set_on_purpose_wins(cfg_factory, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from tunelab.config.redaction import redact_value
 from tunelab.data.modalities import PAIR_COLUMN, modality_of
 from tunelab.data.preprocess import example_input
 from tunelab.engine.trained import from_run
+from tunelab.tracking.store import mlflow_uris_kept
 from tunelab.tracking import tag_names
 
 
@@ -79,23 +80,10 @@ def _artifacts(trained) -> dict[str, str]:
 
 @contextmanager
 def _fluent_uri(uri: str):
-    """Point MLflow's fluent API at ``uri`` for a moment. ``mlflow.set_tracking_uri`` also writes
-    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into os.environ, which would send every later run
-    of this process (and its subprocesses) to this store: put everything back afterwards."""
+    """Point MLflow's fluent API at ``uri`` for a moment, then back (store.mlflow_uris_kept)."""
     import mlflow
-    from mlflow.tracking import _model_registry, _tracking_service
 
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved_env = {k: os.environ.get(k) for k in keys}
-    saved = (_tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
+    with mlflow_uris_kept():
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
         yield
-    finally:
-        _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri = saved
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

@@ -32,7 +32,7 @@ from tunelab.tracking.outage import Outage, bound_retries, healthy
 from tunelab.tracking.plots import plot_confusion, plot_lr_history
 from tunelab.tracking.preemption import continue_run, recipe_hash
 from tunelab.tracking.run_records import clip as _clip, config_choices, config_hash, default_run_name, run_records
-from tunelab.tracking.store import artifact_location, check_reachable, tracking_uri
+from tunelab.tracking.store import artifact_location, check_reachable, mlflow_uris_kept, tracking_uri
 from tunelab.tracking.sweep_job import current_job, run_name as job_run_name
 
 
@@ -275,7 +275,8 @@ def mlflow_run(cfg: DictConfig, run_name: str | None = None, *, kind: str = "tra
         _log_params(client, handle.run_id, params)
         log_hyperparams(extras, params)
         handle.log_text(redacted_yaml(cfg), "config.yaml")
-        yield handle
+        with mlflow_uris_kept():  # Lightning's logger points the whole process at this store
+            yield handle
     except BaseException as err:
         _end_with(client, handle, err)
         raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -17,6 +18,28 @@ from tunelab.config.redaction import MIN_LENGTH
 from tunelab.errors import TunelabError
 from tunelab.tracking.links import SECRET_PARAMS, shown_uri
 from tunelab.tracking.outage import health_status
+
+
+@contextmanager
+def mlflow_uris_kept():
+    """Put MLflow's process-wide store back as it was on exit. ``mlflow.set_tracking_uri`` (which
+    Lightning's MLFlowLogger calls) also writes MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into
+    os.environ, and the environment wins over a config: every later run of the process (a second
+    ``train()`` in a notebook) and its subprocesses would log to this store."""
+    from mlflow.tracking import _model_registry, _tracking_service
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {key: os.environ.get(key) for key in keys}
+    saved = (_tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri)
+    try:
+        yield
+    finally:
+        _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def default_store() -> Path:
