@@ -28,13 +28,12 @@ from tunelab.data.preprocess import Preprocessor, encode_image, load_image
 from tunelab.data.sources import load_image_csv, load_mnist5k, load_mnist5k_attributes
 from tunelab.data.text import load_text_table
 from tunelab.deploy.evaluate import evaluate
-from tunelab.deploy.registry import _fluent_uri as fluent_uri
 from tunelab.engine import evaluation
 from tunelab.engine.build import build_parts
 from tunelab.engine.metrics import multilabel_metrics
 from tunelab.engine.trained import Predictor, from_checkpoint, load_adapter
 from tunelab.errors import TunelabError
-from tunelab.tracking.store import tracking_uri
+from tunelab.tracking.store import mlflow_uris_kept, tracking_uri
 
 # Six examples, three labels; label 2 has no positive (its AP is undefined: left out of mAP).
 PROBS = torch.tensor([[0.9, 0.2, 0.6], [0.8, 0.7, 0.1], [0.3, 0.6, 0.4],
@@ -243,7 +242,8 @@ def test_eval_export_predict_and_serving_give_each_labels_probability(cfg_factor
         assert list(predicted["labels"]) == ["|".join(a for a, p in zip(ATTRIBUTES, row) if p > 0.5) for row in expected]
 
     # the registered pyfunc model, as `mlflow models serve` runs it: posted images in, the same columns out
-    with fluent_uri(tracking_uri(cfg)):  # put back afterwards: set_tracking_uri also writes the environment
+    with mlflow_uris_kept():  # put back afterwards: set_tracking_uri also writes the environment
+        mlflow.set_tracking_uri(tracking_uri(cfg))
         served = mlflow.pyfunc.load_model("models:/attributes/1").predict(
             pd.DataFrame({"image": [encode_image(load_image(p)) for p in images]}))
     np.testing.assert_allclose(served[[f"prob_{a}" for a in ATTRIBUTES]].to_numpy(), expected, atol=1e-5)

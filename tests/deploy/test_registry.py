@@ -15,7 +15,7 @@ from tunelab.cli.train import train
 from tunelab.data.preprocess import encode_image
 from tunelab.data.preprocess import load_image
 from tunelab.engine.build import build_parts
-from tunelab.tracking.store import tracking_uri
+from tunelab.tracking.store import mlflow_uris_kept, tracking_uri
 
 
 @pytest.mark.slow
@@ -29,8 +29,9 @@ def test_registered_model_loads_by_name_and_predicts_like_the_checkpoint(cfg_fac
     run = client.get_run(versions[0].run_id)
     assert run.info.status == "FINISHED" and run.data.tags["tunelab.registered_model"] == "smoke_digits/1"
 
-    mlflow.set_tracking_uri(uri)
-    served = mlflow.pyfunc.load_model("models:/smoke_digits/1")
+    with mlflow_uris_kept():  # set_tracking_uri also writes the environment, which later tests would read
+        mlflow.set_tracking_uri(uri)
+        served = mlflow.pyfunc.load_model("models:/smoke_digits/1")
 
     # The same weights, loaded the way a user would from the run's best checkpoint.
     parts = build_parts(cfg)
