@@ -242,8 +242,7 @@ def test_eval_export_predict_and_serving_give_each_labels_probability(cfg_factor
         assert list(predicted["labels"]) == ["|".join(a for a, p in zip(ATTRIBUTES, row) if p > 0.5) for row in expected]
 
     # the registered pyfunc model, as `mlflow models serve` runs it: posted images in, the same columns out
-    with mlflow_uris_kept():  # put back afterwards: set_tracking_uri also writes the environment
-        mlflow.set_tracking_uri(tracking_uri(cfg))
+    with mlflow_uris_kept(point_at=tracking_uri(cfg)):  # then back: later tests must not inherit it
         served = mlflow.pyfunc.load_model("models:/attributes/1").predict(
             pd.DataFrame({"image": [encode_image(load_image(p)) for p in images]}))
     np.testing.assert_allclose(served[[f"prob_{a}" for a in ATTRIBUTES]].to_numpy(), expected, atol=1e-5)

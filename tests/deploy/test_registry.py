@@ -29,8 +29,7 @@ def test_registered_model_loads_by_name_and_predicts_like_the_checkpoint(cfg_fac
     run = client.get_run(versions[0].run_id)
     assert run.info.status == "FINISHED" and run.data.tags["tunelab.registered_model"] == "smoke_digits/1"
 
-    with mlflow_uris_kept():  # set_tracking_uri also writes the environment, which later tests would read
-        mlflow.set_tracking_uri(uri)
+    with mlflow_uris_kept(point_at=uri):  # then back: later tests must not inherit this store
         served = mlflow.pyfunc.load_model("models:/smoke_digits/1")
 
     # The same weights, loaded the way a user would from the run's best checkpoint.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -18,8 +17,8 @@ from tunelab.config.redaction import redact_value
 from tunelab.data.modalities import PAIR_COLUMN, modality_of
 from tunelab.data.preprocess import example_input
 from tunelab.engine.trained import from_run
-from tunelab.tracking.store import mlflow_uris_kept
 from tunelab.tracking import tag_names
+from tunelab.tracking.store import mlflow_uris_kept
 
 
 # MLflow copies this file beside the model and runs it on load ("models from code"). It is read,
@@ -57,7 +56,7 @@ def register_run_model(client: MlflowClient, run_id: str, name: str) -> str:
         # tunelab's umask keeps the logged model owner-only like the rest of the store (umask.py)
         code = Path(tmp, PYFUNC_MODEL.name)
         code.write_bytes(PYFUNC_MODEL.read_bytes())
-        with _fluent_uri(client._tracking_client.tracking_uri), mlflow.start_run(run_id=run_id):
+        with mlflow_uris_kept(point_at=client._tracking_client.tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(code),
@@ -76,14 +75,3 @@ def _artifacts(trained) -> dict[str, str]:
     checkpoints did (the pyfunc reads them then)."""
     files = {"config": trained.config_path, "meta": trained.meta_path}
     return {"checkpoint": str(trained.checkpoint), **{k: str(v) for k, v in files.items() if v is not None}}
-
-
-@contextmanager
-def _fluent_uri(uri: str):
-    """Point MLflow's fluent API at ``uri`` for a moment, then back (store.mlflow_uris_kept)."""
-    import mlflow
-
-    with mlflow_uris_kept():
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        yield

@@ -21,17 +21,22 @@ from tunelab.tracking.outage import health_status
 
 
 @contextmanager
-def mlflow_uris_kept():
-    """Put MLflow's process-wide store back as it was on exit. ``mlflow.set_tracking_uri`` (which
-    Lightning's MLFlowLogger calls) also writes MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into
-    os.environ, and the environment wins over a config: every later run of the process (a second
-    ``train()`` in a notebook) and its subprocesses would log to this store."""
+def mlflow_uris_kept(point_at: str | None = None):
+    """Point MLflow's process-wide (fluent) store at ``point_at`` if given, and put it back as it
+    was on exit. ``mlflow.set_tracking_uri`` (which Lightning's MLFlowLogger calls) also writes
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into os.environ, and the environment wins over a
+    config: every later run of the process (a second ``train()`` in a notebook) and its
+    subprocesses would log to this store."""
+    import mlflow
     from mlflow.tracking import _model_registry, _tracking_service
 
     keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
     saved_env = {key: os.environ.get(key) for key in keys}
     saved = (_tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri)
     try:
+        if point_at is not None:
+            mlflow.set_tracking_uri(point_at)
+            mlflow.set_registry_uri(point_at)
         yield
     finally:
         _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri = saved
